@@ -1,0 +1,38 @@
+"""Backends: each adapter quantizes one kind of model on one real runtime."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+from autoquant.errors import ConfigError
+
+from .base import Adapter
+
+# name -> "module:class", imported on use so that a missing backend costs nothing until needed.
+ADAPTERS = {"fx": "autoquant.adapters.fx:FXAdapter"}
+
+
+def adapter_class(name: str) -> type[Adapter]:
+    if name not in ADAPTERS:
+        hint = difflib.get_close_matches(name, list(ADAPTERS), n=1)
+        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(f"Unknown adapter '{name}'.{did_you_mean} Known adapters: {', '.join(ADAPTERS)}.")
+    module, cls = ADAPTERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def adapter_for(model: Any) -> type[Adapter]:
+    """The adapter class that handles this model's type."""
+    for name in ADAPTERS:
+        cls = adapter_class(name)
+        if cls.accepts(model):
+            return cls
+    raise ConfigError(
+        f"No adapter handles a model of type {type(model).__name__}: pass a torch.nn.Module "
+        f"or name one with adapter= ({', '.join(ADAPTERS)})."
+    )
+
+
+__all__ = ["ADAPTERS", "Adapter", "adapter_class", "adapter_for"]

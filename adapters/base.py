@@ -1,0 +1,54 @@
+"""The adapter protocol: what the tuner needs from a quantization backend."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from autoquant.space import QuantConfig, Space
+
+
+class Adapter(ABC):
+    """Wraps one backend for one model.
+
+    Construction inspects the model (cheap: traces, lists ops, builds ``space``); ``calibrate``
+    runs the calibration data once and keeps statistics; ``build`` turns any config of the space
+    into a runnable quantized model from those statistics, without touching data again.
+    """
+
+    name: ClassVar[str]
+    space: Space
+
+    @classmethod
+    @abstractmethod
+    def accepts(cls, model: Any) -> bool:
+        """Whether this adapter handles models of this type."""
+
+    @property
+    @abstractmethod
+    def fp32_model(self) -> Any:
+        """The unquantized model, in the form eval_fn receives."""
+
+    @abstractmethod
+    def calibrate(self) -> None:
+        """Collect activation statistics over the calibration data (once; later calls do nothing)."""
+
+    @abstractmethod
+    def build(self, config: QuantConfig) -> Any:
+        """A quantized model for ``config``, ready for eval_fn."""
+
+    @abstractmethod
+    def runner(self, model: Any) -> Callable[[], object]:
+        """A zero-argument callable running ``model`` once on a fixed calibration batch (for latency)."""
+
+    @classmethod
+    @abstractmethod
+    def save_model(cls, model: Any, directory: Path) -> Path:
+        """Write ``model`` into ``directory``; return the file written."""
+
+    @classmethod
+    @abstractmethod
+    def load_model(cls, path: Path) -> Any:
+        """Load a model written by ``save_model``."""

@@ -1,0 +1,36 @@
+"""Exceptions autoquant raises. Every message names the problem and the fix."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from autoquant.result import TuneResult
+
+
+class AutoquantError(Exception):
+    """Base class of every error autoquant raises on purpose."""
+
+
+class ConfigError(AutoquantError, ValueError):
+    """A setting is invalid: an unknown name, a value out of range, a contradiction."""
+
+
+class CalibrationDataError(AutoquantError, ValueError):
+    """The calibration data is empty or not in a form the model accepts."""
+
+
+class BackendError(AutoquantError):
+    """The backend cannot quantize or run this model."""
+
+
+class EvalFunctionError(AutoquantError):
+    """The user's eval_fn raised or returned something that is not a finite number.
+
+    ``partial_result`` holds the best candidate and the history of the trials finished before the
+    failure (None when the failure was on the FP32 baseline), so no finished work is lost.
+    """
+
+    def __init__(self, message: str, partial_result: TuneResult | None = None) -> None:
+        super().__init__(message)
+        self.partial_result = partial_result

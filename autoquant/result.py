@@ -1,0 +1,91 @@
+"""What a tuning job returns, and how it is saved and loaded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from autoquant.criterion import AccuracyCriterion
+from autoquant.space import QuantConfig
+
+RESULT_FILE = "result.json"
+HISTORY_FILE = "history.csv"
+
+
+@dataclass
+class TuneResult:
+    """The best candidate found (whether or not it met the criterion) and the whole history."""
+
+    model: Any
+    config: QuantConfig
+    met: bool
+    accuracy: float
+    baseline_accuracy: float
+    loss: float  # in the criterion's terms (relative or absolute); negative when better than FP32
+    latency_ratio: float  # candidate / FP32 latency, median of interleaved runs
+    fp32_ops: list[str]
+    quantizable_ops: int
+    trials: int  # trials in the study, duplicates and failures included
+    evaluations: int  # calls of eval_fn on candidates
+    elapsed_s: float
+    criterion: AccuracyCriterion
+    adapter: type  # the Adapter class that built the model (it also saves it)
+    history: pd.DataFrame = field(repr=False)
+    best_trial: int = -1
+
+    @property
+    def relative_loss(self) -> float:
+        worse_by = self.baseline_accuracy - self.accuracy
+        if not self.criterion.higher_is_better:
+            worse_by = -worse_by
+        return worse_by / abs(self.baseline_accuracy) if self.baseline_accuracy else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "met": self.met,
+            "criterion": self.criterion.describe(),
+            "baseline_accuracy": self.baseline_accuracy,
+            "accuracy": self.accuracy,
+            "relative_loss": self.relative_loss,
+            "latency_ratio": self.latency_ratio,
+            "fp32_ops": self.fp32_ops,
+            "quantizable_ops": self.quantizable_ops,
+            "trials": self.trials,
+            "evaluations": self.evaluations,
+            "best_trial": self.best_trial,
+            "elapsed_s": self.elapsed_s,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the model, ``result.json`` (config and metrics) and ``history.csv``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model_path = self.adapter.save_model(self.model, directory)
+        record = {
+            "adapter": self.adapter.name,
+            "model_file": model_path.name,
+            "config": self.config.to_dict(),
+            **self.summary(),
+        }
+        (directory / RESULT_FILE).write_text(json.dumps(record, indent=2))
+        self.history.to_csv(directory / HISTORY_FILE, index=False)
+        return directory
+
+
+def load(directory: str | Path) -> Any:
+    """Load the quantized model that ``TuneResult.save`` wrote into ``directory``."""
+    from autoquant.adapters import adapter_class
+
+    directory = Path(directory)
+    record = json.loads((directory / RESULT_FILE).read_text())
+    return adapter_class(record["adapter"]).load_model(directory / record["model_file"])
+
+
+def load_config(directory: str | Path) -> QuantConfig:
+    """The chosen config of a saved result."""
+    record = json.loads((Path(directory) / RESULT_FILE).read_text())
+    return QuantConfig.from_dict(record["config"])

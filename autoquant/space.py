@@ -1,0 +1,231 @@
+"""The tunable space an adapter exposes, and one point in it (a QuantConfig).
+
+An adapter lists its quantizable ops and the knob values its backend supports; strategies pick
+points; the user may restrict the space (pin a knob, force ops to FP32) before the search.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from autoquant.errors import ConfigError
+
+APPROACHES = ("static", "dynamic")
+CALIBRATIONS = ("minmax", "entropy", "percentile-99.99", "percentile-99.999", "mse")
+GRANULARITIES = ("per_channel", "per_tensor")
+SCHEMES = ("asymmetric", "symmetric")
+KNOBS = ("approach", "calibration", "granularity", "scheme")
+_FIELD_OF_KNOB = {"approach": "approaches", "calibration": "calibrations", "granularity": "granularities", "scheme": "schemes"}
+OP_PARAM_PREFIX = "op:"
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """A quantizable op: ``name`` is stable across candidates; ``approaches`` where it can run INT8."""
+
+    name: str
+    op_type: str
+    approaches: tuple[str, ...] = ("static",)
+
+
+@dataclass(frozen=True)
+class UnsupportedOp:
+    """A part of the model that stays FP32 whatever the search does, and why."""
+
+    name: str
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One candidate: the knob values and the ops that fall back to FP32.
+
+    In the dynamic approach activations are quantized at run time, so ``calibration`` and
+    ``scheme`` do not apply and are None.
+    """
+
+    approach: str = "static"
+    calibration: str | None = "minmax"
+    granularity: str = "per_channel"
+    scheme: str | None = "asymmetric"
+    fp32_ops: frozenset[str] = field(default_factory=frozenset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "approach": self.approach,
+            "calibration": self.calibration,
+            "granularity": self.granularity,
+            "scheme": self.scheme,
+            "fp32_ops": sorted(self.fp32_ops),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        unknown = set(data) - {"approach", "calibration", "granularity", "scheme", "fp32_ops"}
+        if unknown:
+            raise ConfigError(f"Unknown QuantConfig keys {sorted(unknown)}; allowed: {list(KNOBS) + ['fp32_ops']}.")
+        return cls(**{**data, "fp32_ops": frozenset(data.get("fp32_ops", ()))})
+
+    def key(self) -> str:
+        """Canonical text of the config: equal configs have equal keys."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def describe(self) -> str:
+        knobs = [self.approach, self.granularity]
+        if self.approach == "static":
+            knobs[1:1] = [self.calibration, self.scheme]
+        return f"{'/'.join(knobs)}, {len(self.fp32_ops)} op(s) FP32"
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """What the user pins before the search.
+
+    Each knob is None (search all values the backend offers), one value, or a list of values.
+    ``fp32_ops`` and ``fp32_op_types`` name ops that must stay FP32 (never searched).
+    """
+
+    approach: str | Sequence[str] | None = None
+    calibration: str | Sequence[str] | None = None
+    granularity: str | Sequence[str] | None = None
+    scheme: str | Sequence[str] | None = None
+    fp32_ops: Sequence[str] = ()
+    fp32_op_types: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Space:
+    """The ops and knob values a strategy may choose from."""
+
+    ops: tuple[OpInfo, ...]
+    approaches: tuple[str, ...] = ("static",)
+    calibrations: tuple[str, ...] = CALIBRATIONS
+    granularities: tuple[str, ...] = GRANULARITIES
+    schemes: tuple[str, ...] = SCHEMES
+    fixed_fp32: frozenset[str] = frozenset()
+    unsupported: tuple[UnsupportedOp, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [op.name for op in self.ops]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"Op names must be unique, got duplicates in {names}.")
+        for knob in KNOBS:
+            if not self.choices(knob):
+                raise ConfigError(f"The space has no value left for '{knob}'.")
+
+    # --- inspection -------------------------------------------------------------------------
+    @property
+    def op_names(self) -> tuple[str, ...]:
+        return tuple(op.name for op in self.ops)
+
+    def choices(self, knob: str) -> tuple[str, ...]:
+        return getattr(self, _FIELD_OF_KNOB[knob])
+
+    def tunable_ops(self, approach: str) -> tuple[OpInfo, ...]:
+        """Ops whose INT8/FP32 choice is searched under ``approach``."""
+        return tuple(op for op in self.ops if approach in op.approaches and op.name not in self.fixed_fp32)
+
+    def fp32_ops(self, config: QuantConfig) -> frozenset[str]:
+        """Every op that runs FP32 in ``config``: chosen, forced by the user, or unsupported by the approach."""
+        tunable = {op.name for op in self.tunable_ops(config.approach)}
+        return frozenset(config.fp32_ops) | (set(self.op_names) - tunable)
+
+    def resolve(self, config: QuantConfig) -> QuantConfig:
+        """``config`` with every FP32 op listed, as a backend must build it."""
+        return replace(config, fp32_ops=self.fp32_ops(config))
+
+    def knob_configs(self) -> list[QuantConfig]:
+        """Every knob combination with no op in FP32, in order of preference (first = default)."""
+        configs: list[QuantConfig] = []
+        for approach in self.approaches:
+            if approach == "dynamic":
+                configs += [QuantConfig("dynamic", None, g, None) for g in self.granularities]
+            else:
+                configs += [
+                    QuantConfig("static", c, g, s)
+                    for g, c, s in itertools.product(self.granularities, self.calibrations, self.schemes)
+                ]
+        return configs
+
+    def default_config(self) -> QuantConfig:
+        """All INT8, with the first (preferred) value of every knob."""
+        return self.knob_configs()[0]
+
+    def size(self) -> int:
+        return sum(2 ** len(self.tunable_ops(c.approach)) for c in self.knob_configs())
+
+    # --- restriction --------------------------------------------------------------------------
+    def restrict(self, restriction: Restriction) -> Space:
+        """A copy with knobs pinned and ops forced to FP32; unknown values are errors."""
+        pinned = {}
+        for knob in KNOBS:
+            wanted = getattr(restriction, knob)
+            if wanted is None:
+                continue
+            wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+            for value in wanted:
+                _check_choice(knob, value, self.choices(knob))
+            pinned[_FIELD_OF_KNOB[knob]] = tuple(v for v in self.choices(knob) if v in wanted)
+        fixed = set(self.fixed_fp32)
+        for name in restriction.fp32_ops:
+            _check_choice("op", name, self.op_names)
+            fixed.add(name)
+        types = sorted({op.op_type for op in self.ops})
+        for op_type in restriction.fp32_op_types:
+            _check_choice("op type", op_type, types)
+            fixed |= {op.name for op in self.ops if op.op_type == op_type}
+        return replace(self, fixed_fp32=frozenset(fixed), **pinned)
+
+    # --- the Optuna encoding -------------------------------------------------------------------
+    def suggest(self, trial: Any) -> QuantConfig:
+        """Ask an Optuna trial for every knob and every op's INT8/FP32 choice."""
+        values = {knob: trial.suggest_categorical(knob, list(self.choices(knob))) for knob in KNOBS}
+        fp32 = {
+            op.name
+            for op in self.tunable_ops(values["approach"])
+            if trial.suggest_categorical(OP_PARAM_PREFIX + op.name, ["int8", "fp32"]) == "fp32"
+        }
+        return self.canonical(QuantConfig(fp32_ops=frozenset(fp32), **values))
+
+    def params(self, config: QuantConfig) -> dict[str, str]:
+        """The Optuna parameters that make ``suggest`` return ``config`` (for enqueueing it)."""
+        params = {knob: getattr(config, knob) for knob in KNOBS}
+        # Knobs that do not apply to this approach still need a value for the sampler's record.
+        params = {k: v if v is not None else self.choices(k)[0] for k, v in params.items()}
+        for op in self.tunable_ops(config.approach):
+            params[OP_PARAM_PREFIX + op.name] = "fp32" if op.name in config.fp32_ops else "int8"
+        return params
+
+    def canonical(self, config: QuantConfig) -> QuantConfig:
+        """Drop what does not apply: activation knobs under dynamic, fallbacks of untunable ops."""
+        tunable = {op.name for op in self.tunable_ops(config.approach)}
+        config = replace(config, fp32_ops=frozenset(config.fp32_ops) & tunable)
+        if config.approach == "dynamic":
+            config = replace(config, calibration=None, scheme=None)
+        return config
+
+    def validate(self, config: QuantConfig) -> QuantConfig:
+        """Check a config against this space (e.g. one loaded from a file) and canonicalise it."""
+        for knob in KNOBS:
+            value = getattr(config, knob)
+            if value is not None or config.approach != "dynamic":
+                _check_choice(knob, value, self.choices(knob))
+        for name in config.fp32_ops:
+            _check_choice("op", name, self.op_names)
+        return self.canonical(config)
+
+
+def _check_choice(what: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value in allowed:
+        return
+    hint = difflib.get_close_matches(str(value), allowed, n=1)
+    did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+    shown = ", ".join(allowed[:12]) + (", ..." if len(allowed) > 12 else "")
+    raise ConfigError(f"Unknown {what} '{value}'.{did_you_mean} Allowed: {shown}.")

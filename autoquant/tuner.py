@@ -1,0 +1,292 @@
+"""The accuracy-driven tuning loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import optuna
+
+from autoquant.adapters import Adapter, adapter_class, adapter_for
+from autoquant.criterion import AccuracyCriterion
+from autoquant.errors import AutoquantError, ConfigError, EvalFunctionError
+from autoquant.latency import measure_latency
+from autoquant.report import describe_space, history_frame
+from autoquant.result import TuneResult
+from autoquant.space import QuantConfig, Restriction, Space
+from autoquant.strategies import SearchExhausted, get_strategy
+
+log = logging.getLogger("autoquant")
+
+EvalFn = Callable[[Any], float]
+
+
+class Tuner:
+    """Finds the fastest INT8 candidate that meets ``criterion``, stopping at the first that does.
+
+    Every trial is recorded in an Optuna study (in memory unless ``storage`` is given), so a job
+    that fails half-way keeps what it finished, and a job run again on the same storage and
+    ``study_name`` continues it.
+
+    >>> tuner = Tuner(AccuracyCriterion(relative=0.01), strategy="random", max_trials=20)
+    >>> tuner.max_trials
+    20
+    """
+
+    def __init__(
+        self,
+        criterion: AccuracyCriterion | None = None,
+        *,
+        strategy: str = "bayesian",
+        max_trials: int = 50,
+        timeout: float | None = None,
+        seed: int | None = 0,
+        restrict: Restriction | None = None,
+        storage: str | optuna.storages.BaseStorage | None = None,
+        study_name: str | None = None,
+        latency_budget_s: float = 0.5,
+    ) -> None:
+        if max_trials < 1:
+            raise ConfigError(f"max_trials must be at least 1, got {max_trials}.")
+        if timeout is not None and timeout <= 0:
+            raise ConfigError(f"timeout must be a positive number of seconds or None, got {timeout}.")
+        self.criterion = criterion or AccuracyCriterion(relative=0.01)
+        self.strategy = get_strategy(strategy, seed=seed)
+        self.max_trials = max_trials
+        self.timeout = timeout
+        self.restrict = restrict
+        self.storage = storage
+        self.study_name = study_name
+        self.latency_budget_s = latency_budget_s
+
+    # --- public API ---------------------------------------------------------------------------
+    def space(self, model: Any, calib_data: Iterable[Any], *, adapter: str | type[Adapter] | None = None) -> Space:
+        """The space the search would explore for this model, after the user's restrictions."""
+        return self._space(self._adapter(model, calib_data, adapter))
+
+    def tune(
+        self, model: Any, calib_data: Iterable[Any], eval_fn: EvalFn, *, adapter: str | type[Adapter] | None = None
+    ) -> TuneResult:
+        """Quantize ``model``; ``eval_fn(candidate) -> float`` scores each candidate on the real backend.
+
+        ``adapter`` is picked from the model's type unless named ("fx") or given as an Adapter class.
+        """
+        start = time.perf_counter()
+        backend = self._adapter(model, calib_data, adapter)
+        space = self._space(backend)
+        log.info("%s", describe_space(space, backend.name))
+        baseline = _evaluate(eval_fn, backend.fp32_model, "the FP32 model")
+        log.info("FP32 baseline: %.6g; goal: %s", baseline, self.criterion.describe())
+        backend.calibrate()
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            storage=self.storage,
+            study_name=self.study_name,
+            sampler=self.strategy.create_sampler(),
+            direction="minimize",
+            load_if_exists=True,
+        )
+        run = _Run(self, backend, space, study, eval_fn, baseline, start)
+        run.search()
+        return run.result()
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _adapter(self, model: Any, calib_data: Iterable[Any], adapter: str | type[Adapter] | None) -> Adapter:
+        if adapter is None:
+            cls = adapter_for(model)
+        else:
+            cls = adapter if isinstance(adapter, type) else adapter_class(adapter)
+        return cls(model, calib_data)
+
+    def _space(self, backend: Adapter) -> Space:
+        return backend.space.restrict(self.restrict) if self.restrict else backend.space
+
+
+class _Run:
+    """One call of ``Tuner.tune``: the loop and its bookkeeping."""
+
+    def __init__(self, tuner: Tuner, backend: Adapter, space: Space, study: optuna.Study,
+                 eval_fn: EvalFn, baseline: float, start: float) -> None:
+        self.tuner, self.backend, self.space, self.study = tuner, backend, space, study
+        self.eval_fn, self.baseline, self.start = eval_fn, baseline, start
+        self.criterion = tuner.criterion
+        self.fp32_runner = backend.runner(backend.fp32_model)
+
+    def search(self) -> None:
+        finished = self._finished()
+        first = not self.study.trials
+        met = any(self._passes(t) for t in finished.values())
+        while not met:
+            if len(self.study.trials) >= self.tuner.max_trials:
+                log.info("Stopping: max_trials=%d reached.", self.tuner.max_trials)
+                break
+            if self.tuner.timeout is not None and time.perf_counter() - self.start > self.tuner.timeout:
+                log.info("Stopping: timeout of %.0f s reached.", self.tuner.timeout)
+                break
+            try:
+                proposal = self._propose(first)
+            except SearchExhausted as exc:
+                log.info("Stopping: %s.", exc)
+                break
+            first = False
+            if proposal is not None:
+                self.study.enqueue_trial(self.space.params(proposal))
+            trial = self.study.ask()
+            met = self._run_trial(trial, finished)
+
+    def _propose(self, first: bool) -> QuantConfig | None:
+        """The first trial of a study is the sensible default whatever the strategy."""
+        if first:
+            return self.space.default_config()
+        return self.tuner.strategy.propose(self.space, self.study.get_trials(deepcopy=False))
+
+    def _run_trial(self, trial: optuna.Trial, finished: dict[str, optuna.trial.FrozenTrial]) -> bool:
+        config = self.space.suggest(trial)
+        key = config.key()
+        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("config_key", key)
+        if key in finished:  # samplers may propose a point again: reuse its measurement
+            earlier = finished[key]
+            for name, value in earlier.user_attrs.items():
+                if name not in ("config", "config_key"):
+                    trial.set_user_attr(name, value)
+            trial.set_user_attr("duplicate_of", earlier.number)
+            self.study.tell(trial, earlier.value)
+            return False
+
+        t0 = time.perf_counter()
+        try:
+            model = self.backend.build(self.space.resolve(config))
+        except AutoquantError as exc:  # a config the backend rejects is a failed trial, not a failed job
+            log.warning("Trial %d: could not build %s: %s", trial.number, config.describe(), exc)
+            trial.set_user_attr("error", str(exc))
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return False
+        t1 = time.perf_counter()
+        try:
+            accuracy = _evaluate(self.eval_fn, model, f"trial {trial.number} ({config.describe()})")
+        except EvalFunctionError as exc:
+            trial.set_user_attr("error", str(exc))
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            exc.partial_result = self.result() if self._finished() else None
+            exc.args = (f"{exc} {self._kept_message()}",)
+            raise
+        t2 = time.perf_counter()
+        latency = measure_latency(self.fp32_runner, self.backend.runner(model), budget_s=self.tuner.latency_budget_s)
+        loss = self.criterion.loss(self.baseline, accuracy)
+        passed = self.criterion.passes(self.baseline, accuracy)
+        n_fp32 = len(self.space.fp32_ops(config))
+        attrs = {
+            "accuracy": accuracy,
+            "loss": loss,
+            "passed": passed,
+            "latency_ratio": latency.ratio,
+            "latency_ms": latency.candidate_ms,
+            "fp32_latency_ms": latency.baseline_ms,
+            "n_fp32": n_fp32,
+            "build_s": t1 - t0,
+            "eval_s": t2 - t1,
+        }
+        for name, value in attrs.items():
+            trial.set_user_attr(name, value)
+        frozen = self.study.tell(trial, self._objective(passed, loss, n_fp32))
+        finished[key] = frozen
+        log.info(
+            "trial %3d/%d  %s  %-4s  accuracy %.6g (loss %+.3g)  latency x%.2f  FP32 ops %d/%d",
+            trial.number + 1, self.tuner.max_trials, config.describe(), "PASS" if passed else "fail",
+            accuracy, loss, latency.ratio, n_fp32, len(self.space.ops),
+        )
+        return passed
+
+    def _objective(self, passed: bool, loss: float, n_fp32: int) -> float:
+        """What samplers minimise: passing candidates (by FP32 share) before failing ones (by loss).
+
+        Deterministic given eval_fn (latency is noisy), so the same seed gives the same sequence.
+        """
+        if passed:
+            return n_fp32 / max(len(self.space.ops), 1)
+        tolerance = self.criterion.tolerance
+        return 1.0 + (loss / tolerance if tolerance > 0 else loss)
+
+    def _passes(self, trial: optuna.trial.FrozenTrial) -> bool:
+        return self.criterion.passes(self.baseline, trial.user_attrs["accuracy"])
+
+    def _finished(self) -> dict[str, optuna.trial.FrozenTrial]:
+        """Evaluated trials by config key (the first of each config)."""
+        finished: dict[str, optuna.trial.FrozenTrial] = {}
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if "accuracy" in t.user_attrs:
+                finished.setdefault(t.user_attrs["config_key"], t)
+        return finished
+
+    def _best(self) -> optuna.trial.FrozenTrial:
+        trials = list(self._finished().values())
+        if not trials:
+            raise AutoquantError(
+                "No candidate could be built or evaluated, so there is no result: see the warnings above "
+                "for each trial's error."
+            )
+        passing = [t for t in trials if self._passes(t)]
+        if passing:  # fastest that meets the goal
+            return min(passing, key=lambda t: (t.user_attrs["latency_ratio"], t.number))
+        return min(trials, key=lambda t: (t.user_attrs["loss"], t.user_attrs["latency_ratio"], t.number))
+
+    def _kept_message(self) -> str:
+        n = len(self._finished())
+        where = f"study '{self.study.study_name}'" if self.tuner.storage else "the in-memory study"
+        return f"The {n} finished trial(s) are kept in {where} and in this error's partial_result."
+
+    def result(self) -> TuneResult:
+        best = self._best()
+        config = self.space.resolve(self.space.validate(QuantConfig.from_dict(best.user_attrs["config"])))
+        met = self._passes(best)
+        elapsed = time.perf_counter() - self.start
+        trials = self.study.get_trials(deepcopy=False)
+        if not met:
+            log.warning(
+                "The goal (%s) was NOT met in %d trial(s). Returning the most accurate candidate (trial %d, "
+                "loss %+.4g). Try more trials, another strategy, or a looser tolerance.",
+                self.criterion.describe(), len(self.study.trials), best.number, best.user_attrs["loss"],
+            )
+        return TuneResult(
+            model=self.backend.build(config),
+            config=config,
+            met=met,
+            accuracy=best.user_attrs["accuracy"],
+            baseline_accuracy=self.baseline,
+            loss=self.criterion.loss(self.baseline, best.user_attrs["accuracy"]),
+            latency_ratio=best.user_attrs["latency_ratio"],
+            fp32_ops=sorted(config.fp32_ops),
+            quantizable_ops=len(self.space.ops),
+            trials=len(trials),
+            evaluations=sum(1 for t in trials if "accuracy" in t.user_attrs and "duplicate_of" not in t.user_attrs),
+            elapsed_s=elapsed,
+            criterion=self.criterion,
+            adapter=type(self.backend),
+            history=history_frame(trials),
+            best_trial=best.number,
+        )
+
+
+def _evaluate(eval_fn: EvalFn, model: Any, what: str) -> float:
+    """Call the user's eval_fn and insist on one finite number."""
+    try:
+        value = eval_fn(model)
+    except Exception as exc:
+        raise EvalFunctionError(f"eval_fn raised {type(exc).__name__}: {exc} (evaluating {what}). Fix eval_fn.") from exc
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise EvalFunctionError(
+            f"eval_fn must return one number, got {type(value).__name__} (evaluating {what})."
+        ) from None
+    if not math.isfinite(value):
+        raise EvalFunctionError(
+            f"eval_fn returned {value} for {what}; it must return a finite number (check for an empty "
+            "evaluation set or a division by zero)."
+        )
+    return value

@@ -1,0 +1,45 @@
+"""What every search strategy is: a sampler for Optuna plus, optionally, its own proposals."""
+
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Sequence
+from typing import ClassVar
+
+import optuna
+
+from autoquant.space import QuantConfig, Space
+
+
+class SearchExhausted(Exception):
+    """Raised by ``Strategy.propose`` when no untried candidate is left."""
+
+
+class Strategy(ABC):
+    """A search strategy over a :class:`~autoquant.space.Space`.
+
+    Each trial the tuner calls ``propose``: a strategy that plans its own candidates returns one
+    (the tuner enqueues it in the Optuna study, so it is recorded like any other trial); one that
+    returns None lets ``create_sampler``'s sampler choose through ``Space.suggest``. ``trials``
+    holds every trial in the study so far, other workers' and earlier runs' included, so a
+    strategy that reads only them resumes and shares work for free.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        self.seed = seed
+
+    def create_sampler(self) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=self.seed)
+
+    def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed})"
+
+
+def tried_keys(trials: Sequence[optuna.trial.FrozenTrial]) -> set[str]:
+    """Config keys of trials that ran or are running (finished, failed or in flight)."""
+    return {t.user_attrs["config_key"] for t in trials if "config_key" in t.user_attrs}

@@ -1,0 +1,83 @@
+"""An in-memory adapter for strategy and tuner tests: no torch, no onnxruntime, milliseconds per trial.
+
+A FakeModel has ops op0..op{n-1}; each op costs ``sensitivity[op]`` accuracy while it is INT8, and
+the calibration method scales the cost of the ops listed in ``calibration_helps`` (KL/percentile
+rescue them, as with outlier activations in real models).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoquant.adapters import Adapter
+from autoquant.space import OpInfo, QuantConfig, Space
+
+
+@dataclass
+class FakeModel:
+    sensitivity: dict[str, float]
+    baseline: float = 0.9
+    calibration_helps: tuple[str, ...] = ()
+    config: QuantConfig | None = None  # None: the FP32 model
+    calibrations: list[int] = field(default_factory=list)
+
+    def accuracy(self) -> float:
+        if self.config is None:
+            return self.baseline
+        loss = 0.0
+        for op, cost in self.sensitivity.items():
+            if op in self.config.fp32_ops:
+                continue
+            if op in self.calibration_helps and self.config.calibration in ("entropy", "percentile-99.99"):
+                cost /= 10
+            loss += cost
+        return self.baseline - loss
+
+
+class FakeAdapter(Adapter):
+    name = "fake"
+
+    @classmethod
+    def accepts(cls, model: object) -> bool:
+        return isinstance(model, FakeModel)
+
+    def __init__(self, model: FakeModel, calib_data: object) -> None:
+        self.model = model
+        self.space = Space(ops=tuple(OpInfo(name, "Linear") for name in model.sensitivity))
+
+    @property
+    def fp32_model(self) -> FakeModel:
+        return self.model
+
+    def calibrate(self) -> None:
+        self.model.calibrations.append(1)
+
+    def build(self, config: QuantConfig) -> FakeModel:
+        return FakeModel(self.model.sensitivity, self.model.baseline, self.model.calibration_helps, config)
+
+    def runner(self, model: FakeModel):
+        return lambda: None
+
+    @classmethod
+    def save_model(cls, model: FakeModel, directory: Path) -> Path:
+        path = Path(directory) / "fake.json"
+        path.write_text(json.dumps(model.config.to_dict()))
+        return path
+
+    @classmethod
+    def load_model(cls, path: Path) -> QuantConfig:
+        return QuantConfig.from_dict(json.loads(Path(path).read_text()))
+
+
+def fake_model(n_ops: int = 6, sensitive: dict[int, float] | None = None, **kwargs) -> FakeModel:
+    """n ops costing 0.0001 each, except the ``sensitive`` ones."""
+    costs = {f"op{i}": 0.0001 for i in range(n_ops)}
+    for i, cost in (sensitive or {}).items():
+        costs[f"op{i}"] = cost
+    return FakeModel(costs, **kwargs)
+
+
+def accuracy(model: FakeModel) -> float:
+    return model.accuracy()

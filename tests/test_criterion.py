@@ -1,0 +1,56 @@
+import pytest
+
+from autoquant import AccuracyCriterion, ConfigError
+
+HIGHER, LOWER = True, False
+
+
+@pytest.mark.parametrize(
+    "kind, tolerance, higher, baseline, value, loss, passes",
+    [
+        # relative, higher is better (accuracy)
+        ("relative", 0.01, HIGHER, 0.90, 0.891, 0.01, True),
+        ("relative", 0.01, HIGHER, 0.90, 0.8909, 0.0101111, False),
+        ("relative", 0.01, HIGHER, 0.90, 0.95, -0.0555556, True),
+        # relative with a negative metric (e.g. a negative log-likelihood score): the drop is over |baseline|
+        ("relative", 0.10, HIGHER, -2.0, -2.1, 0.05, True),
+        ("relative", 0.10, HIGHER, -2.0, -2.3, 0.15, False),
+        # relative, lower is better (a loss, WER): a rise is a loss
+        ("relative", 0.05, LOWER, 0.20, 0.21, 0.05, True),
+        ("relative", 0.05, LOWER, 0.20, 0.22, 0.10, False),
+        ("relative", 0.05, LOWER, 0.20, 0.10, -0.5, True),
+        ("relative", 0.05, LOWER, -4.0, -3.9, 0.025, True),
+        # absolute
+        ("absolute", 0.005, HIGHER, 0.80, 0.7951, 0.0049, True),
+        ("absolute", 0.005, HIGHER, 0.80, 0.7949, 0.0051, False),
+        ("absolute", 0.5, LOWER, 10.0, 10.6, 0.6, False),
+        ("absolute", 0.5, LOWER, 0.0, 0.4, 0.4, True),
+        ("absolute", 0.0, HIGHER, 0.5, 0.5, 0.0, True),
+        ("absolute", 0.0, HIGHER, 0.5, 0.4999, 0.0001, False),
+    ],
+)
+def test_loss_and_passes(kind, tolerance, higher, baseline, value, loss, passes):
+    criterion = AccuracyCriterion(**{kind: tolerance}, higher_is_better=higher)
+    assert criterion.loss(baseline, value) == pytest.approx(loss, rel=1e-5, abs=1e-12)
+    assert criterion.passes(baseline, value) is passes
+
+
+def test_tolerance_boundary_passes_despite_rounding():
+    # 0.9 * 0.99 is not exactly 0.891 in binary floating point.
+    assert AccuracyCriterion(relative=0.01).passes(0.9, 0.9 * 0.99)
+
+
+def test_relative_with_zero_baseline_is_an_error():
+    with pytest.raises(ConfigError, match="absolute="):
+        AccuracyCriterion(relative=0.01).passes(0.0, 0.1)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"relative": 0.1, "absolute": 0.1}, {"relative": -0.01}, {"absolute": float("nan")}])
+def test_invalid_criteria(kwargs):
+    with pytest.raises(ConfigError):
+        AccuracyCriterion(**kwargs)
+
+
+def test_describe_says_kind_and_direction():
+    assert AccuracyCriterion(relative=0.01).describe() == "lose at most 0.01 relative (higher is better)"
+    assert "lower is better" in AccuracyCriterion(absolute=0.2, higher_is_better=False).describe()
