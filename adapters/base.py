@@ -43,9 +43,8 @@ class Adapter(ABC):
     def runner(self, model: Any) -> Callable[[], object]:
         """A zero-argument callable running ``model`` once on a fixed calibration batch (for latency)."""
 
-    @classmethod
     @abstractmethod
-    def save_model(cls, model: Any, directory: Path) -> Path:
+    def save_model(self, model: Any, directory: Path) -> Path:
         """Write ``model`` into ``directory``; return the file written."""
 
     @classmethod

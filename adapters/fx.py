@@ -176,10 +176,10 @@ class FXAdapter(Adapter):
     def _discover(self, unit: _Unit) -> tuple[list[OpInfo], list[UnsupportedOp]]:
         """Ops that really become INT8 in the converted graph (module types alone can mislead)."""
         prepared = unit.recording
-        static = dict(convert_fx(copy.deepcopy(prepared)).named_modules())
+        static = dict(convert_fx(copy.deepcopy(prepared)).named_modules(remove_duplicate=False))
         dynamic_prepared = self._prepare(unit, _dynamic_mapping(_weight_observer("per_channel"), ()))
-        dynamic = dict(convert_fx(dynamic_prepared).named_modules())
-        modules = dict(prepared.named_modules())
+        dynamic = dict(convert_fx(dynamic_prepared).named_modules(remove_duplicate=False))
+        modules = dict(prepared.named_modules(remove_duplicate=False))
         scope = prepared.meta["_observed_graph_module_attrs"].node_name_to_scope
         counters: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
         ops, unsupported = [], []
@@ -218,8 +218,13 @@ class FXAdapter(Adapter):
                 observer = _module_of(unit.recording, node)
                 if isinstance(observer, _RecordingObserver):
                     key = _stats_key(unit, node.args[0].name)
-                    # One tensor may feed several observers: record it once.
-                    observer.stats = stats.setdefault(key, TensorStats()) if key not in stats else None
+                    if observer.stats is not None:
+                        # Same-scale ops (max-pool, flatten) share their input's observer: same range.
+                        stats.setdefault(key, observer.stats)
+                    elif key in stats:
+                        continue  # a tensor observed twice: record it once
+                    else:
+                        observer.stats = stats[key] = TensorStats()
         model = self._assemble(self._model, {u.path: u.recording for u in self._units}, copy_root=False)
         batches = 0
         with torch.inference_mode():
@@ -298,17 +303,19 @@ class FXAdapter(Adapter):
         return run
 
     # --- files ----------------------------------------------------------------------------------
-    @classmethod
-    def save_model(cls, model: nn.Module, directory: Path) -> Path:
+    def save_model(self, model: nn.Module, directory: Path) -> Path:
+        """TorchScript, so that plain ``torch.jit.load`` runs it (quantized GraphModules do not pickle)."""
         path = Path(directory) / MODEL_FILE
-        torch.save(model, path)
+        args, kwargs = self._example
+        with torch.no_grad():
+            scripted = torch.jit.trace(model, args or None, example_kwarg_inputs=kwargs or None)
+        torch.jit.save(scripted, str(path))
         return path
 
     @classmethod
-    def load_model(cls, path: Path) -> nn.Module:
+    def load_model(cls, path: Path) -> torch.jit.ScriptModule:
         torch.backends.quantized.engine = ENGINE
-        # A whole pickled module (GraphModule with quantized modules), not a state dict.
-        return torch.load(path, weights_only=False)
+        return torch.jit.load(str(path))
 
 
 class _TraceError(Exception):
@@ -322,7 +329,8 @@ def _recording_mapping() -> QConfigMapping:
 
 def _dynamic_mapping(weight: Any, fp32: list[tuple]) -> QConfigMapping:
     activation = PlaceholderObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True)
-    mapping = QConfigMapping().set_object_type(nn.Linear, QConfig(activation, weight))
+    # Global: the backend only has dynamic kernels for Linear (and fused Linear+ReLU needs one qconfig).
+    mapping = QConfigMapping().set_global(QConfig(activation, weight))
     return _with_fallback(mapping, fp32)
 
 
@@ -357,12 +365,12 @@ def _is_quantized(module: nn.Module | None) -> bool:
 
 
 def _is_observed(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether the prepared graph observes the op's output and all its tensor inputs."""
-    def observer(n: Any) -> bool:
-        return isinstance(n, torch.fx.Node) and n.op == "call_module" and isinstance(modules.get(n.target), _RecordingObserver)
-
-    inputs = [a for a in node.all_input_nodes]
-    return bool(inputs) and all(observer(a) for a in inputs) and any(observer(u) for u in node.users)
+    """Whether the prepared graph quantizes all tensor inputs of the op (its output may be observed
+    after a fused ReLU, as in add+relu)."""
+    inputs = node.all_input_nodes
+    return bool(inputs) and all(
+        n.op == "call_module" and isinstance(modules.get(n.target), _RecordingObserver) for n in inputs
+    )
 
 
 def _has_quantizable_leaf(module: nn.Module) -> bool:

@@ -33,7 +33,7 @@ class TuneResult:
     evaluations: int  # calls of eval_fn on candidates
     elapsed_s: float
     criterion: AccuracyCriterion
-    adapter: type  # the Adapter class that built the model (it also saves it)
+    adapter: Any = field(repr=False)  # the Adapter that built the model (it also saves it)
     history: pd.DataFrame = field(repr=False)
     best_trial: int = -1
 

@@ -266,7 +266,7 @@ class _Run:
             evaluations=sum(1 for t in trials if "accuracy" in t.user_attrs and "duplicate_of" not in t.user_attrs),
             elapsed_s=elapsed,
             criterion=self.criterion,
-            adapter=type(self.backend),
+            adapter=self.backend,
             history=history_frame(trials),
             best_trial=best.number,
         )

@@ -60,8 +60,7 @@ class FakeAdapter(Adapter):
     def runner(self, model: FakeModel):
         return lambda: None
 
-    @classmethod
-    def save_model(cls, model: FakeModel, directory: Path) -> Path:
+    def save_model(self, model: FakeModel, directory: Path) -> Path:
         path = Path(directory) / "fake.json"
         path.write_text(json.dumps(model.config.to_dict()))
         return path

@@ -1,0 +1,384 @@
+"""Calibration math shared by every backend: streaming activation statistics and range selection.
+
+``TensorStats`` keeps, for one tensor, the exact min/max and a fixed-size histogram over all
+calibration batches; ``compute_range`` turns those into the (lo, hi) range a quantizer uses, by
+one of ``METHODS``. Numpy only, so the PyTorch FX and ONNX Runtime adapters share it. Modelled on
+ONNX Runtime's ``calibrate.py``, but vectorised.
+
+The histogram covers [-R, R] with an even number of bins, so 0 is an edge and folding it gives the
+histogram of |x| without resampling. The first batch sets R = max|x|; a wider batch doubles R
+until it fits and merges bins. A value's bin is floor(x * scale) and doubling R halves the scale
+exactly, so the merged histogram is bit for bit the one a single pass at the final R would give.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from autoquant.errors import CalibrationDataError, ConfigError
+
+__all__ = ["METHODS", "CalibrationMethod", "TensorStats", "compute_range"]
+
+METHODS = ("minmax", "entropy", "percentile", "mse")
+
+_EXAMPLES = ("minmax", "entropy", "mse", "percentile-99.99", "percentile-99.999")
+_VALID_FORMS = "'minmax', 'entropy', 'mse', or 'percentile-<p>' with 50 < p <= 100 (e.g. 'percentile-99.99')"
+# Other tools' names for our methods: used for the "did you mean" hint only, never accepted.
+_ALIASES = {"kl": "entropy", "kl-divergence": "entropy", "max": "minmax", "min-max": "minmax"}
+
+# R after an all-zero first batch: any positive value works, since later batches double it.
+_TINY_RANGE = 1e-30
+# Values binned per step of update(): keeps the float64 temporaries in cache (about 2x faster).
+_CHUNK = 1 << 16
+# Mass given to a bin where P > 0 but Q = 0, in samples (ORT's smooth_distribution uses 1e-4).
+_KL_EPS = 1e-4
+# MSE candidates a * (minmax range), descending so that ties keep the wider range.
+_MSE_SCALES = np.arange(100, 0, -1) / 100.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _unknown_method(text: object) -> str:
+    key = str(text).strip().lower()
+    hint = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, _EXAMPLES, n=1)), None)
+    message = f"Unknown calibration method {text!r}; valid forms: {_VALID_FORMS}."
+    return message + (f" Did you mean {hint!r}?" if hint else "")
+
+
+@dataclass(frozen=True)
+class CalibrationMethod:
+    """A range-selection method: ``name`` in METHODS, plus the percentile for "percentile"."""
+
+    name: str
+    percentile: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(_unknown_method(self.name))
+        if self.name != "percentile":
+            if self.percentile is not None:
+                raise ConfigError(
+                    f"Calibration method {self.name!r} takes no percentile (got {self.percentile!r}); "
+                    f"valid forms: {_VALID_FORMS}."
+                )
+            return
+        if self.percentile is None:
+            raise ConfigError(
+                f"Calibration method 'percentile' needs a value, e.g. 'percentile-99.99'; valid forms: {_VALID_FORMS}."
+            )
+        p = float(self.percentile)
+        if not 50.0 < p <= 100.0:  # also rejects nan
+            raise ConfigError(
+                f"The percentile must be in (50, 100], got {self.percentile!r}; e.g. 'percentile-99.99'."
+            )
+        object.__setattr__(self, "percentile", p)
+
+    @classmethod
+    def parse(cls, text: str | CalibrationMethod) -> CalibrationMethod:
+        """Read "minmax", "entropy", "mse" or "percentile-<p>"; a CalibrationMethod passes through."""
+        if isinstance(text, CalibrationMethod):
+            return text
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"A calibration method must be a string, got {type(text).__name__}; valid forms: {_VALID_FORMS}."
+            )
+        name, dash, arg = text.strip().lower().partition("-")
+        if name not in METHODS:
+            raise ConfigError(_unknown_method(text))
+        if not dash:
+            return cls(name)  # "percentile" alone fails in __post_init__ with the fix
+        if name != "percentile":
+            raise ConfigError(
+                f"Calibration method {name!r} takes no parameter, got {text!r}; valid forms: {_VALID_FORMS}."
+            )
+        try:
+            p = float(arg)
+        except ValueError:
+            raise ConfigError(f"In {text!r}, {arg!r} is not a number; valid forms: {_VALID_FORMS}.") from None
+        return cls(name, p)
+
+    def __str__(self) -> str:
+        if self.percentile is None:
+            return self.name
+        p = repr(self.percentile)  # shortest text that reads back to the same float
+        return f"percentile-{p.removesuffix('.0')}"
+
+
+class TensorStats:
+    """Streaming statistics of one tensor over calibration batches, in O(num_bins) memory."""
+
+    def __init__(self, num_bins: int = 2048) -> None:
+        if not _is_int(num_bins) or num_bins < 2 or num_bins % 2:
+            raise ConfigError(f"num_bins must be an even integer >= 2 (0 must be a bin edge), got {num_bins!r}.")
+        self.num_bins = int(num_bins)
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+        self.nonfinite = 0
+        self._range = 0.0  # R; 0 until the first finite value
+        # Signed bin k (-h..h-1) lives at k + h. The extra last slot holds values that land exactly
+        # on +R: they belong to the last bin now but to an inner bin once R doubles.
+        self._counts = np.zeros(self.num_bins + 1)
+
+    def update(self, values: ArrayLike) -> None:
+        """Add a batch (any shape, any real dtype); nan and +-inf are skipped and counted."""
+        x = np.asarray(values)
+        if x.dtype.kind not in "biuf":
+            raise ConfigError(f"Calibration values must be real numbers, got dtype {x.dtype}.")
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float64)
+        x = x.ravel()
+        if x.size == 0:
+            return
+        lo, hi = x.min(), x.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # nan propagates to min/max, so this is rare
+            finite = np.isfinite(x)
+            x = x[finite]
+            self.nonfinite += finite.size - x.size
+            if x.size == 0:
+                return
+            lo, hi = x.min(), x.max()
+        lo, hi = float(lo), float(hi)
+        self.count += x.size
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self._fit(max(-lo, hi))
+        h, scale = self.num_bins // 2, self._scale()
+        buf = np.empty(min(x.size, _CHUNK))
+        for start in range(0, x.size, _CHUNK):
+            y = buf[: min(_CHUNK, x.size - start)]
+            # float64 whatever the input, so that |x| <= R guarantees -h <= y <= h (see _scale).
+            np.multiply(x[start : start + _CHUNK], scale, out=y, dtype=np.float64)
+            np.floor(y, out=y)
+            y += h  # exact: y holds integers
+            self._counts += np.bincount(y.astype(np.intp), minlength=self.num_bins + 1)
+
+    def _scale(self) -> float:
+        """Bins per unit, h / R, rounded down until R * scale <= h in floating point."""
+        h = self.num_bins // 2
+        scale = h / self._range
+        while self._range * scale > h:
+            scale = math.nextafter(scale, 0.0)
+        return scale  # doubling R halves it exactly (and the check above stays true)
+
+    def _fit(self, m: float) -> None:
+        """Grow R to cover max|x| = m, doubling it and merging bins so the histogram stays exact."""
+        if self._range == 0.0:
+            self._range = m if m > 0.0 else _TINY_RANGE
+            return
+        if m <= self._range:
+            return
+        d = max(0, math.frexp(m)[1] - math.frexp(self._range)[1] - 1)
+        while math.ldexp(self._range, d) < m:
+            d += 1
+        h = self.num_bins // 2
+        # Doubling d times maps signed bin k to floor(k / 2**d): an arithmetic shift. Shifts past 63
+        # are undefined for int64, and a shift of 62 already sends every |k| <= h to 0 or -1.
+        merged = (np.arange(-h, h + 1) >> min(d, 62)) + h
+        self._counts = np.bincount(merged, weights=self._counts, minlength=self.num_bins + 1)
+        self._range = math.ldexp(self._range, d)
+
+    @property
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, edges): num_bins float64 counts over [-R, R], and the num_bins + 1 edges."""
+        counts = self._counts[:-1].copy()
+        counts[-1] += self._counts[-1]  # like np.histogram, the last bin includes its right edge
+        h = self.num_bins // 2
+        edges = np.arange(-h, h + 1) * (self._range / h)  # edges[h] is exactly 0
+        return counts, edges
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON- and np.savez-able) that from_dict turns back into equal stats."""
+        return {
+            "num_bins": self.num_bins,
+            "min": self.min,
+            "max": self.max,
+            "count": self.count,
+            "nonfinite": self.nonfinite,
+            "range": self._range,
+            "counts": self._counts.tolist(),  # num_bins + 1 slots, the last for values at +range
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TensorStats:
+        """Inverse of to_dict; also accepts what np.load gives back for a saved to_dict."""
+        try:
+            stats = cls(int(d["num_bins"]))
+            counts = np.asarray(d["counts"], dtype=np.float64).reshape(-1)
+            stats.min, stats.max, stats._range = float(d["min"]), float(d["max"]), float(d["range"])
+            stats.count, stats.nonfinite = int(d["count"]), int(d["nonfinite"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"Not a TensorStats.to_dict() result: {exc!r}.") from None
+        if counts.shape != stats._counts.shape:
+            raise ConfigError(f"TensorStats data holds {counts.size} counts, not num_bins + 1 = {stats.num_bins + 1}.")
+        stats._counts = counts
+        return stats
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorStats(count={self.count}, min={self.min:g}, max={self.max:g}, "
+            f"nonfinite={self.nonfinite}, num_bins={self.num_bins})"
+        )
+
+
+def compute_range(
+    stats: TensorStats, method: str | CalibrationMethod, *, symmetric: bool = False, num_bits: int = 8
+) -> tuple[float, float]:
+    """The quantization range (lo, hi) of ``stats`` by ``method``; lo <= 0 <= hi, never wider than the data.
+
+    With ``symmetric`` the range is (-t, t). An all-zero tensor gives (0.0, 0.0).
+    """
+    method = CalibrationMethod.parse(method)
+    if not _is_int(num_bits) or not 2 <= num_bits <= 16:
+        raise ConfigError(f"num_bits must be an integer in [2, 16], got {num_bits!r}.")
+    if stats.count == 0:
+        raise CalibrationDataError(
+            f"Cannot compute a {method} range: no finite values were observed for this tensor "
+            f"({stats.nonfinite} non-finite values were skipped). Check that the calibration data "
+            "reaches it and that the model produces finite activations."
+        )
+    lo0, hi0 = min(stats.min, 0.0), max(stats.max, 0.0)  # 0 must be exactly representable
+    t0 = max(-lo0, hi0)
+    if t0 == 0.0:
+        return 0.0, 0.0
+    counts, edges = stats.histogram
+    h = counts.size // 2
+
+    if method.name == "minmax":
+        lo, hi, t = lo0, hi0, t0
+    elif method.name == "percentile":
+        assert method.percentile is not None  # guaranteed by CalibrationMethod
+        q = method.percentile / 100.0
+        if symmetric:
+            t = _quantile(_fold(counts), edges[h:], q)
+        else:
+            lo, hi = _quantile(counts, edges, 1.0 - q), _quantile(counts, edges, q)
+    elif method.name == "entropy":
+        t = _kl_threshold(_fold(counts), 2 ** (num_bits - 1)) * edges[h + 1]  # edges[h + 1] = bin width
+        lo, hi = -t, t
+    else:  # mse
+        lo, hi = (-t0, t0) if symmetric else (lo0, hi0)
+        a = _mse_scale(counts, edges, lo, hi, stats.min, stats.max, num_bits)
+        lo, hi, t = a * lo, a * hi, a * t0
+
+    if symmetric:
+        t = float(min(t, t0))
+        return -t, t
+    lo = min(float(np.clip(lo, stats.min, stats.max)), 0.0)
+    hi = max(float(np.clip(hi, stats.min, stats.max)), 0.0)
+    return lo, hi
+
+
+def _fold(counts: np.ndarray) -> np.ndarray:
+    """Histogram of |x| over [0, R] from the signed one over [-R, R] (0 is the middle edge)."""
+    h = counts.size // 2
+    return counts[h:] + counts[h - 1 :: -1]
+
+
+def _quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
+    """The q-quantile of a histogram, interpolating linearly inside the bin where the CDF crosses q."""
+    cum = np.cumsum(counts)
+    target = q * cum[-1]
+    k = min(int(np.searchsorted(cum, target)), counts.size - 1)
+    frac = (target - (cum[k] - counts[k])) / counts[k] if counts[k] > 0 else 0.0
+    return float(edges[k] + min(max(frac, 0.0), 1.0) * (edges[k + 1] - edges[k]))
+
+
+def _xlogx(x: np.ndarray) -> np.ndarray:
+    """x * log(x) with 0 * log(0) = 0."""
+    positive = x > 0
+    return np.where(positive, x * np.log(np.where(positive, x, 1.0)), 0.0)
+
+
+def _kl_threshold(f: np.ndarray, nq: int) -> int:
+    """TensorRT's entropy calibration: the bin index i of the |x| histogram ``f`` whose edge,
+    taken as the threshold, minimises KL(P || Q) (on ties the smallest)."""
+    candidates, divergences = _kl_divergences(f, nq)
+    return int(candidates[np.argmin(divergences)])
+
+
+def _kl_divergences(f: np.ndarray, nq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every candidate threshold index i (ascending) of the |x| histogram ``f``, and its KL(P || Q).
+
+    For a candidate i, P is f[:i] with the mass beyond i added to its last bin, and Q is f[:i]
+    merged into ``nq`` groups (the last takes the remainder) then spread evenly over each group's
+    bins where P > 0. Bins with P > 0 but Q = 0 get mass _KL_EPS. Since Q is constant over a group,
+    KL = (sum P log P - sum_groups P_g log Q_g) / sum P + log(sum Q / sum P), so with prefix
+    sums every candidate costs O(nq) instead of O(i): all candidates run as one array operation.
+
+    TensorRT's candidates are i >= nq (at least one bin per level). Outliers can squeeze the bulk
+    of the data into a few bins, leaving no such candidate near it, so candidates i < nq are also
+    tried, each judged on nq bins drawn from the histogram by linear interpolation (density
+    uniform within a bin); quantization is then lossless at histogram resolution and only the
+    clipping is scored. At i = nq both views coincide.
+    """
+    h = f.size
+    cum = np.concatenate(([0.0], np.cumsum(f)))  # cum[k] = mass of bins < k
+    nonzero = np.concatenate(([0], np.cumsum(f > 0)))
+    plogp = np.concatenate(([0.0], np.cumsum(_xlogx(f))))
+    total = cum[-1]
+
+    # Candidates below nq: nq interpolated bins over [0, i], one per quantization level.
+    small = np.arange(1, min(nq - 1, h) + 1)
+    pos = small[:, None] * np.arange(nq + 1) / nq  # fine edges, in histogram bins
+    k = np.minimum(pos.astype(np.intp), h - 1)
+    gh = np.diff(cum[k] + (pos - k) * f[k], axis=1)
+    outliers = total - cum[small]
+    gp = gh.copy()
+    gp[:, -1] += outliers
+    # One bin per group, so P's nonzero bins never share Q's mass.
+    kl_small = _kl_of_groups(total, gh, np.ones_like(gh), _xlogx(gp).sum(axis=1), outliers, cum[small])
+
+    # TensorRT's candidates, nq <= i <= h: groups of i // nq bins.
+    big = np.arange(nq, h + 1)
+    width = big // nq
+    start = width[:, None] * np.arange(nq)
+    end = start + width[:, None]
+    end[:, -1] = big
+    outliers = total - cum[big]
+    n = nonzero[end] - nonzero[start]
+    n[:, -1] += (f[big - 1] == 0) & (outliers > 0)  # the clipped mass makes P's last bin nonzero
+    plogp_sum = plogp[big - 1] + _xlogx(f[big - 1] + outliers)
+    kl_big = _kl_of_groups(total, cum[end] - cum[start], n, plogp_sum, outliers, cum[big])
+
+    return np.concatenate((small, big)), np.concatenate((kl_small, kl_big))
+
+
+def _kl_of_groups(
+    total: float, gh: np.ndarray, n: np.ndarray, plogp_sum: np.ndarray, outliers: np.ndarray, inside: np.ndarray
+) -> np.ndarray:
+    """KL(P || Q) per candidate (row) from, per group: Q's mass ``gh`` and P's nonzero bins ``n``;
+    per candidate: sum P log P, the clipped mass and the mass below the threshold."""
+    gp = gh.copy()  # P's mass per group: Q's plus the clipped mass in the last group
+    gp[:, -1] += outliers
+    q = np.where(gh > 0, gh / np.maximum(n, 1), _KL_EPS)
+    plogq = (gp * np.log(q)).sum(axis=1)
+    q_total = inside + _KL_EPS * ((gh == 0) & (gp > 0)).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        kl = (plogp_sum - plogq) / total + np.log(q_total / total)
+    return np.where(inside > 0, kl, np.inf)  # nothing below the threshold: not a candidate
+
+
+def _mse_scale(
+    counts: np.ndarray, edges: np.ndarray, lo: float, hi: float, data_min: float, data_max: float, num_bits: int
+) -> float:
+    """The a in _MSE_SCALES whose range (a*lo, a*hi) has the least expected squared error.
+
+    Each bin's mass sits at its centre (clipped to the data's min/max, where no value lies beyond):
+    inside the range it costs the rounding noise step**2 / 12, outside the squared clipping distance.
+    """
+    keep = counts > 0
+    mass = counts[keep]
+    x = np.clip((edges[:-1] + edges[1:])[keep] / 2, data_min, data_max)
+    lo_a, hi_a = _MSE_SCALES[:, None] * lo, _MSE_SCALES[:, None] * hi
+    step = (hi_a - lo_a) / (2**num_bits - 1)
+    dist = np.maximum(lo_a - x, 0.0) + np.maximum(x - hi_a, 0.0)
+    err = (mass * np.where(dist > 0, dist**2, step**2 / 12)).sum(axis=1)
+    return float(_MSE_SCALES[np.argmin(err)])
