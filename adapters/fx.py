@@ -13,6 +13,7 @@ and the rest stays FP32, and the space says which parts and why.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import operator
 import time
@@ -64,6 +65,8 @@ class _RecordingObserver(MinMaxObserver):
     stats: TensorStats | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x
         if self.stats is not None:
             self.stats.update(x.detach().float().cpu().numpy())
         return super().forward(x)
@@ -89,7 +92,21 @@ class _Unit:
     addresses: dict[str, tuple] = field(default_factory=dict)
 
     def op_name(self, local: str) -> str:
+        if isinstance(self.module, _Leaf) and local == "module":
+            return self.path
         return f"{self.path}.{local}" if self.path else local
+
+
+class _Leaf(nn.Module):
+    """Holds a leaf unit (a lone Linear): tracing a module traces through its forward, so the
+    Linear itself would become a plain F.linear call instead of a module FX can swap."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Any) -> Any:  # FX cannot trace *args; Linear and Conv take one input
+        return self.module(x)
 
 
 class FXAdapter(Adapter):
@@ -160,7 +177,7 @@ class FXAdapter(Adapter):
         return units, untraceable
 
     def _unit(self, path: str, module: nn.Module, example: tuple[tuple, dict]) -> _Unit:
-        unit = _Unit(path, module, example)
+        unit = _Unit(path, module if list(module.children()) else _Leaf(module), example)
         try:
             unit.recording = self._prepare(unit, _recording_mapping())
             _run(unit.recording, example)
@@ -170,8 +187,8 @@ class FXAdapter(Adapter):
 
     def _prepare(self, unit: _Unit, mapping: QConfigMapping) -> torch.fx.GraphModule:
         args, kwargs = unit.example
-        return prepare_fx(copy.deepcopy(unit.module), mapping, args or tuple(kwargs.values()),
-                          backend_config=get_x86_backend_config())
+        positional = inspect.signature(unit.module.forward).bind(*args, **kwargs).args
+        return prepare_fx(copy.deepcopy(unit.module), mapping, positional, backend_config=get_x86_backend_config())
 
     def _discover(self, unit: _Unit) -> tuple[list[OpInfo], list[UnsupportedOp]]:
         """Ops that really become INT8 in the converted graph (module types alone can mislead)."""

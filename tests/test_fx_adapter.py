@@ -1,0 +1,226 @@
+"""The FX adapter on PyTorch's real x86 INT8 kernels (no mocks)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn import quantized as nnq
+from torch.ao.nn.quantized import dynamic as nnqd
+from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
+from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+import autoquant
+from autoquant import BackendError, CalibrationDataError, QuantConfig
+from autoquant.adapters.fx import FXAdapter
+from autoquant.calibration import compute_range
+
+torch.manual_seed(0)
+
+
+class ResNetLet(nn.Module):
+    """conv-bn-relu, a residual add, a classifier: every kind of op the adapter searches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.body(x) + x)
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def batches(n=4, size=16, outlier=None):
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(size, 3, 12, 12, generator=gen), torch.zeros(size)) for _ in range(n)]
+    if outlier is not None:
+        data[0][0][0, 0, 0, 0] = outlier
+    return data
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    model = ResNetLet().eval()
+    with torch.no_grad():  # non-trivial BN statistics, so folding matters
+        model.stem[1].running_mean.uniform_(-0.5, 0.5)
+        model.stem[1].running_var.uniform_(0.5, 2.0)
+    return FXAdapter(model, batches(outlier=40.0))
+
+
+def quantized_modules(model):
+    return {name: type(m) for name, m in model.named_modules() if type(m).__module__.startswith("torch.ao.nn")}
+
+
+def quantized_calls(model):
+    return [n.target for n in model.graph.nodes if n.op == "call_function" and "quantized" in str(n.target)]
+
+
+def test_space_comes_from_the_converted_graph(adapter):
+    ops = {op.name: op for op in adapter.space.ops}
+    assert list(ops) == ["stem.0", "body", "add", "head"]
+    assert ops["stem.0"].op_type == "ConvReLU2d"  # conv+bn+relu fused, BN folded
+    assert ops["add"].op_type == "add"
+    assert ops["head"].approaches == ("static", "dynamic") and ops["body"].approaches == ("static",)
+    assert adapter.space.approaches == ("static", "dynamic")
+
+
+def test_all_int8_uses_real_quantized_kernels(adapter):
+    model = adapter.build(QuantConfig())
+    kinds = quantized_modules(model)
+    assert kinds["stem.0"].__name__ == "ConvReLU2d" and kinds["body"] is nnq.Conv2d and kinds["head"] is nnq.Linear
+    assert any("add_relu" in str(t) for t in quantized_calls(model))
+
+
+def test_fallback_leaves_exactly_the_requested_ops_fp32(adapter):
+    model = adapter.build(QuantConfig(fp32_ops=frozenset({"body", "add"})))
+    assert type(model.get_submodule("body")) is nn.Conv2d
+    assert type(model.get_submodule("head")) is nnq.Linear
+    assert type(model.get_submodule("stem.0")).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+    assert not any("add" in str(t) for t in quantized_calls(model))
+
+
+def test_granularity_sets_the_weight_qscheme(adapter):
+    per_channel = adapter.build(QuantConfig(granularity="per_channel")).get_submodule("body").weight()
+    per_tensor = adapter.build(QuantConfig(granularity="per_tensor")).get_submodule("body").weight()
+    assert per_channel.qscheme() == torch.per_channel_affine and per_channel.q_per_channel_scales().numel() == 16
+    assert per_tensor.qscheme() == torch.per_tensor_affine
+
+
+def input_qparams(model):
+    scale = model.get_buffer("stem_0_input_scale_0").item()
+    zero_point = model.get_buffer("stem_0_input_zero_point_0").item()
+    return scale, zero_point
+
+
+def test_scheme_and_calibration_set_the_activation_qparams(adapter):
+    stats = adapter._stats["/x"]
+    lo, hi = compute_range(stats, "minmax")
+    scale, zp = input_qparams(adapter.build(QuantConfig(calibration="minmax", scheme="asymmetric")))
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-5) and zp == round(-lo / scale)
+    scale, zp = input_qparams(adapter.build(QuantConfig(calibration="minmax", scheme="symmetric")))
+    assert zp == 128 and scale == pytest.approx(2 * max(-lo, hi) / 255, rel=1e-5)
+    # the input holds one outlier of 40 among N(0, 1) values: KL and percentile clip it, minmax keeps it
+    for clipping in ("entropy", "percentile-99.99"):
+        clipped, _ = input_qparams(adapter.build(QuantConfig(calibration=clipping)))
+        assert clipped < scale / 3
+
+
+def test_injected_ranges_equal_normal_calibration():
+    model, data = ResNetLet().eval(), batches()
+    ours = FXAdapter(model, data).build(QuantConfig(calibration="minmax", scheme="asymmetric", granularity="per_channel"))
+    qconfig = QConfig(MinMaxObserver.with_args(dtype=torch.quint8),
+                      PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+    prepared = prepare_fx(copy.deepcopy(model), QConfigMapping().set_global(qconfig), (data[0][0],),
+                          backend_config=get_x86_backend_config())
+    with torch.no_grad():
+        for x, _ in data:
+            prepared(x)
+    reference = convert_fx(prepared)
+    x = data[0][0]
+    assert torch.equal(ours(x), reference(x))
+
+
+def test_dynamic_quantizes_linear_only(adapter):
+    model = adapter.build(QuantConfig("dynamic", None, "per_channel", None))
+    assert type(model.get_submodule("head")) is nnqd.Linear
+    assert type(model.get_submodule("body")) is nn.Conv2d
+
+
+def test_candidates_are_independent_and_close_to_fp32(adapter):
+    x = batches()[1][0]
+    fp32 = adapter.fp32_model(x)
+    a, b = adapter.build(QuantConfig()), adapter.build(QuantConfig(fp32_ops=frozenset({"head"})))
+    assert not torch.equal(a(x), b(x))
+    assert torch.allclose(a(x), fp32, atol=0.3)
+    assert torch.equal(adapter.fp32_model(x), fp32)  # building never touches the FP32 model
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: FX cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.mean() > 0:
+            y = y * 2
+        return self.b(y.mean((2, 3)))
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.gate(x)
+        for _ in range(int(h.abs().sum() > 0)):  # untraceable here too
+            h = h + 1
+        return self.out(h)
+
+
+def test_untraceable_model_quantizes_the_parts_that_trace():
+    model = Outer().eval()
+    adapter = FXAdapter(model, batches())
+    unsupported = {u.name: u.reason for u in adapter.space.unsupported}
+    assert "(whole model)" in unsupported and "gate" in unsupported
+    assert "FX cannot trace" in unsupported["gate"]
+    assert [op.name for op in adapter.space.ops] == ["gate.a.0", "gate.b", "out"]
+    quantized = adapter.build(QuantConfig())
+    assert type(quantized.gate.b).__name__ == "GraphModule" and type(quantized.gate).__name__ == "Gate"
+    assert type(quantized.get_submodule("gate.b.b" if False else "out")).__name__ == "GraphModule"
+    x = batches()[0][0]
+    assert torch.allclose(quantized(x), model(x), atol=0.1)
+    fallback = adapter.build(QuantConfig(fp32_ops=frozenset({"out"})))
+    assert type(fallback.out.get_submodule("")) is not nnq.Linear
+    assert quantized_modules(quantized.gate.a)  # the conv really is INT8
+
+
+def test_nothing_quantizable_is_a_clear_error():
+    with pytest.raises(BackendError, match="Nothing in this model can be quantized"):
+        FXAdapter(nn.Sequential(nn.GELU()).eval(), [torch.randn(2, 3)])
+
+
+def test_empty_calibration_data():
+    with pytest.raises(CalibrationDataError, match="yielded no batch"):
+        FXAdapter(ResNetLet().eval(), [])
+
+
+def test_calibration_batch_of_the_wrong_shape():
+    data = batches() + [(torch.randn(2, 5, 12, 12), None)]
+    adapter = FXAdapter(ResNetLet().eval(), data)
+    with pytest.raises(CalibrationDataError, match="calibration batch 4"):
+        adapter.calibrate()
+
+
+def test_saved_model_loads_and_matches(adapter, tmp_path):
+    model = adapter.build(QuantConfig(fp32_ops=frozenset({"add"})))
+    path = adapter.save_model(model, tmp_path)
+    loaded = FXAdapter.load_model(path)
+    x = batches()[2][0]
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_dict_batches_are_keyword_inputs():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, features, mask):
+            return self.fc(features) * mask
+
+    data = [{"mask": torch.ones(4, 1), "features": torch.randn(4, 6)} for _ in range(3)]
+    adapter = FXAdapter(Keyword().eval(), data)
+    model = adapter.build(QuantConfig())
+    assert type(model.get_submodule("fc")) is nnq.Linear
+    assert autoquant.Tuner(max_trials=1).space(Keyword().eval(), data).op_names == ("fc", "mul")
