@@ -23,8 +23,8 @@ def measure_latency(
     baseline: Callable[[], object],
     candidate: Callable[[], object],
     *,
-    budget_s: float = 0.5,
-    min_repeats: int = 7,
+    budget_s: float = 0.25,
+    min_repeats: int = 5,
     max_repeats: int = 200,
 ) -> Latency:
     """Median latency of two zero-argument callables, run alternately.

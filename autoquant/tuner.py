@@ -47,7 +47,7 @@ class Tuner:
         restrict: Restriction | None = None,
         storage: str | optuna.storages.BaseStorage | None = None,
         study_name: str | None = None,
-        latency_budget_s: float = 0.5,
+        latency_budget_s: float = 0.25,
     ) -> None:
         if max_trials < 1:
             raise ConfigError(f"max_trials must be at least 1, got {max_trials}.")

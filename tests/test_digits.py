@@ -1,11 +1,13 @@
 """End to end on the shipped example: a real tune of the digits CNN on PyTorch's INT8 kernels."""
 
+import copy
+
 import pytest
 import torch
 
 import autoquant
 from autoquant import AccuracyCriterion, Tuner
-from autoquant.examples.digits import accuracy_fn, load_data, train_model
+from autoquant.examples.digits import accuracy_fn, load_data, make_fragile, train_model
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +59,16 @@ def test_unmeetable_goal_returns_the_best_candidate(digits):
     assert not result.met and result.trials == 4 and result.evaluations == 4
     assert result.accuracy == pytest.approx(result.history["accuracy"].max())
     assert isinstance(result.model, torch.nn.Module)
+
+
+@pytest.mark.parametrize("strategy", ["exhaustive", "random", "bayesian"])
+def test_search_rescues_a_model_naive_int8_breaks(digits, strategy):
+    data, model, eval_fn = digits
+    fragile = make_fragile(copy.deepcopy(model), data.train[0][:512])
+    assert eval_fn(fragile) == eval_fn(model)  # same function in FP32
+    result = Tuner(AccuracyCriterion(relative=0.01), strategy=strategy, max_trials=30).tune(
+        fragile, data.calibration_batches(), eval_fn)
+    first = result.history.iloc[0]
+    assert first["calibration"] == "minmax" and first["n_fp32"] == 0
+    assert first["loss"] > 0.05  # the default candidate loses badly
+    assert result.met and result.trials > 1 and result.latency_ratio < 1.0

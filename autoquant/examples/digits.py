@@ -100,6 +100,23 @@ def train_model(data: DigitsData, *, epochs: int = 6, seed: int = 0) -> DigitsNe
     return model.eval()
 
 
+def make_fragile(model: DigitsNet, images: torch.Tensor, *, scale: float = 300.0) -> DigitsNet:
+    """The same function, with one outlier channel between the two classifier layers.
+
+    The hidden layer's most active channel on ``images`` is multiplied by ``scale`` and divided
+    back in the next layer, like the outlier features of real transformers: FP32 outputs are
+    unchanged, but a per-tensor INT8 range stretched by the outlier crushes every other channel.
+    """
+    hidden, head = model.classifier[1], model.classifier[3]
+    with torch.no_grad():
+        activations = F.relu(hidden(model.classifier[0](model.features(images))))
+        channel = int(activations.mean(0).argmax())
+        hidden.weight[channel] *= scale
+        hidden.bias[channel] *= scale
+        head.weight[:, channel] /= scale
+    return model
+
+
 def accuracy_fn(data: DigitsData):
     """eval_fn: top-1 accuracy on the held-out images."""
     x, y = data.test
@@ -119,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-trials", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="autoquant-out/digits", help="folder for the model, result and history")
+    parser.add_argument("--fragile", action="store_true",
+                        help="add one transformer-style outlier channel (FP32 unchanged; naive INT8 suffers)")
     args = parser.parse_args(argv)
     console = Console()
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
@@ -126,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     data = load_data(args.seed)
     model = train_model(data, seed=args.seed)
+    if args.fragile:
+        make_fragile(model, data.train[0][:512])
     eval_fn = accuracy_fn(data)
-    console.print(f"Trained DigitsNet in {time.perf_counter() - start:.1f} s: test accuracy {eval_fn(model):.4f}")
+    console.print(f"Trained DigitsNet{' (fragile)' if args.fragile else ''} in {time.perf_counter() - start:.1f} s: "
+                  f"test accuracy {eval_fn(model):.4f}")
 
     tuner = Tuner(AccuracyCriterion(relative=args.relative), strategy=args.strategy,
                   max_trials=args.max_trials, seed=args.seed)
@@ -141,4 +163,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["DigitsNet", "accuracy_fn", "load_data", "main", "train_model"]
+__all__ = ["DigitsNet", "accuracy_fn", "load_data", "main", "make_fragile", "train_model"]
