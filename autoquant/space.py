@@ -77,10 +77,11 @@ class QuantConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def describe(self) -> str:
+        """The knob values, e.g. "static/entropy/asymmetric/per_channel"."""
         knobs = [self.approach, self.granularity]
         if self.approach == "static":
             knobs[1:1] = [self.calibration, self.scheme]
-        return f"{'/'.join(knobs)}, {len(self.fp32_ops)} op(s) FP32"
+        return "/".join(knobs)
 
 
 @dataclass(frozen=True)

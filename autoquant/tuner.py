@@ -196,9 +196,9 @@ class _Run:
         frozen = self.study.tell(trial, self._objective(passed, loss, n_fp32))
         finished[key] = frozen
         log.info(
-            "trial %3d/%d  %s  %-4s  accuracy %.6g (loss %+.3g)  latency x%.2f  FP32 ops %d/%d",
-            trial.number + 1, self.tuner.max_trials, config.describe(), "PASS" if passed else "fail",
-            accuracy, loss, latency.ratio, n_fp32, len(self.space.ops),
+            "trial %3d/%d  %-4s  accuracy %.6g (loss %+.3g)  latency x%.2f  FP32 ops %d/%d  %s",
+            trial.number + 1, self.tuner.max_trials, "PASS" if passed else "fail",
+            accuracy, loss, latency.ratio, n_fp32, len(self.space.ops), config.describe(),
         )
         return passed
 

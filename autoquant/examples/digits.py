@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 from rich.console import Console
-from rich.logging import RichHandler
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="add one transformer-style outlier channel (FP32 unchanged; naive INT8 suffers)")
     args = parser.parse_args(argv)
     console = Console()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     start = time.perf_counter()
     data = load_data(args.seed)
