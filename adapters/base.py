@@ -41,7 +41,8 @@ class Adapter(ABC):
 
     @abstractmethod
     def runner(self, model: Any) -> Callable[[], object]:
-        """A zero-argument callable running ``model`` once on a fixed calibration batch (for latency)."""
+        """A zero-argument callable running ``model`` once on a fixed calibration batch and
+        returning its outputs (for latency, and for the output probe)."""
 
     @abstractmethod
     def save_model(self, model: Any, directory: Path) -> Path:

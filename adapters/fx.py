@@ -80,6 +80,14 @@ class _RangeObserver(MinMaxObserver):
         self.max_val = torch.tensor(hi)
 
 
+@dataclass(frozen=True)
+class _FlowStep:
+    node: str
+    op: str | None  # the searched op at this node, if any
+    address: tuple | None  # None for call_method nodes, which QConfigMapping cannot address one by one
+    inputs: list[str]
+
+
 @dataclass
 class _Unit:
     """A traceable part of the model, quantized on its own; ``path`` "" is the whole model."""
@@ -90,6 +98,28 @@ class _Unit:
     recording: torch.fx.GraphModule | None = None
     # op name -> how QConfigMapping addresses it: ("module", name) or ("function", path, target, index)
     addresses: dict[str, tuple] = field(default_factory=dict)
+    # FX node name -> op name, to find the ops that read an observed tensor
+    node_ops: dict[str, str] = field(default_factory=dict)
+    # every op node in graph order, to decide where the ops between searched ops run
+    flow: list[_FlowStep] = field(default_factory=list)
+
+    def fp32_addresses(self, fp32_ops: frozenset[str]) -> list[tuple]:
+        """QConfigMapping addresses to set to None: the FP32 ops, and the ops that only follow them.
+
+        An op that is not searched (ReLU, pooling, flatten) runs INT8 when any op feeding it does;
+        left to the global qconfig after an FP32 op, it would sit in a quantize/dequantize island.
+        """
+        int8: dict[str, bool] = {}
+        addresses = []
+        for step in self.flow:
+            if step.op is not None:
+                int8[step.node] = step.op not in fp32_ops
+            else:
+                fed = [int8[name] for name in step.inputs if name in int8]
+                int8[step.node] = any(fed) or not fed
+            if not int8[step.node] and step.address is not None:
+                addresses.append(step.address)
+        return addresses
 
     def op_name(self, local: str) -> str:
         if isinstance(self.module, _Leaf) and local == "module":
@@ -199,29 +229,37 @@ class FXAdapter(Adapter):
         modules = dict(prepared.named_modules(remove_duplicate=False))
         scope = prepared.meta["_observed_graph_module_attrs"].node_name_to_scope
         counters: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
+        observers = {n for n in prepared.graph.nodes if isinstance(_module_of(prepared, n), _RecordingObserver)}
         ops, unsupported = [], []
         for node in prepared.graph.nodes:
+            address, op_name = None, None
             if node.op == "call_module" and not isinstance(modules[node.target], _RecordingObserver):
+                address = ("module", node.target)
                 if _is_quantized(static.get(node.target)):
                     approaches = ("static", "dynamic") if _is_quantized(dynamic.get(node.target)) else ("static",)
-                    name = unit.op_name(node.target)
-                    ops.append(OpInfo(name, type(static[node.target]).__name__, approaches))
-                    unit.addresses[name] = ("module", node.target)
+                    op_name = unit.op_name(node.target)
+                    ops.append(OpInfo(op_name, type(static[node.target]).__name__, approaches))
                 elif any(True for _ in modules[node.target].parameters(recurse=False)):
                     unsupported.append(UnsupportedOp(unit.op_name(node.target), type(modules[node.target]).__name__,
                                                      "no INT8 kernel in the x86 backend; runs FP32"))
             elif node.op == "call_function":
                 module_path = scope[node.name][0]
-                index = counters[module_path][node.target]
+                address = ("function", module_path, node.target, counters[module_path][node.target])
                 counters[module_path][node.target] += 1
                 if node.target in QUANTIZABLE_FUNCTIONS and _is_observed(node, modules):
-                    name = unit.op_name(node.name)
-                    ops.append(OpInfo(name, QUANTIZABLE_FUNCTIONS[node.target]))
-                    unit.addresses[name] = ("function", module_path, node.target, index)
+                    op_name = unit.op_name(node.name)
+                    ops.append(OpInfo(op_name, QUANTIZABLE_FUNCTIONS[node.target]))
                 elif node.target in FP32_FUNCTIONS:
                     unsupported.append(UnsupportedOp(unit.op_name(node.name), FP32_FUNCTIONS[node.target],
                                                      "no INT8 kernel in the x86 backend; runs FP32 between "
                                                      "dequantize/quantize"))
+            elif node.op != "call_method":
+                continue
+            if op_name is not None:
+                unit.addresses[op_name] = address
+                unit.node_ops[node.name] = op_name
+            inputs = [a.args[0].name if a in observers else a.name for a in node.all_input_nodes]
+            unit.flow.append(_FlowStep(node.name, op_name, address, inputs))
         return ops, unsupported
 
     # --- calibration ----------------------------------------------------------------------------
@@ -277,8 +315,8 @@ class FXAdapter(Adapter):
         weight = _weight_observer(config.granularity)
         converted = {}
         for unit in self._units:
-            fp32 = [unit.addresses[name] for name in config.fp32_ops if name in unit.addresses]
             if config.approach == "dynamic":
+                fp32 = [unit.addresses[name] for name in config.fp32_ops if name in unit.addresses]
                 prepared = self._prepare(unit, _dynamic_mapping(weight, fp32))
             else:
                 symmetric = config.scheme == "symmetric"
@@ -286,13 +324,15 @@ class FXAdapter(Adapter):
                     dtype=torch.quint8,
                     qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine,
                 )
+                fp32 = unit.fp32_addresses(config.fp32_ops)
                 mapping = _with_fallback(QConfigMapping().set_global(QConfig(activation, weight)), fp32)
                 prepared = self._prepare(unit, mapping)
                 for node in prepared.graph.nodes:
                     observer = _module_of(prepared, node)
                     if isinstance(observer, _RangeObserver):
                         key = _stats_key(unit, node.args[0].name)
-                        observer.set_range(*self._range(key, config.calibration, symmetric))
+                        method = _calibration_for(node, unit, config)
+                        observer.set_range(*self._range(key, method, symmetric))
             try:
                 converted[unit.path] = convert_fx(prepared)
             except Exception as exc:
@@ -359,6 +399,15 @@ def _with_fallback(mapping: QConfigMapping, fp32: list[tuple]) -> QConfigMapping
             _, module_path, target, index = address
             mapping.set_module_name_object_type_order(module_path, target, index, None)
     return mapping
+
+
+def _calibration_for(observer: torch.fx.Node, unit: _Unit, config: QuantConfig) -> str:
+    """An op's calibration override applies to the tensors it reads."""
+    for user in observer.users:
+        op = unit.node_ops.get(user.name)
+        if op in config.op_calibration:
+            return config.op_calibration[op]
+    return config.calibration
 
 
 def _weight_observer(granularity: str) -> Any:

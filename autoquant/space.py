@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,7 +47,8 @@ class QuantConfig:
     """One candidate: the knob values and the ops that fall back to FP32.
 
     In the dynamic approach activations are quantized at run time, so ``calibration`` and
-    ``scheme`` do not apply and are None.
+    ``scheme`` do not apply and are None. ``op_calibration`` overrides ``calibration`` for the
+    input activations of single ops (static only), e.g. ``{"features.3": "entropy"}``.
     """
 
     approach: str = "static"
@@ -55,6 +56,19 @@ class QuantConfig:
     granularity: str = "per_channel"
     scheme: str | None = "asymmetric"
     fp32_ops: frozenset[str] = field(default_factory=frozenset)
+    op_calibration: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Normalise so that equal configs compare equal whatever containers they were given.
+        object.__setattr__(self, "fp32_ops", frozenset(self.fp32_ops))
+        object.__setattr__(self, "op_calibration", dict(sorted(dict(self.op_calibration).items())))
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def calibration_of(self, op: str) -> str | None:
+        """The calibration method for the input activations of ``op``."""
+        return self.op_calibration.get(op, self.calibration)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,14 +77,16 @@ class QuantConfig:
             "granularity": self.granularity,
             "scheme": self.scheme,
             "fp32_ops": sorted(self.fp32_ops),
+            "op_calibration": dict(self.op_calibration),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        unknown = set(data) - {"approach", "calibration", "granularity", "scheme", "fp32_ops"}
+        allowed = [*KNOBS, "fp32_ops", "op_calibration"]
+        unknown = set(data) - set(allowed)
         if unknown:
-            raise ConfigError(f"Unknown QuantConfig keys {sorted(unknown)}; allowed: {list(KNOBS) + ['fp32_ops']}.")
-        return cls(**{**data, "fp32_ops": frozenset(data.get("fp32_ops", ()))})
+            raise ConfigError(f"Unknown QuantConfig keys {sorted(unknown)}; allowed: {allowed}.")
+        return cls(**data)
 
     def key(self) -> str:
         """Canonical text of the config: equal configs have equal keys."""
@@ -204,11 +220,17 @@ class Space:
         return params
 
     def canonical(self, config: QuantConfig) -> QuantConfig:
-        """Drop what does not apply: activation knobs under dynamic, fallbacks of untunable ops."""
+        """Drop what does not apply: activation knobs under dynamic, fallbacks of untunable ops,
+        calibration overrides of FP32 ops or equal to the global one."""
         tunable = {op.name for op in self.tunable_ops(config.approach)}
-        config = replace(config, fp32_ops=frozenset(config.fp32_ops) & tunable)
+        fp32 = config.fp32_ops & tunable
+        overrides = {
+            op: method for op, method in config.op_calibration.items()
+            if op in tunable and op not in fp32 and method != config.calibration
+        }
+        config = replace(config, fp32_ops=fp32, op_calibration=overrides)
         if config.approach == "dynamic":
-            config = replace(config, calibration=None, scheme=None)
+            config = replace(config, calibration=None, scheme=None, op_calibration={})
         return config
 
     def validate(self, config: QuantConfig) -> QuantConfig:
@@ -219,6 +241,9 @@ class Space:
                 _check_choice(knob, value, self.choices(knob))
         for name in config.fp32_ops:
             _check_choice("op", name, self.op_names)
+        for name, method in config.op_calibration.items():
+            _check_choice("op", name, self.op_names)
+            _check_choice("calibration", method, self.calibrations)
         return self.canonical(config)
 
 

@@ -14,6 +14,7 @@ from autoquant.adapters import Adapter, adapter_class, adapter_for
 from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, EvalFunctionError
 from autoquant.latency import measure_latency
+from autoquant.probe import OutputProbe
 from autoquant.report import describe_space, history_frame
 from autoquant.result import TuneResult
 from autoquant.space import QuantConfig, Restriction, Space
@@ -90,6 +91,7 @@ class Tuner:
             direction="minimize",
             load_if_exists=True,
         )
+        self.strategy.setup(space, OutputProbe(backend, space))
         run = _Run(self, backend, space, study, eval_fn, baseline, start)
         run.search()
         return run.result()
@@ -136,7 +138,10 @@ class _Run:
             if proposal is not None:
                 self.study.enqueue_trial(self.space.params(proposal))
             trial = self.study.ask()
-            met = self._run_trial(trial, finished)
+            config = self.space.suggest(trial)  # records the parameters (the enqueued ones, if any)
+            if proposal is not None:  # a proposal may carry more than the parameters (per-op calibration)
+                config = self.space.canonical(proposal)
+            met = self._run_trial(trial, config, finished)
 
     def _propose(self, first: bool) -> QuantConfig | None:
         """The first trial of a study is the sensible default whatever the strategy."""
@@ -144,8 +149,7 @@ class _Run:
             return self.space.default_config()
         return self.tuner.strategy.propose(self.space, self.study.get_trials(deepcopy=False))
 
-    def _run_trial(self, trial: optuna.Trial, finished: dict[str, optuna.trial.FrozenTrial]) -> bool:
-        config = self.space.suggest(trial)
+    def _run_trial(self, trial: optuna.Trial, config: QuantConfig, finished: dict[str, optuna.trial.FrozenTrial]) -> bool:
         key = config.key()
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("config_key", key)

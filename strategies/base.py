@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import optuna
 
+from autoquant.probe import OutputProbe
 from autoquant.space import QuantConfig, Space
 
 
@@ -18,8 +19,10 @@ class SearchExhausted(Exception):
 class Strategy(ABC):
     """A search strategy over a :class:`~autoquant.space.Space`.
 
-    Each trial the tuner calls ``propose``: a strategy that plans its own candidates returns one
-    (the tuner enqueues it in the Optuna study, so it is recorded like any other trial); one that
+    Before the search the tuner calls ``setup`` once with the space and an
+    :class:`~autoquant.probe.OutputProbe` (a cheap output-error measure that needs no eval_fn).
+    Then, each trial, ``propose``: a strategy that plans its own candidates returns one (the
+    tuner enqueues it in the Optuna study, so it is recorded like any other trial); one that
     returns None lets ``create_sampler``'s sampler choose through ``Space.suggest``. ``trials``
     holds every trial in the study so far, other workers' and earlier runs' included, so a
     strategy that reads only them resumes and shares work for free.
@@ -32,6 +35,9 @@ class Strategy(ABC):
 
     def create_sampler(self) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=self.seed)
+
+    def setup(self, space: Space, probe: OutputProbe) -> None:
+        """Called once before the search; the default needs nothing."""
 
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig | None:
         return None

@@ -58,7 +58,10 @@ class FakeAdapter(Adapter):
         return FakeModel(self.model.sensitivity, self.model.baseline, self.model.calibration_helps, config)
 
     def runner(self, model: FakeModel):
-        return lambda: None
+        """The "output" is the model's accuracy, so the probe's error tracks the accuracy loss."""
+        import numpy as np
+
+        return lambda: np.array([model.accuracy()])
 
     def save_model(self, model: FakeModel, directory: Path) -> Path:
         path = Path(directory) / "fake.json"

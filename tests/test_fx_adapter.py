@@ -125,6 +125,16 @@ def test_injected_ranges_equal_normal_calibration():
     assert torch.equal(ours(x), reference(x))
 
 
+def test_ops_that_only_follow_fp32_ops_stay_fp32(adapter):
+    # relu/pool/flatten after an FP32 add must not become a quantize/dequantize island
+    model = adapter.build(QuantConfig(fp32_ops=frozenset({"stem.0", "body", "add"})))
+    code = model.code
+    assert code.count("torch.quantize_per_tensor(") == 1  # only the head's input
+    assert code.index("torch.quantize_per_tensor(") > code.index("torch.flatten(")
+    everything = adapter.build(QuantConfig(fp32_ops=frozenset(adapter.space.op_names)))
+    assert "quantize" not in everything.code
+
+
 def test_dynamic_quantizes_linear_only(adapter):
     model = adapter.build(QuantConfig("dynamic", None, "per_channel", None))
     assert type(model.get_submodule("head")) is nnqd.Linear
@@ -224,3 +234,25 @@ def test_dict_batches_are_keyword_inputs():
     model = adapter.build(QuantConfig())
     assert type(model.get_submodule("fc")) is nnq.Linear
     assert autoquant.Tuner(max_trials=1).space(Keyword().eval(), data).op_names == ("fc", "mul")
+
+
+def test_per_op_calibration_changes_only_that_ops_input(adapter):
+    base = adapter.build(QuantConfig(calibration="minmax"))
+    override = adapter.build(QuantConfig(calibration="minmax", op_calibration={"stem.0": "entropy"}))
+    assert input_qparams(override)[0] < input_qparams(base)[0] / 3  # the outlier input is clipped
+    # tensors read by other ops keep their min-max range
+    scales = {name: b.item() for name, b in base.named_buffers() if name.endswith("_scale_0")}
+    changed = {name for name, b in override.named_buffers() if name in scales and b.item() != scales[name]}
+    assert len(scales) == 2 and changed == {"stem_0_input_scale_0"}
+    for name in ("stem.0", "body", "head"):  # output scales of the quantized modules
+        assert override.get_submodule(name).scale == base.get_submodule(name).scale
+
+
+def test_output_probe_measures_distance_from_fp32(adapter):
+    from autoquant.probe import OutputProbe
+
+    probe = OutputProbe(adapter, adapter.space)
+    everything_fp32 = QuantConfig(fp32_ops=frozenset(adapter.space.op_names))
+    assert probe.error(everything_fp32) < 1e-12  # only BN folding's rounding
+    assert probe.error(QuantConfig()) > 1e-6
+    assert probe.calls == 2

@@ -183,3 +183,16 @@ def test_result_saves_and_loads(tmp_path, monkeypatch):
     assert autoquant.load(tmp_path / "out") == result.config
     assert autoquant.load_config(tmp_path / "out") == result.config
     assert (tmp_path / "out" / "history.csv").read_text().startswith("trial,state,accuracy")
+
+
+def test_op_calibration_is_canonical_and_round_trips():
+    space = FakeAdapter(fake_model(n_ops=3), None).space
+    config = QuantConfig(calibration="minmax", fp32_ops={"op2"},
+                         op_calibration={"op0": "entropy", "op1": "minmax", "op2": "mse"})
+    canonical = space.canonical(config)
+    assert canonical.op_calibration == {"op0": "entropy"}  # same-as-global and FP32 ops dropped
+    assert QuantConfig.from_dict(canonical.to_dict()) == canonical
+    assert canonical.calibration_of("op0") == "entropy" and canonical.calibration_of("op1") == "minmax"
+    assert len({canonical, QuantConfig.from_dict(canonical.to_dict())}) == 1
+    with pytest.raises(ConfigError, match="Unknown calibration 'kl'"):
+        space.validate(QuantConfig(op_calibration={"op0": "kl"}))
