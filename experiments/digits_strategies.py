@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from autoquant import AccuracyCriterion, Tuner
-from autoquant.examples.digits import accuracy_fn, load_data, make_fragile, train_model
+from autoquant.examples.digits import prepare
 from autoquant.strategies import STRATEGIES
 
 
@@ -28,11 +28,7 @@ def main() -> None:
     parser.add_argument("--fragile", action="store_true", help="the digits CNN with one outlier channel")
     args = parser.parse_args()
 
-    data = load_data(args.seed)
-    model = train_model(data, seed=args.seed)
-    if args.fragile:
-        make_fragile(model, data.train[0][:512])
-    eval_fn = accuracy_fn(data)
+    data, model, eval_fn = prepare(seed=args.seed, fragile=args.fragile)
     calibration = data.calibration_batches()
     rows = []
     for relative in args.criteria:

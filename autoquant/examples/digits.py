@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,15 @@ def accuracy_fn(data: DigitsData):
     return accuracy
 
 
+def prepare(*, seed: int = 0, fragile: bool = False) -> tuple[DigitsData, DigitsNet, Callable[[nn.Module], float]]:
+    """The data, a freshly trained model (made fragile on request) and its eval_fn."""
+    data = load_data(seed)
+    model = train_model(data, seed=seed)
+    if fragile:
+        make_fragile(model, data.train[0][:512])
+    return data, model, accuracy_fn(data)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategy", default="bayesian", choices=sorted(STRATEGIES))
@@ -142,11 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     start = time.perf_counter()
-    data = load_data(args.seed)
-    model = train_model(data, seed=args.seed)
-    if args.fragile:
-        make_fragile(model, data.train[0][:512])
-    eval_fn = accuracy_fn(data)
+    data, model, eval_fn = prepare(seed=args.seed, fragile=args.fragile)
     console.print(f"Trained DigitsNet{' (fragile)' if args.fragile else ''} in {time.perf_counter() - start:.1f} s: "
                   f"test accuracy {eval_fn(model):.4f}")
 
@@ -162,4 +168,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["DigitsNet", "accuracy_fn", "load_data", "main", "make_fragile", "train_model"]
+__all__ = ["DigitsNet", "accuracy_fn", "load_data", "main", "make_fragile", "prepare", "train_model"]
