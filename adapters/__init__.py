@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from typing import Any
 
 from autoquant.errors import ConfigError
@@ -11,7 +12,7 @@ from autoquant.errors import ConfigError
 from .base import Adapter
 
 # name -> "module:class", imported on use so that a missing backend costs nothing until needed.
-ADAPTERS = {"fx": "autoquant.adapters.fx:FXAdapter"}
+ADAPTERS = {"fx": "autoquant.adapters.fx:FXAdapter", "onnx": "autoquant.adapters.onnx:ONNXAdapter"}
 
 
 def adapter_class(name: str) -> type[Adapter]:
@@ -25,13 +26,16 @@ def adapter_class(name: str) -> type[Adapter]:
 
 def adapter_for(model: Any) -> type[Adapter]:
     """The adapter class that handles this model's type."""
-    for name in ADAPTERS:
+    # An ONNX model (or .onnx path) is recognised without importing the other backends (torch).
+    looks_onnx = type(model).__module__.startswith("onnx") or (
+        isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".onnx"))
+    for name in sorted(ADAPTERS, key=lambda n: n != "onnx") if looks_onnx else ADAPTERS:
         cls = adapter_class(name)
         if cls.accepts(model):
             return cls
     raise ConfigError(
-        f"No adapter handles a model of type {type(model).__name__}: pass a torch.nn.Module "
-        f"or name one with adapter= ({', '.join(ADAPTERS)})."
+        f"No adapter handles a model of type {type(model).__name__}: pass a torch.nn.Module, "
+        f"an onnx.ModelProto or a path ending in .onnx, or name one with adapter= ({', '.join(ADAPTERS)})."
     )
 
 

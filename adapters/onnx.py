@@ -1,0 +1,460 @@
+"""ONNX models quantized to QDQ form and run by ONNX Runtime's CPU kernels.
+
+Calibrate once, build many: the model is run once over the calibration data with the tensors the
+quantizer needs exposed as extra graph outputs, each batch feeding autoquant's own streaming
+``TensorStats`` (bounded memory, any shapes, non-finite values skipped and reported). Every
+candidate is then written by onnxruntime.quantization's quantizer (``QDQQuantizer`` for static,
+``ONNXQuantizer`` in IntegerOps mode for dynamic) from ranges computed from those statistics:
+no data pass and no ORT calibrator per candidate.
+
+Searched: every MatMul (weight MatMuls, and activation-by-activation ones listed as
+"MatMul(act x act)"), Gemm and Conv. MatMul outputs stay float (ORT fuses DQ->MatMul into
+MatMulIntegerToFloat); Conv and Gemm outputs are quantized, and Relu/MaxPool/... after them
+follow in INT8. Dynamic quantization covers weight MatMuls only, and is tried first on models
+whose INT8 ops are all MatMuls, where it is the faster kernel on CPU.
+
+What eval_fn receives is an ``ORTSession``: a plain ``onnxruntime.InferenceSession`` (CPU, graph
+optimisations on, so Q/DQ pairs fuse into INT8 kernels at creation) that also carries the
+``onnx.ModelProto`` it was created from in ``.model_proto``. ``TuneResult.model`` is that
+ModelProto (see ``result_model``), written by ``save_model`` as ``model.onnx``; ``load_model``
+returns an ``onnx.ModelProto`` (run it with ``onnxruntime.InferenceSession(proto.SerializeToString())``).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto
+from onnxruntime.quantization import QuantType
+from onnxruntime.quantization.calibrate import CalibrationMethod as ORTCalibrationMethod
+from onnxruntime.quantization.calibrate import TensorData, TensorsData
+from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+from onnxruntime.quantization.quant_utils import QuantizationMode
+
+from autoquant.calibration import CalibrationMethod, TensorStats, compute_range
+from autoquant.data import iterate_batches
+from autoquant.errors import BackendError, CalibrationDataError, ConfigError
+from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
+
+from .base import Adapter
+
+log = logging.getLogger("autoquant")
+
+MODEL_FILE = "model.onnx"
+ACT_X_ACT = "MatMul(act x act)"
+# Not searched: quantized only where their input already is (after an INT8 Conv/Gemm), so that
+# a CNN stays in INT8 between convolutions instead of paying a dequantize/quantize per op.
+FOLLOWERS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten")
+MIN_OPSET = 10  # QuantizeLinear/DequantizeLinear
+PER_CHANNEL_OPSET = 13  # per-axis QuantizeLinear
+MAX_OPSET = 21
+
+
+class ORTSession(ort.InferenceSession):
+    """An ``onnxruntime.InferenceSession`` that keeps the ModelProto it runs (``model_proto``)."""
+
+    def __init__(self, model_proto: onnx.ModelProto) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # ORT warns about every unfused QDQ pair on stderr otherwise
+        super().__init__(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.model_proto = model_proto
+
+
+class _WeightCachingQDQQuantizer(QDQQuantizer):
+    """QDQQuantizer that reuses weight scales/zero points across candidates: computing them channel
+    by channel is most of a build (~1 s of ~2 s on MiniLM). Keyed by (weight, axis); weights are
+    always int8 symmetric here, so nothing else changes them."""
+
+    def __init__(self, *args: Any, weight_params: dict, **kwargs: Any) -> None:
+        self._weight_params = weight_params
+        super().__init__(*args, **kwargs)
+
+    def _calc_initializer_quant_params(self) -> dict:
+        every = self.tensors_to_quantize
+        key = lambda name: (name, every[name].axis)  # noqa: E731
+        self.tensors_to_quantize = {n: info for n, info in every.items() if key(n) not in self._weight_params}
+        try:
+            for name, params in super()._calc_initializer_quant_params().items():
+                self._weight_params[key(name)] = params
+        finally:
+            self.tensors_to_quantize = every
+        # Copies: the int32-bias adjustment edits a weight's scale in place, per candidate.
+        return {n: copy.deepcopy(self._weight_params[key(n)]) for n in every if key(n) in self._weight_params}
+
+
+class ONNXAdapter(Adapter):
+    """Quantizes an ONNX model (``onnx.ModelProto`` or a path to a ``.onnx`` file) for ONNX Runtime's CPU.
+
+    Calibration batches are dicts mapping input names to numpy arrays, tuples/lists of arrays in
+    the model's input order, or one array for a one-input model. The first batch is the latency
+    input. Activations are uint8 and weights int8 (the fast path on x86; int8/int8 is slower).
+    """
+
+    name = "onnx"
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        if isinstance(model, onnx.ModelProto):
+            return True
+        return isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx")
+
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike, calib_data: Iterable[Any]) -> None:
+        proto = _load(model)
+        _check(proto)
+        self._proto = proto
+        # The quantizer needs every tensor's type: infer once, not per candidate.
+        self._inferred = onnx.shape_inference.infer_shapes(proto)
+        try:
+            self._fp32 = ORTSession(proto)
+        except Exception as exc:  # ORT's messages name the node or op it cannot load
+            raise BackendError(f"ONNX Runtime cannot load this model: {_first_line(exc)}") from exc
+        self._inputs = [(i.name, i.type, i.shape) for i in self._fp32.get_inputs()]
+        self._calib_data = calib_data
+        self._feeds = self._to_feeds(next(iter(iterate_batches(calib_data))), 0)
+        self._stats: dict[str, TensorStats] | None = None
+        self._weight_params: dict[tuple[str, int | None], Any] = {}
+        ops, unsupported, self._tensors = _discover(self._inferred)
+        if not ops:
+            raise BackendError(
+                "Nothing in this ONNX model can be quantized: no MatMul, Gemm or Conv with INT8 kernels was found."
+                + "".join(f" {u.name}: {u.reason}." for u in unsupported)
+            )
+        self._op_types = {op.name: op.op_type for op in ops}
+        present = {n.op_type for n in self._inferred.graph.node}
+        self._static_types = sorted({t.split("(")[0] for t in self._op_types.values()} | (present & set(FOLLOWERS)))
+        opset = _default_opset(proto)
+        granularities = ("per_channel", "per_tensor") if opset >= PER_CHANNEL_OPSET else ("per_tensor",)
+        if opset < PER_CHANNEL_OPSET:
+            log.info("Opset %d < %d: per-channel weights need opset 13, so only per-tensor is searched.",
+                     opset, PER_CHANNEL_OPSET)
+        approaches = ("static", "dynamic") if any("dynamic" in op.approaches for op in ops) else ("static",)
+        if all(op.op_type in ("MatMul", ACT_X_ACT) for op in ops) and len(approaches) == 2:
+            # Transformer-like (INT8 only in MatMuls): ORT's fused dynamic MatMul beats the static QDQ
+            # graph on CPU (MiniLM: 0.50 vs 0.54 of FP32 latency at batch 1, 0.53 vs 0.68 at batch 32),
+            # so dynamic is the preferred value, tried first.
+            approaches = ("dynamic", "static")
+        self.space = Space(ops=tuple(ops), approaches=approaches,
+                           granularities=granularities, unsupported=tuple(unsupported))
+
+    @property
+    def fp32_model(self) -> ORTSession:
+        return self._fp32
+
+    # --- calibration data ------------------------------------------------------------------------
+    def _to_feeds(self, batch: Any, index: int) -> dict[str, np.ndarray]:
+        """A calibration batch as ORT feeds, checked against the model's inputs."""
+        names = [name for name, _, _ in self._inputs]
+        if isinstance(batch, Mapping):
+            unknown = [k for k in batch if k not in names]
+            if unknown:
+                hint = difflib.get_close_matches(str(unknown[0]), names, n=1)
+                did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+                raise CalibrationDataError(
+                    f"Calibration batch {index} has input '{unknown[0]}', which the model does not have.{did_you_mean} "
+                    f"The model's inputs: {', '.join(names)}."
+                )
+            values = dict(batch)
+        elif isinstance(batch, (tuple, list)):
+            if len(batch) != len(names):
+                raise CalibrationDataError(
+                    f"Calibration batch {index} is a sequence of {len(batch)} item(s) but the model has "
+                    f"{len(names)} input(s) ({', '.join(names)}): give them in that order, or a dict by name."
+                )
+            values = dict(zip(names, batch))
+        else:
+            if len(names) != 1:
+                raise CalibrationDataError(
+                    f"Calibration batch {index} is one array but the model has {len(names)} inputs "
+                    f"({', '.join(names)}): give a dict by input name."
+                )
+            values = {names[0]: batch}
+        feeds = {}
+        for name, type_text, shape in self._inputs:
+            if name not in values:
+                raise CalibrationDataError(
+                    f"Calibration batch {index} lacks the model input '{name}' (it has {', '.join(map(str, values))})."
+                )
+            feeds[name] = _as_array(values[name], name, type_text, shape, index)
+        return feeds
+
+    # --- calibration -----------------------------------------------------------------------------
+    def calibrate(self) -> None:
+        if self._stats is not None:
+            return
+        start = time.perf_counter()
+        names = sorted(self._tensors)
+        augmented = onnx.ModelProto()
+        augmented.CopyFrom(self._proto)
+        existing = {o.name for o in augmented.graph.output}
+        for name in names:
+            if name not in existing:
+                augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        stats = {name: TensorStats() for name in names}
+        batches = 0
+        for batch in iterate_batches(self._calib_data):
+            feeds = self._to_feeds(batch, batches)
+            try:
+                outputs = session.run(names, feeds)
+            except Exception as exc:
+                raise CalibrationDataError(
+                    f"ONNX Runtime failed on calibration batch {batches}: {_first_line(exc)}. Check the batch's "
+                    "shapes and dtypes against the model inputs."
+                ) from exc
+            for name, value in zip(names, outputs):
+                stats[name].update(value)  # one batch at a time: memory stays O(tensors x bins)
+            batches += 1
+        nonfinite = {k: s.nonfinite for k, s in stats.items() if s.nonfinite}
+        if nonfinite:
+            log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
+        self._stats = stats
+        self._ranges: dict[tuple[str, str, bool], tuple[float, float]] = {}
+        log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
+
+    def _range(self, tensor: str, calibration: str, symmetric: bool) -> tuple[float, float]:
+        key = (tensor, calibration, symmetric)
+        if key not in self._ranges:
+            self._ranges[key] = compute_range(self._stats[tensor], CalibrationMethod.parse(calibration),
+                                              symmetric=symmetric)
+        return self._ranges[key]
+
+    def save_stats(self, path: Path) -> bool:
+        """JSON of ``TensorStats.to_dict`` per calibrated tensor, written atomically."""
+        self.calibrate()
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({key: s.to_dict() for key, s in self._stats.items()}))
+        os.replace(tmp, path)
+        return True
+
+    def load_stats(self, path: Path) -> bool:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or set(data) != set(self._tensors):
+            raise ConfigError(
+                f"The calibration cache {path} holds statistics for other tensors than this model's "
+                f"({len(self._tensors)} expected): delete it to recalibrate."
+            )
+        self._stats = {key: TensorStats.from_dict(d) for key, d in data.items()}
+        self._ranges = {}
+        return True
+
+    # --- candidates ------------------------------------------------------------------------------
+    def build(self, config: QuantConfig) -> ORTSession:
+        self.calibrate()
+        model = onnx.ModelProto()
+        model.CopyFrom(self._inferred)  # the quantizers edit the model they are given
+        per_channel = config.granularity == "per_channel"
+        try:
+            if config.approach == "dynamic":
+                exclude = [name for name, t in self._op_types.items() if t != "MatMul" or name in config.fp32_ops]
+                quantizer = ONNXQuantizer(
+                    model, per_channel, False, QuantizationMode.IntegerOps, False, QuantType.QInt8, QuantType.QUInt8,
+                    None, [], exclude, ["MatMul"], {"MatMulConstBOnly": True},
+                )
+            else:
+                symmetric = config.scheme == "symmetric"
+                quantizer = _WeightCachingQDQQuantizer(
+                    model, per_channel, False, QuantType.QInt8, QuantType.QUInt8,
+                    self._tensor_ranges(config, symmetric),  # a fresh object: the quantizer adjusts it in place
+                    [], sorted(config.fp32_ops), self._static_types,
+                    {"ActivationSymmetric": symmetric, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
+                    weight_params=self._weight_params,
+                )
+            previous = logging.root.manager.disable
+            logging.disable(logging.INFO)  # the quantizers log every unquantized tensor on the root logger
+            try:
+                quantized = quantizer.quantize_model()
+            finally:
+                logging.disable(previous)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime.quantization failed for {config.describe()}: {_first_line(exc)}") from exc
+        try:
+            return ORTSession(quantized)
+        except Exception as exc:
+            raise BackendError(
+                f"ONNX Runtime cannot load the {config.describe()} candidate: {_first_line(exc)}"
+            ) from exc
+
+    def _tensor_ranges(self, config: QuantConfig, symmetric: bool) -> TensorsData:
+        """(lo, hi) per tensor from the cached statistics; an op's calibration override applies to
+        the activations it reads (a tensor read by several INT8 ops takes the first override)."""
+        data = {}
+        for tensor, readers in self._tensors.items():
+            method = config.calibration
+            for op in readers:
+                if op not in config.fp32_ops and op in config.op_calibration:
+                    method = config.op_calibration[op]
+                    break
+            lo, hi = self._range(tensor, method, symmetric)
+            data[tensor] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+        return TensorsData(ORTCalibrationMethod.MinMax, data)
+
+    def runner(self, model: ort.InferenceSession) -> Callable[[], object]:
+        feeds = self._feeds
+
+        def run() -> object:
+            return model.run(None, feeds)
+
+        return run
+
+    def result_model(self, model: ORTSession) -> onnx.ModelProto:
+        """What ``TuneResult.model`` holds: the quantized ModelProto (plain ORT runs it)."""
+        return model.model_proto
+
+    # --- files -----------------------------------------------------------------------------------
+    def save_model(self, model: ORTSession | onnx.ModelProto, directory: Path) -> Path:
+        """Writes ``model.onnx`` (a QDQ model any ONNX Runtime loads)."""
+        proto = model.model_proto if isinstance(model, ORTSession) else model
+        if not isinstance(proto, onnx.ModelProto):
+            raise ConfigError(f"save_model needs an ORTSession or onnx.ModelProto, got {type(model).__name__}.")
+        path = Path(directory) / MODEL_FILE
+        onnx.save(proto, str(path))
+        return path
+
+    @classmethod
+    def load_model(cls, path: Path) -> onnx.ModelProto:
+        """The saved ``onnx.ModelProto``; ``onnxruntime.InferenceSession(str(path))`` runs the file directly."""
+        return _load(path)
+
+
+# --- model inspection --------------------------------------------------------------------------------
+def _load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ConfigError(
+            f"The ONNX adapter takes an onnx.ModelProto or a path to a .onnx file, got {type(model).__name__}."
+        )
+    path = Path(model)
+    if not path.is_file():
+        raise ConfigError(f"No ONNX file at '{path}'.")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises others
+        raise BackendError(f"'{path}' is not an ONNX model ({_first_line(exc)}): export one with torch.onnx.export "
+                           "or pass an onnx.ModelProto.") from exc
+    if not proto.graph.node:
+        raise BackendError(f"'{path}' is not an ONNX model (it parses to an empty graph): check the file.")
+    return proto
+
+
+def _check(proto: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise BackendError(
+            f"The ONNX model fails onnx.checker: {_first_line(exc)}. Fix or re-export the model."
+        ) from exc
+    opset = _default_opset(proto)
+    if opset < MIN_OPSET or opset > MAX_OPSET:
+        raise BackendError(
+            f"The model uses ONNX opset {opset}; quantization here needs opset {MIN_OPSET} to {MAX_OPSET} "
+            "(13 or later for per-channel weights). Convert it with onnx.version_converter.convert_version(model, 17)."
+        )
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _discover(model: onnx.ModelProto) -> tuple[list[OpInfo], list[UnsupportedOp], dict[str, list[str]]]:
+    """Searchable nodes (named if unnamed), unsupported heavy nodes, and the activation tensors the
+    quantizer needs ranges for, each with the searched ops that read it."""
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    float_types = {vi.name for vi in [*graph.value_info, *graph.input, *graph.output]
+                   if vi.type.tensor_type.elem_type == TensorProto.FLOAT}
+    used = {n.name for n in graph.node if n.name}
+    ops, unsupported = [], []
+    tensors: dict[str, list[str]] = {}
+    for index, node in enumerate(graph.node):
+        if node.op_type in FOLLOWERS and node.input[0] in float_types and node.output[0] in float_types:
+            tensors.setdefault(node.input[0], [])
+            tensors.setdefault(node.output[0], [])
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        if not node.name:  # the quantizer and the space address nodes by name
+            name = f"{node.op_type}_{index}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+        weights = [i for i in node.input[1:2] if i in initializers]
+        if node.op_type == "MatMul":
+            acts = [i for i in node.input if i not in initializers]
+            if not acts:
+                continue  # constant folding's business
+            op_type, approaches = ("MatMul", ("static", "dynamic")) if weights else (ACT_X_ACT, ("static",))
+        elif not weights:
+            unsupported.append(UnsupportedOp(node.name, node.op_type,
+                                             "its weight is not a constant initializer; runs FP32"))
+            continue
+        else:
+            acts, op_type, approaches = [node.input[0]], node.op_type, ("static",)
+        # QLinearConv / QGemm also quantize their output (MatMul's stays float: MatMulIntegerToFloat).
+        outputs = [node.output[0]] if node.op_type != "MatMul" else []
+        missing = [t for t in acts + outputs if t not in float_types and t not in initializers]
+        if missing:
+            unsupported.append(UnsupportedOp(node.name, node.op_type,
+                                             f"tensor '{missing[0]}' is not known to be float32; runs FP32"))
+            continue
+        ops.append(OpInfo(node.name, op_type, approaches))
+        for t in acts:
+            tensors.setdefault(t, []).append(node.name)  # the ops reading t: whose calibration override applies
+        for t in outputs:
+            tensors.setdefault(t, [])
+    return ops, unsupported, tensors
+
+
+def _as_array(value: Any, name: str, type_text: str, shape: list, index: int) -> np.ndarray:
+    """One input of a calibration batch as the numpy array ORT expects, or a clear error."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    dtype = _ORT_TYPES.get(type_text)
+    if dtype is not None and array.dtype != dtype:
+        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise CalibrationDataError(
+                f"Calibration batch {index}: input '{name}' has dtype {array.dtype}, "
+                f"the model expects {np.dtype(dtype)}."
+            )
+        array = array.astype(dtype)
+    if len(shape) != array.ndim:
+        raise CalibrationDataError(
+            f"Calibration batch {index}: input '{name}' has shape {list(array.shape)} but the model expects "
+            f"rank {len(shape)} ({shape})."
+        )
+    for axis, (want, got) in enumerate(zip(shape, array.shape)):
+        if isinstance(want, int) and want != got:
+            raise CalibrationDataError(
+                f"Calibration batch {index}: input '{name}' has size {got} on axis {axis}, the model expects {want} "
+                f"(shape {shape})."
+            )
+    return array
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]

