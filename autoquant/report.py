@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
@@ -78,3 +79,36 @@ def summary_table(result: TuneResult) -> Table:
 
 def print_summary(result: TuneResult, console: Console | None = None) -> None:
     (console or Console()).print(summary_table(result))
+
+
+def sensitivity_table(ranking: pd.DataFrame, fp32_ops: Sequence[str] = (), limit: int = 15) -> Table:
+    """The per-op sensitivity ranking, most sensitive first; ``fp32_ops`` are marked."""
+    table = Table(title=f"op sensitivity ({ranking['measure'].iloc[0]} measure: relative output error on one batch)")
+    for column, justify in (("rank", "right"), ("op", "left"), ("type", "left"), ("sensitivity", "right"),
+                            ("calibration", "left"), ("in result", "left")):
+        table.add_column(column, justify=justify)
+    for row in ranking.head(limit).itertuples(index=False):
+        table.add_row(str(row.rank), row.op, row.op_type, f"{row.sensitivity:.3g}", row.calibration or "-",
+                      "FP32" if row.op in fp32_ops else "INT8")
+    if len(ranking) > limit:
+        table.caption = f"{len(ranking) - limit} more op(s) in sensitivity.csv"
+    return table
+
+
+def plot_sensitivity(ranking: pd.DataFrame, path: Path, *, fp32_ops: Sequence[str] = ()) -> Path:
+    """A horizontal bar per op (log scale), most sensitive on top; ops left in FP32 in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ranking.head(40).iloc[::-1]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.25 * len(shown)))
+    colors = ["tab:red" if op in fp32_ops else "tab:blue" for op in shown["op"]]
+    ax.barh(shown["op"], shown["sensitivity"].clip(lower=1e-12), color=colors)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"sensitivity ({ranking['measure'].iloc[0]} measure; red: left in FP32)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -14,6 +14,8 @@ from autoquant.space import QuantConfig
 
 RESULT_FILE = "result.json"
 HISTORY_FILE = "history.csv"
+SENSITIVITY_FILE = "sensitivity.csv"
+SENSITIVITY_PLOT = "sensitivity.png"
 
 
 @dataclass
@@ -36,6 +38,8 @@ class TuneResult:
     adapter: Any = field(repr=False)  # the Adapter that built the model (it also saves it)
     history: pd.DataFrame = field(repr=False)
     best_trial: int = -1
+    # Per-op sensitivity ranking (rank, op, op_type, sensitivity, ...), when the strategy made one.
+    sensitivity: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def relative_loss(self) -> float:
@@ -61,7 +65,8 @@ class TuneResult:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the model, ``result.json`` (config and metrics) and ``history.csv``."""
+        """Write the model, ``result.json`` (config and metrics), ``history.csv``, and with a
+        sensitivity ranking ``sensitivity.csv`` and its bar plot ``sensitivity.png``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         model_path = self.adapter.save_model(self.model, directory)
@@ -73,6 +78,11 @@ class TuneResult:
         }
         (directory / RESULT_FILE).write_text(json.dumps(record, indent=2))
         self.history.to_csv(directory / HISTORY_FILE, index=False)
+        if self.sensitivity is not None:
+            from autoquant.report import plot_sensitivity
+
+            self.sensitivity.to_csv(directory / SENSITIVITY_FILE, index=False)
+            plot_sensitivity(self.sensitivity, directory / SENSITIVITY_PLOT, fp32_ops=self.fp32_ops)
         return directory
 
 

@@ -9,9 +9,10 @@ from .base import SearchExhausted, Strategy
 from .bayesian import BayesianStrategy
 from .exhaustive import ExhaustiveStrategy
 from .random import RandomStrategy
+from .sensitivity import SensitivityStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (ExhaustiveStrategy, RandomStrategy, BayesianStrategy)
+    cls.name: cls for cls in (ExhaustiveStrategy, RandomStrategy, BayesianStrategy, SensitivityStrategy)
 }
 
 

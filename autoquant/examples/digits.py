@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoquant import AccuracyCriterion, Tuner
-from autoquant.report import print_summary
+from autoquant.report import print_summary, sensitivity_table
 from autoquant.strategies import STRATEGIES
 
 IMAGE_SIZE = 32
@@ -140,7 +140,7 @@ def prepare(*, seed: int = 0, fragile: bool = False) -> tuple[DigitsData, Digits
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategy", default="bayesian", choices=sorted(STRATEGIES))
+    parser.add_argument("--strategy", default="sensitivity", choices=sorted(STRATEGIES))
     parser.add_argument("--relative", type=float, default=0.01, help="tolerated relative accuracy loss")
     parser.add_argument("--max-trials", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                   max_trials=args.max_trials, seed=args.seed)
     result = tuner.tune(model, data.calibration_batches(), eval_fn)
     print_summary(result, console)
+    if result.sensitivity is not None:
+        console.print(sensitivity_table(result.sensitivity, result.fp32_ops))
     result.save(args.out)
     console.print(f"Saved the INT8 model, result.json and history.csv to {args.out}/")
 
