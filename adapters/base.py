@@ -52,3 +52,20 @@ class Adapter(ABC):
     @abstractmethod
     def load_model(cls, path: Path) -> Any:
         """Load a model written by ``save_model``."""
+
+    # --- calibration cache (optional) ---------------------------------------------------------
+    def save_stats(self, path: Path) -> bool:
+        """Write the statistics ``calibrate`` collected to the file ``path``; False if unsupported.
+
+        Contract: call after ``calibrate``; write atomically (a temporary file, then rename) so a
+        killed job never leaves a half-written cache; the format is the adapter's own.
+        """
+        return False
+
+    def load_stats(self, path: Path) -> bool:
+        """Restore statistics written by ``save_stats`` so that ``calibrate`` does nothing.
+
+        Returns False if this adapter has no cache. Raises ``ConfigError`` when the file does not
+        belong to this model (other tensors), so the caller recalibrates instead of using it.
+        """
+        return False

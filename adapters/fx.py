@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import os
 import logging
 import operator
 import time
@@ -38,7 +40,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from autoquant.calibration import CalibrationMethod, TensorStats, compute_range
 from autoquant.data import first_batch, iterate_batches, model_inputs
-from autoquant.errors import BackendError, CalibrationDataError
+from autoquant.errors import BackendError, CalibrationDataError, ConfigError
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from .base import Adapter
@@ -308,6 +310,35 @@ class FXAdapter(Adapter):
         if key not in self._stats:
             raise BackendError(f"No calibration statistics for tensor '{key}' (an autoquant bug: please report it).")
         return compute_range(self._stats[key], CalibrationMethod.parse(calibration), symmetric=symmetric)
+
+    # --- calibration cache ----------------------------------------------------------------------
+    def _stats_keys(self) -> set[str]:
+        return {
+            _stats_key(unit, node.args[0].name)
+            for unit in self._units for node in unit.recording.graph.nodes
+            if isinstance(_module_of(unit.recording, node), _RecordingObserver)
+        }
+
+    def save_stats(self, path: Path) -> bool:
+        """JSON of ``TensorStats.to_dict`` per observed tensor, written atomically."""
+        self.calibrate()
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({key: s.to_dict() for key, s in self._stats.items()}))
+        os.replace(tmp, path)
+        return True
+
+    def load_stats(self, path: Path) -> bool:
+        data = json.loads(Path(path).read_text())
+        expected = self._stats_keys()
+        if not isinstance(data, dict) or set(data) != expected:
+            raise ConfigError(
+                f"The calibration cache {path} holds statistics for other tensors than this model's "
+                f"({len(expected)} expected): delete it to recalibrate."
+            )
+        self._stats = {key: TensorStats.from_dict(d) for key, d in data.items()}
+        self._range.cache_clear()
+        return True
 
     # --- candidates -----------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> nn.Module:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -19,6 +21,7 @@ from autoquant.report import describe_space, history_frame
 from autoquant.result import TuneResult
 from autoquant.space import QuantConfig, Restriction, Space
 from autoquant.strategies import SearchExhausted, get_strategy
+from autoquant.workers import DEFAULT_GRACE_S, STALE_ATTR, Heartbeat, claimed_by_earlier, fail_stale_trials
 
 log = logging.getLogger("autoquant")
 
@@ -27,6 +30,9 @@ EvalFn = Callable[[Any], float]
 
 class Tuner:
     """Finds the fastest INT8 candidate that meets ``criterion``, stopping at the first that does.
+
+    With ``objective="latency"`` it goes on after the first pass, within ``max_trials`` and
+    ``timeout``, and returns the fastest passing candidate by measured latency ratio.
 
     Every trial is recorded in an Optuna study (in memory unless ``storage`` is given), so a job
     that fails half-way keeps what it finished, and a job run again on the same storage and
@@ -41,7 +47,7 @@ class Tuner:
         self,
         criterion: AccuracyCriterion | None = None,
         *,
-        strategy: str = "bayesian",
+        strategy: str = "sensitivity",
         max_trials: int = 50,
         timeout: float | None = None,
         seed: int | None = 0,
@@ -49,6 +55,10 @@ class Tuner:
         storage: str | optuna.storages.BaseStorage | None = None,
         study_name: str | None = None,
         latency_budget_s: float = 0.25,
+        objective: str = "accuracy",
+        stats_cache: str | Path | None = None,
+        on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+        stale_after_s: float = DEFAULT_GRACE_S,
     ) -> None:
         if max_trials < 1:
             raise ConfigError(f"max_trials must be at least 1, got {max_trials}.")
@@ -56,12 +66,20 @@ class Tuner:
             raise ConfigError(f"timeout must be a positive number of seconds or None, got {timeout}.")
         self.criterion = criterion or AccuracyCriterion(relative=0.01)
         self.strategy = get_strategy(strategy, seed=seed)
+        # "accuracy": stop at the first passing candidate; "latency": go on within the budget and
+        # return the fastest passing one.
+        self.objective = _check_objective(objective)
         self.max_trials = max_trials
         self.timeout = timeout
         self.restrict = restrict
         self.storage = storage
         self.study_name = study_name
         self.latency_budget_s = latency_budget_s
+        # Durable and distributed runs: a calibration cache file, a per-trial callback (progress),
+        # and how long a RUNNING trial of another host may go without a heartbeat.
+        self.stats_cache = Path(stats_cache) if stats_cache is not None else None
+        self.on_trial = on_trial
+        self.stale_after_s = stale_after_s
 
     # --- public API ---------------------------------------------------------------------------
     def space(self, model: Any, calib_data: Iterable[Any], *, adapter: str | type[Adapter] | None = None) -> Space:
@@ -79,10 +97,6 @@ class Tuner:
         backend = self._adapter(model, calib_data, adapter)
         space = self._space(backend)
         log.info("%s", describe_space(space, backend.name))
-        baseline = _evaluate(eval_fn, backend.fp32_model, "the FP32 model")
-        log.info("FP32 baseline: %.6g; goal: %s", baseline, self.criterion.describe())
-        backend.calibrate()
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(
             storage=self.storage,
@@ -91,6 +105,12 @@ class Tuner:
             direction="minimize",
             load_if_exists=True,
         )
+        baseline = study.user_attrs.get("baseline")  # measured once per study: resumes and workers agree
+        if baseline is None:
+            baseline = _evaluate(eval_fn, backend.fp32_model, "the FP32 model")
+            study.set_user_attr("baseline", baseline)
+        log.info("FP32 baseline: %.6g; goal: %s", baseline, self.criterion.describe())
+        self._calibrate(backend)
         self.strategy.setup(space, OutputProbe(backend, space))
         run = _Run(self, backend, space, study, eval_fn, baseline, start)
         run.search()
@@ -103,6 +123,21 @@ class Tuner:
         else:
             cls = adapter if isinstance(adapter, type) else adapter_class(adapter)
         return cls(model, calib_data)
+
+    def _calibrate(self, backend: Adapter) -> None:
+        """Calibrate, or load the statistics cached by an earlier run of the same job."""
+        cache = self.stats_cache
+        if cache is not None and cache.exists():
+            try:
+                if backend.load_stats(cache):
+                    log.info("Loaded calibration statistics from %s (no recalibration).", cache)
+                    return
+            except (AutoquantError, OSError, ValueError) as exc:
+                log.warning("Ignoring the calibration cache %s: %s", cache, exc)
+        backend.calibrate()
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            backend.save_stats(cache)
 
     def _space(self, backend: Adapter) -> Space:
         return backend.space.restrict(self.restrict) if self.restrict else backend.space
@@ -119,18 +154,25 @@ class _Run:
         self.fp32_runner = backend.runner(backend.fp32_model)
 
     def search(self) -> None:
+        # Trials a crashed run or worker left RUNNING: marked FAIL and their configs run again.
+        retry = [QuantConfig.from_dict(t.user_attrs["config"])
+                 for t in fail_stale_trials(self.study, grace_s=self.tuner.stale_after_s) if "config" in t.user_attrs]
         finished = self._finished()
         first = not self.study.trials
         met = any(self._passes(t) for t in finished.values())
-        while not met:
-            if len(self.study.trials) >= self.tuner.max_trials:
+        while not (met and self.tuner.objective == "accuracy"):
+            finished = self._finished()  # other workers' trials too: stop all once one met the goal
+            if self.tuner.objective == "accuracy" and any(self._passes(t) for t in finished.values()):
+                log.info("Stopping: another worker met the goal.")
+                break
+            if self._counted() >= self.tuner.max_trials:
                 log.info("Stopping: max_trials=%d reached.", self.tuner.max_trials)
                 break
             if self.tuner.timeout is not None and time.perf_counter() - self.start > self.tuner.timeout:
                 log.info("Stopping: timeout of %.0f s reached.", self.tuner.timeout)
                 break
             try:
-                proposal = self._propose(first)
+                proposal = retry.pop(0) if retry else self._propose(first)
             except SearchExhausted as exc:
                 log.info("Stopping: %s.", exc)
                 break
@@ -141,7 +183,15 @@ class _Run:
             config = self.space.suggest(trial)  # records the parameters (the enqueued ones, if any)
             if proposal is not None:  # a proposal may carry more than the parameters (per-op calibration)
                 config = self.space.canonical(proposal)
-            met = self._run_trial(trial, config, finished)
+            with Heartbeat(self.study, trial._trial_id):
+                met = self._run_trial(trial, config, finished) or met
+            if self.tuner.on_trial is not None:
+                self.tuner.on_trial(self.study, self.study.get_trials(deepcopy=False)[trial.number])
+
+    def _counted(self) -> int:
+        """Trials towards max_trials: stale ones are re-run, so they do not count twice."""
+        return sum(1 for t in self.study.get_trials(deepcopy=False)
+                   if not t.user_attrs.get(STALE_ATTR) and "collision_of" not in t.user_attrs)
 
     def _propose(self, first: bool) -> QuantConfig | None:
         """The first trial of a study is the sensible default whatever the strategy."""
@@ -160,6 +210,11 @@ class _Run:
                     trial.set_user_attr(name, value)
             trial.set_user_attr("duplicate_of", earlier.number)
             self.study.tell(trial, earlier.value)
+            return False
+        earlier = claimed_by_earlier(self.study, trial.number, key)
+        if earlier is not None:  # another worker picked the same config a moment earlier: leave it to that one
+            trial.set_user_attr("collision_of", earlier)
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return False
 
         t0 = time.perf_counter()
@@ -257,7 +312,8 @@ class _Run:
                 self.criterion.describe(), len(self.study.trials), best.number, best.user_attrs["loss"],
             )
         return TuneResult(
-            model=self.backend.build(config),
+            # An adapter may deliver another form than eval_fn gets (ONNX: the ModelProto, not the session).
+            model=getattr(self.backend, "result_model", lambda m: m)(self.backend.build(config)),
             config=config,
             met=met,
             accuracy=best.user_attrs["accuracy"],
@@ -273,7 +329,19 @@ class _Run:
             adapter=self.backend,
             history=history_frame(trials),
             best_trial=best.number,
+            sensitivity=getattr(self.tuner.strategy, "sensitivity", None),
         )
+
+
+OBJECTIVES = ("accuracy", "latency")
+
+
+def _check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        hint = difflib.get_close_matches(str(objective), OBJECTIVES, n=1)
+        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(f"Unknown objective '{objective}'.{did_you_mean} Allowed: {', '.join(OBJECTIVES)}.")
+    return objective
 
 
 def _evaluate(eval_fn: EvalFn, model: Any, what: str) -> float:

