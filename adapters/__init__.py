@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 from typing import Any
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, unknown_choice
 
 from .base import Adapter
 
@@ -17,9 +16,7 @@ ADAPTERS = {"fx": "autoquant.adapters.fx:FXAdapter", "onnx": "autoquant.adapters
 
 def adapter_class(name: str) -> type[Adapter]:
     if name not in ADAPTERS:
-        hint = difflib.get_close_matches(name, list(ADAPTERS), n=1)
-        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-        raise ConfigError(f"Unknown adapter '{name}'.{did_you_mean} Known adapters: {', '.join(ADAPTERS)}.")
+        raise unknown_choice("adapter", name, list(ADAPTERS))
     module, cls = ADAPTERS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

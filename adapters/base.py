@@ -44,6 +44,10 @@ class Adapter(ABC):
         """A zero-argument callable running ``model`` once on a fixed calibration batch and
         returning its outputs (for latency, and for the output probe)."""
 
+    def result_model(self, model: Any) -> Any:
+        """The form a built model takes in ``TuneResult.model`` (ONNX: the ModelProto of a session)."""
+        return model
+
     @abstractmethod
     def save_model(self, model: Any, directory: Path) -> Path:
         """Write ``model`` into ``directory``; return the file written."""

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
-import os
 import logging
 import operator
 import time
@@ -38,9 +36,9 @@ from torch.ao.quantization import (
 from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from autoquant.calibration import CalibrationMethod, TensorStats, compute_range
+from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
 from autoquant.data import first_batch, iterate_batches, model_inputs
-from autoquant.errors import BackendError, CalibrationDataError, ConfigError
+from autoquant.errors import BackendError, CalibrationDataError
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from .base import Adapter
@@ -322,21 +320,11 @@ class FXAdapter(Adapter):
     def save_stats(self, path: Path) -> bool:
         """JSON of ``TensorStats.to_dict`` per observed tensor, written atomically."""
         self.calibrate()
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({key: s.to_dict() for key, s in self._stats.items()}))
-        os.replace(tmp, path)
+        write_stats(path, self._stats)
         return True
 
     def load_stats(self, path: Path) -> bool:
-        data = json.loads(Path(path).read_text())
-        expected = self._stats_keys()
-        if not isinstance(data, dict) or set(data) != expected:
-            raise ConfigError(
-                f"The calibration cache {path} holds statistics for other tensors than this model's "
-                f"({len(expected)} expected): delete it to recalibrate."
-            )
-        self._stats = {key: TensorStats.from_dict(d) for key, d in data.items()}
+        self._stats = read_stats(path, self._stats_keys())
         self._range.cache_clear()
         return True
 

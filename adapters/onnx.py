@@ -23,8 +23,6 @@ returns an ``onnx.ModelProto`` (run it with ``onnxruntime.InferenceSession(proto
 from __future__ import annotations
 
 import copy
-import difflib
-import json
 import logging
 import os
 import time
@@ -43,9 +41,9 @@ from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantizationMode
 
-from autoquant.calibration import CalibrationMethod, TensorStats, compute_range
+from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
 from autoquant.data import iterate_batches
-from autoquant.errors import BackendError, CalibrationDataError, ConfigError
+from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from .base import Adapter
@@ -160,10 +158,9 @@ class ONNXAdapter(Adapter):
         if isinstance(batch, Mapping):
             unknown = [k for k in batch if k not in names]
             if unknown:
-                hint = difflib.get_close_matches(str(unknown[0]), names, n=1)
-                did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
                 raise CalibrationDataError(
-                    f"Calibration batch {index} has input '{unknown[0]}', which the model does not have.{did_you_mean} "
+                    f"Calibration batch {index} has input '{unknown[0]}', which the model does not have."
+                    f"{did_you_mean(unknown[0], names)} "
                     f"The model's inputs: {', '.join(names)}."
                 )
             values = dict(batch)
@@ -236,20 +233,11 @@ class ONNXAdapter(Adapter):
     def save_stats(self, path: Path) -> bool:
         """JSON of ``TensorStats.to_dict`` per calibrated tensor, written atomically."""
         self.calibrate()
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({key: s.to_dict() for key, s in self._stats.items()}))
-        os.replace(tmp, path)
+        write_stats(path, self._stats)
         return True
 
     def load_stats(self, path: Path) -> bool:
-        data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict) or set(data) != set(self._tensors):
-            raise ConfigError(
-                f"The calibration cache {path} holds statistics for other tensors than this model's "
-                f"({len(self._tensors)} expected): delete it to recalibrate."
-            )
-        self._stats = {key: TensorStats.from_dict(d) for key, d in data.items()}
+        self._stats = read_stats(path, set(self._tensors))
         self._ranges = {}
         return True
 

@@ -14,8 +14,11 @@ exactly, so the merged histogram is bit for bit the one a single pass at the fin
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,7 @@ from numpy.typing import ArrayLike
 
 from autoquant.errors import CalibrationDataError, ConfigError
 
-__all__ = ["METHODS", "CalibrationMethod", "TensorStats", "compute_range"]
+__all__ = ["METHODS", "CalibrationMethod", "TensorStats", "compute_range", "read_stats", "write_stats"]
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
 
@@ -382,3 +385,22 @@ def _mse_scale(
     dist = np.maximum(lo_a - x, 0.0) + np.maximum(x - hi_a, 0.0)
     err = (mass * np.where(dist > 0, dist**2, step**2 / 12)).sum(axis=1)
     return float(_MSE_SCALES[np.argmin(err)])
+
+
+def write_stats(path: str | os.PathLike, stats: dict[str, TensorStats]) -> None:
+    """Save per-tensor statistics as JSON, atomically (a killed job never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({key: s.to_dict() for key, s in stats.items()}))
+    os.replace(tmp, path)
+
+
+def read_stats(path: str | os.PathLike, expected: set[str]) -> dict[str, TensorStats]:
+    """Statistics saved by ``write_stats``; an error if they are not for exactly ``expected`` tensors."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or set(data) != expected:
+        raise ConfigError(
+            f"The calibration cache {path} holds statistics for other tensors than this model's "
+            f"({len(expected)} expected): delete it to recalibrate."
+        )
+    return {key: TensorStats.from_dict(d) for key, d in data.items()}

@@ -8,7 +8,6 @@ are errors; relative paths are relative to the YAML file's folder. YAML is read 
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import importlib.util
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from autoquant.adapters import ADAPTERS
 from autoquant.criterion import AccuracyCriterion
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, did_you_mean
 from autoquant.space import APPROACHES, CALIBRATIONS, GRANULARITIES, SCHEMES, Restriction
 from autoquant.strategies import STRATEGIES
 
@@ -70,7 +69,7 @@ class SpaceSpec(_Strict):
             value = getattr(self, knob)
             for v in [value] if isinstance(value, str) else value or []:
                 if v not in allowed:
-                    raise ValueError(f"space.{knob}: unknown value '{v}'.{_did_you_mean(v, allowed)} "
+                    raise ValueError(f"space.{knob}: unknown value '{v}'.{did_you_mean(v, allowed)} "
                                      f"Allowed: {', '.join(allowed)}")
         return self
 
@@ -105,7 +104,7 @@ class StrategySpec(_Strict):
         from autoquant.tuner import OBJECTIVES
 
         if value not in OBJECTIVES:
-            raise ValueError(f"unknown objective '{value}'.{_did_you_mean(value, OBJECTIVES)} "
+            raise ValueError(f"unknown objective '{value}'.{did_you_mean(value, OBJECTIVES)} "
                              f"Allowed: {', '.join(OBJECTIVES)}")
         return value
 
@@ -113,7 +112,7 @@ class StrategySpec(_Strict):
     @classmethod
     def _known(cls, value: str) -> str:
         if value not in STRATEGIES:
-            raise ValueError(f"unknown strategy '{value}'.{_did_you_mean(value, STRATEGIES)} "
+            raise ValueError(f"unknown strategy '{value}'.{did_you_mean(value, STRATEGIES)} "
                              f"Known strategies: {', '.join(STRATEGIES)}")
         return value
 
@@ -150,7 +149,7 @@ class Job(_Strict):
     def _adapter(cls, value: str) -> str:
         allowed = ["auto", *ADAPTERS]
         if value not in allowed:
-            raise ValueError(f"unknown adapter '{value}'.{_did_you_mean(value, allowed)} Known: {', '.join(allowed)}")
+            raise ValueError(f"unknown adapter '{value}'.{did_you_mean(value, allowed)} Known: {', '.join(allowed)}")
         return value
 
     @field_validator("strategy", mode="before")
@@ -279,7 +278,7 @@ def _explain(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         parent, name = _model_at(loc[:-1]), loc[-1]
         allowed = list(parent.model_fields) if parent else []
-        return f"unknown key '{key}'.{_did_you_mean(name, allowed)} Allowed keys here: {', '.join(allowed)}"
+        return f"unknown key '{key}'.{did_you_mean(name, allowed)} Allowed keys here: {', '.join(allowed)}"
     if error["type"] == "missing":
         return f"missing required key '{key}'"
     message = str(error["msg"]).removeprefix("Value error, ")
@@ -300,11 +299,6 @@ def _model_at(loc: list[str]) -> type[BaseModel] | None:
             return None
         model = sub
     return model
-
-
-def _did_you_mean(value: Any, allowed: Any) -> str:
-    hint = difflib.get_close_matches(str(value), list(allowed), n=1)
-    return f" Did you mean '{hint[0]}'?" if hint else ""
 
 
 def load_callable(spec: str, *, base: Path, key: str = "callable") -> Callable[..., Any]:
@@ -333,7 +327,7 @@ def load_callable(spec: str, *, base: Path, key: str = "callable") -> Callable[.
     fn = getattr(module, name, None)
     if not callable(fn):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise ConfigError(f"{key}: '{module_name}' has no callable '{name}'.{_did_you_mean(name, public)} "
+        raise ConfigError(f"{key}: '{module_name}' has no callable '{name}'.{did_you_mean(name, public)} "
                           f"Callables there: {', '.join(public[:12])}")
     return fn
 

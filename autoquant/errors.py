@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,3 +36,15 @@ class EvalFunctionError(AutoquantError):
     def __init__(self, message: str, partial_result: TuneResult | None = None) -> None:
         super().__init__(message)
         self.partial_result = partial_result
+
+
+def did_you_mean(value: object, allowed: Iterable[str]) -> str:
+    """" Did you mean 'x'?" for the closest allowed name, or "" when none is close."""
+    hint = difflib.get_close_matches(str(value), list(allowed), n=1)
+    return f" Did you mean '{hint[0]}'?" if hint else ""
+
+
+def unknown_choice(what: str, value: object, allowed: Sequence[str]) -> ConfigError:
+    """The error for a name that is not one of ``allowed``: the name, a hint, the choices."""
+    shown = ", ".join(allowed[:12]) + (", ..." if len(allowed) > 12 else "")
+    return ConfigError(f"Unknown {what} '{value}'.{did_you_mean(value, allowed)} Allowed: {shown}.")

@@ -6,14 +6,13 @@ points; the user may restrict the space (pin a knob, force ops to FP32) before t
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, unknown_choice
 
 APPROACHES = ("static", "dynamic")
 CALIBRATIONS = ("minmax", "entropy", "percentile-99.99", "percentile-99.999", "mse")
@@ -249,9 +248,5 @@ class Space:
 
 def _check_choice(what: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = list(allowed)
-    if value in allowed:
-        return
-    hint = difflib.get_close_matches(str(value), allowed, n=1)
-    did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-    shown = ", ".join(allowed[:12]) + (", ..." if len(allowed) > 12 else "")
-    raise ConfigError(f"Unknown {what} '{value}'.{did_you_mean} Allowed: {shown}.")
+    if value not in allowed:
+        raise unknown_choice(what, value, allowed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import time
@@ -14,7 +13,7 @@ import optuna
 
 from autoquant.adapters import Adapter, adapter_class, adapter_for
 from autoquant.criterion import AccuracyCriterion
-from autoquant.errors import AutoquantError, ConfigError, EvalFunctionError
+from autoquant.errors import AutoquantError, ConfigError, EvalFunctionError, unknown_choice
 from autoquant.latency import measure_latency
 from autoquant.probe import OutputProbe
 from autoquant.report import describe_space, history_frame
@@ -312,8 +311,7 @@ class _Run:
                 self.criterion.describe(), len(self.study.trials), best.number, best.user_attrs["loss"],
             )
         return TuneResult(
-            # An adapter may deliver another form than eval_fn gets (ONNX: the ModelProto, not the session).
-            model=getattr(self.backend, "result_model", lambda m: m)(self.backend.build(config)),
+            model=self.backend.result_model(self.backend.build(config)),
             config=config,
             met=met,
             accuracy=best.user_attrs["accuracy"],
@@ -329,7 +327,7 @@ class _Run:
             adapter=self.backend,
             history=history_frame(trials),
             best_trial=best.number,
-            sensitivity=getattr(self.tuner.strategy, "sensitivity", None),
+            sensitivity=self.tuner.strategy.sensitivity,
         )
 
 
@@ -338,9 +336,7 @@ OBJECTIVES = ("accuracy", "latency")
 
 def _check_objective(objective: str) -> str:
     if objective not in OBJECTIVES:
-        hint = difflib.get_close_matches(str(objective), OBJECTIVES, n=1)
-        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-        raise ConfigError(f"Unknown objective '{objective}'.{did_you_mean} Allowed: {', '.join(OBJECTIVES)}.")
+        raise unknown_choice("objective", objective, OBJECTIVES)
     return objective
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 
-from autoquant.errors import ConfigError
+from autoquant.errors import unknown_choice
 from .base import SearchExhausted, Strategy
 from .bayesian import BayesianStrategy
 from .exhaustive import ExhaustiveStrategy
@@ -21,9 +20,7 @@ def get_strategy(name: str | Strategy, *, seed: int | None = None) -> Strategy:
     if isinstance(name, Strategy):
         return name
     if name not in STRATEGIES:
-        hint = difflib.get_close_matches(str(name), list(STRATEGIES), n=1)
-        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-        raise ConfigError(f"Unknown strategy '{name}'.{did_you_mean} Known strategies: {', '.join(STRATEGIES)}.")
+        raise unknown_choice("strategy", name, list(STRATEGIES))
     return STRATEGIES[name](seed=seed)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import optuna
 
@@ -29,6 +29,8 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
+    # A per-op ranking table (pandas DataFrame), for strategies that make one.
+    sensitivity: Any = None
 
     def __init__(self, *, seed: int | None = None) -> None:
         self.seed = seed

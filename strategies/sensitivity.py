@@ -22,14 +22,13 @@ space in the exhaustive strategy's order.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import optuna
 import pandas as pd
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, unknown_choice
 from autoquant.probe import OutputProbe
 from autoquant.space import QuantConfig, Space
 from .base import SearchExhausted, Strategy
@@ -75,9 +74,7 @@ class SensitivityStrategy(Strategy):
     def __init__(self, *, seed: int | None = None, measure: str = "int8", calibrate_top: int = 3) -> None:
         super().__init__(seed=seed)
         if measure not in MEASURES:
-            hint = difflib.get_close_matches(str(measure), MEASURES, n=1)
-            did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-            raise ConfigError(f"Unknown sensitivity measure '{measure}'.{did_you_mean} Allowed: {', '.join(MEASURES)}.")
+            raise unknown_choice("sensitivity measure", measure, MEASURES)
         if calibrate_top < 0:
             raise ConfigError(f"calibrate_top must be 0 or more, got {calibrate_top}.")
         self.measure = measure

@@ -138,32 +138,41 @@ def prepare(*, seed: int = 0, fragile: bool = False) -> tuple[DigitsData, Digits
     return data, model, accuracy_fn(data)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def example_args(argv: list[str] | None, description: str, default_out: str) -> argparse.Namespace:
+    """The command line shared by the digits examples (both backends)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--strategy", default="sensitivity", choices=sorted(STRATEGIES))
     parser.add_argument("--relative", type=float, default=0.01, help="tolerated relative accuracy loss")
     parser.add_argument("--max-trials", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="autoquant-out/digits", help="folder for the model, result and history")
+    parser.add_argument("--out", default=default_out, help="folder for the model, result and history")
     parser.add_argument("--fragile", action="store_true",
                         help="add one transformer-style outlier channel (FP32 unchanged; naive INT8 suffers)")
     args = parser.parse_args(argv)
-    console = Console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return args
 
-    start = time.perf_counter()
-    data, model, eval_fn = prepare(seed=args.seed, fragile=args.fragile)
-    console.print(f"Trained DigitsNet{' (fragile)' if args.fragile else ''} in {time.perf_counter() - start:.1f} s: "
-                  f"test accuracy {eval_fn(model):.4f}")
 
+def tune_and_report(args: argparse.Namespace, model: object, calibration: list, eval_fn: Callable, console: Console) -> None:
+    """Tune, print the summary and the sensitivity ranking, save the result."""
     tuner = Tuner(AccuracyCriterion(relative=args.relative), strategy=args.strategy,
                   max_trials=args.max_trials, seed=args.seed)
-    result = tuner.tune(model, data.calibration_batches(), eval_fn)
+    result = tuner.tune(model, calibration, eval_fn)
     print_summary(result, console)
     if result.sensitivity is not None:
         console.print(sensitivity_table(result.sensitivity, result.fp32_ops))
     result.save(args.out)
     console.print(f"Saved the INT8 model, result.json and history.csv to {args.out}/")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = example_args(argv, __doc__.split("\n\n")[0], "autoquant-out/digits")
+    console = Console()
+    start = time.perf_counter()
+    data, model, eval_fn = prepare(seed=args.seed, fragile=args.fragile)
+    console.print(f"Trained DigitsNet{' (fragile)' if args.fragile else ''} in {time.perf_counter() - start:.1f} s: "
+                  f"test accuracy {eval_fn(model):.4f}")
+    tune_and_report(args, model, data.calibration_batches(), eval_fn, console)
 
 
 if __name__ == "__main__":

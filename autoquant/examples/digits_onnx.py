@@ -9,9 +9,7 @@ saved model is a ``model.onnx`` that plain ONNX Runtime runs.
 
 from __future__ import annotations
 
-import argparse
 import io
-import logging
 import time
 from collections.abc import Callable
 
@@ -20,10 +18,7 @@ import onnx
 import torch
 from rich.console import Console
 
-from autoquant import AccuracyCriterion, Tuner
-from autoquant.examples.digits import BATCH_SIZE, DigitsData, DigitsNet, load_data, make_fragile, train_model
-from autoquant.report import print_summary
-from autoquant.strategies import STRATEGIES
+from autoquant.examples.digits import BATCH_SIZE, DigitsData, DigitsNet, example_args, prepare, tune_and_report
 
 
 def export(model: DigitsNet) -> onnx.ModelProto:
@@ -54,35 +49,14 @@ def accuracy_fn(data: DigitsData) -> Callable[[object], float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategy", default="sensitivity" if "sensitivity" in STRATEGIES else "bayesian",
-                        choices=sorted(STRATEGIES))
-    parser.add_argument("--relative", type=float, default=0.01, help="tolerated relative accuracy loss")
-    parser.add_argument("--max-trials", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="autoquant-out/digits-onnx", help="folder for model.onnx, result and history")
-    parser.add_argument("--fragile", action="store_true",
-                        help="add one transformer-style outlier channel (FP32 unchanged; naive INT8 suffers)")
-    args = parser.parse_args(argv)
+    args = example_args(argv, __doc__.split("\n\n")[0], "autoquant-out/digits-onnx")
     console = Console()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-
     start = time.perf_counter()
-    data = load_data(args.seed)
-    model = train_model(data, seed=args.seed)
-    if args.fragile:
-        make_fragile(model, data.train[0][:512])
+    data, model, _ = prepare(seed=args.seed, fragile=args.fragile)
     onnx_model = export(model)
-    eval_fn = accuracy_fn(data)
     console.print(f"Trained and exported DigitsNet{' (fragile)' if args.fragile else ''} in "
                   f"{time.perf_counter() - start:.1f} s")
-
-    tuner = Tuner(AccuracyCriterion(relative=args.relative), strategy=args.strategy,
-                  max_trials=args.max_trials, seed=args.seed)
-    result = tuner.tune(onnx_model, calibration_batches(data), eval_fn)
-    print_summary(result, console)
-    result.save(args.out)
-    console.print(f"Saved model.onnx, result.json and history.csv to {args.out}/")
+    tune_and_report(args, onnx_model, calibration_batches(data), accuracy_fn(data), console)
 
 
 if __name__ == "__main__":
