@@ -131,17 +131,8 @@ def summarise(table: pd.DataFrame) -> str:
 
 def plot(table: pd.DataFrame, out: Path) -> list[Path]:
     ok = table[table["met"].notna()] if "met" in table else table.iloc[0:0]
-    paths = []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    pivot = ok.pivot_table(index="strategy", columns="model", values="trials_to_meet", aggfunc="mean")
-    if not pivot.empty:
-        pivot.plot.bar(ax=ax, rot=0)
-    ax.set_ylabel("trials to meet the criterion (mean; missing = never met)")
-    ax.set_title("trials needed per strategy")
-    fig.tight_layout()
-    paths.append(out / "sweep-trials-to-meet.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths = [_bars(ok, "trials_to_meet", "mean", "trials to meet the criterion (mean; missing = never met)",
+                   "trials needed per strategy", out / "sweep-trials-to-meet.png")]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for model, group in ok.groupby("model"):
@@ -156,17 +147,23 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
+    paths.append(_bars(ok, "search_s", "sum", "search wall time, s (sum over runs)", "wall time",
+                       out / "sweep-wall-time.png"))
+    return paths
+
+
+def _bars(table: pd.DataFrame, values: str, aggfunc: str, ylabel: str, title: str, path: Path) -> Path:
+    """One bar per strategy and model."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    pivot = ok.pivot_table(index="strategy", columns="model", values="search_s", aggfunc="sum")
+    pivot = table.pivot_table(index="strategy", columns="model", values=values, aggfunc=aggfunc)
     if not pivot.empty:
         pivot.plot.bar(ax=ax, rot=0)
-    ax.set_ylabel("search wall time, s (sum over runs)")
-    ax.set_title("wall time")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
-    paths.append(out / "sweep-wall-time.png")
-    fig.savefig(paths[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return paths
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
