@@ -38,7 +38,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
 from autoquant.data import first_batch, iterate_batches, model_inputs
-from autoquant.errors import BackendError, CalibrationDataError
+from autoquant.errors import BackendError, CalibrationDataError, first_line
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from .base import Adapter
@@ -212,7 +212,7 @@ class FXAdapter(Adapter):
             unit.recording = self._prepare(unit, _recording_mapping())
             _run(unit.recording, example)
         except Exception as exc:  # FX raises many types (TraceError, TypeError, NotImplementedError, ...)
-            raise _TraceError(_first_line(exc)) from exc
+            raise _TraceError(first_line(exc, 300)) from exc
         return unit
 
     def _prepare(self, unit: _Unit, mapping: QConfigMapping) -> torch.fx.GraphModule:
@@ -355,7 +355,7 @@ class FXAdapter(Adapter):
             try:
                 converted[unit.path] = convert_fx(prepared)
             except Exception as exc:
-                raise BackendError(f"convert_fx failed for {config.describe()}: {_first_line(exc)}") from exc
+                raise BackendError(f"convert_fx failed for {config.describe()}: {first_line(exc, 300)}") from exc
         return self._assemble(self._model, converted, copy_root=True)
 
     @staticmethod
@@ -499,11 +499,6 @@ def _run(model: nn.Module, example: tuple[tuple, dict]) -> Any:
     args, kwargs = example
     with torch.inference_mode():
         return model(*args, **kwargs)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _reasons(unsupported: list[UnsupportedOp]) -> str:

@@ -42,8 +42,8 @@ from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantizationMode
 
 from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
-from autoquant.data import iterate_batches
-from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean
+from autoquant.data import first_batch, iterate_batches
+from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean, first_line
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from .base import Adapter
@@ -118,10 +118,10 @@ class ONNXAdapter(Adapter):
         try:
             self._fp32 = ORTSession(proto)
         except Exception as exc:  # ORT's messages name the node or op it cannot load
-            raise BackendError(f"ONNX Runtime cannot load this model: {_first_line(exc)}") from exc
+            raise BackendError(f"ONNX Runtime cannot load this model: {first_line(exc)}") from exc
         self._inputs = [(i.name, i.type, i.shape) for i in self._fp32.get_inputs()]
         self._calib_data = calib_data
-        self._feeds = self._to_feeds(next(iter(iterate_batches(calib_data))), 0)
+        self._feeds = self._to_feeds(first_batch(calib_data), 0)
         self._stats: dict[str, TensorStats] | None = None
         self._weight_params: dict[tuple[str, int | None], Any] = {}
         ops, unsupported, self._tensors = _discover(self._inferred)
@@ -210,7 +210,7 @@ class ONNXAdapter(Adapter):
                 outputs = session.run(names, feeds)
             except Exception as exc:
                 raise CalibrationDataError(
-                    f"ONNX Runtime failed on calibration batch {batches}: {_first_line(exc)}. Check the batch's "
+                    f"ONNX Runtime failed on calibration batch {batches}: {first_line(exc)}. Check the batch's "
                     "shapes and dtypes against the model inputs."
                 ) from exc
             for name, value in zip(names, outputs):
@@ -270,12 +270,12 @@ class ONNXAdapter(Adapter):
             finally:
                 logging.disable(previous)
         except Exception as exc:
-            raise BackendError(f"onnxruntime.quantization failed for {config.describe()}: {_first_line(exc)}") from exc
+            raise BackendError(f"onnxruntime.quantization failed for {config.describe()}: {first_line(exc)}") from exc
         try:
             return ORTSession(quantized)
         except Exception as exc:
             raise BackendError(
-                f"ONNX Runtime cannot load the {config.describe()} candidate: {_first_line(exc)}"
+                f"ONNX Runtime cannot load the {config.describe()} candidate: {first_line(exc)}"
             ) from exc
 
     def _tensor_ranges(self, config: QuantConfig, symmetric: bool) -> TensorsData:
@@ -334,7 +334,7 @@ def _load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError, onnx raises others
-        raise BackendError(f"'{path}' is not an ONNX model ({_first_line(exc)}): export one with torch.onnx.export "
+        raise BackendError(f"'{path}' is not an ONNX model ({first_line(exc)}): export one with torch.onnx.export "
                            "or pass an onnx.ModelProto.") from exc
     if not proto.graph.node:
         raise BackendError(f"'{path}' is not an ONNX model (it parses to an empty graph): check the file.")
@@ -346,7 +346,7 @@ def _check(proto: onnx.ModelProto) -> None:
         onnx.checker.check_model(proto, full_check=False)
     except onnx.checker.ValidationError as exc:
         raise BackendError(
-            f"The ONNX model fails onnx.checker: {_first_line(exc)}. Fix or re-export the model."
+            f"The ONNX model fails onnx.checker: {first_line(exc)}. Fix or re-export the model."
         ) from exc
     opset = _default_opset(proto)
     if opset < MIN_OPSET or opset > MAX_OPSET:
@@ -441,8 +441,3 @@ _ORT_TYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]

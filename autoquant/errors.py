@@ -48,3 +48,9 @@ def unknown_choice(what: str, value: object, allowed: Sequence[str]) -> ConfigEr
     """The error for a name that is not one of ``allowed``: the name, a hint, the choices."""
     shown = ", ".join(allowed[:12]) + (", ..." if len(allowed) > 12 else "")
     return ConfigError(f"Unknown {what} '{value}'.{did_you_mean(value, allowed)} Allowed: {shown}.")
+
+
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """``Type: first line of the message``, bounded: backends raise pages of text."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:limit]
