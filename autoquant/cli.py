@@ -28,7 +28,7 @@ from autoquant.errors import AutoquantError, ConfigError
 from autoquant.plots import plot_history
 from autoquant.report import describe_space, history_frame, print_summary
 from autoquant.result import HISTORY_FILE, TuneResult
-from autoquant.tuner import Tuner
+from autoquant.tuner import Tuner, best_trial
 
 log = logging.getLogger("autoquant")
 CONFIG_FILE = "config.yaml"
@@ -102,7 +102,7 @@ class Progress:
         baseline = study.user_attrs.get("baseline")
         trials = study.get_trials(deepcopy=False)
         rated = _rated(trials)
-        best = choose(rated, baseline, self.criterion)
+        best = best_trial(rated, baseline, self.criterion)
         elapsed = time.perf_counter() - self.start
         spans = [(t.datetime_complete - t.datetime_start).total_seconds() for t in rated
                  if t.datetime_complete and t.datetime_start]
@@ -120,18 +120,6 @@ class Progress:
 def _rated(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
     """Finished trials with a measurement (a RUNNING one of another worker may have only some attrs)."""
     return [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "latency_ratio" in t.user_attrs]
-
-
-def choose(trials: list[optuna.trial.FrozenTrial], baseline: float | None,
-           criterion: AccuracyCriterion) -> optuna.trial.FrozenTrial | None:
-    """The tuner's choice among rated trials: the fastest passing one, else the most accurate."""
-    if not trials or baseline is None:
-        return None
-    passing = [t for t in trials if criterion.passes(baseline, t.user_attrs["accuracy"])]
-    if passing:
-        return min(passing, key=lambda t: (t.user_attrs["latency_ratio"], t.number))
-    return min(trials, key=lambda t: (criterion.loss(baseline, t.user_attrs["accuracy"]),
-                                      t.user_attrs["latency_ratio"], t.number))
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -155,7 +143,7 @@ def report(target: Path, console: Console) -> pd.DataFrame:
     history = history_frame(trials)
     baseline = study.user_attrs.get("baseline")
     criterion = job.spec.criterion.criterion()
-    best = choose(_rated(trials), baseline, criterion)
+    best = best_trial(_rated(trials), baseline, criterion)
     job.output.mkdir(parents=True, exist_ok=True)
     history.to_csv(job.output / HISTORY_FILE, index=False)
     if baseline is not None:

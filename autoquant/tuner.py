@@ -282,16 +282,13 @@ class _Run:
         return finished
 
     def _best(self) -> optuna.trial.FrozenTrial:
-        trials = list(self._finished().values())
-        if not trials:
+        best = best_trial(list(self._finished().values()), self.baseline, self.criterion)
+        if best is None:
             raise AutoquantError(
                 "No candidate could be built or evaluated, so there is no result: see the warnings above "
                 "for each trial's error."
             )
-        passing = [t for t in trials if self._passes(t)]
-        if passing:  # fastest that meets the goal
-            return min(passing, key=lambda t: (t.user_attrs["latency_ratio"], t.number))
-        return min(trials, key=lambda t: (t.user_attrs["loss"], t.user_attrs["latency_ratio"], t.number))
+        return best
 
     def _kept_message(self) -> str:
         n = len(self._finished())
@@ -329,6 +326,19 @@ class _Run:
             best_trial=best.number,
             sensitivity=self.tuner.strategy.sensitivity,
         )
+
+
+def best_trial(trials: Iterable[optuna.trial.FrozenTrial], baseline: float | None,
+               criterion: AccuracyCriterion) -> optuna.trial.FrozenTrial | None:
+    """The result among measured trials: the fastest that passes, else the most accurate (None if none)."""
+    trials = list(trials)
+    if not trials or baseline is None:
+        return None
+    passing = [t for t in trials if criterion.passes(baseline, t.user_attrs["accuracy"])]
+    if passing:
+        return min(passing, key=lambda t: (t.user_attrs["latency_ratio"], t.number))
+    return min(trials, key=lambda t: (criterion.loss(baseline, t.user_attrs["accuracy"]),
+                                      t.user_attrs["latency_ratio"], t.number))
 
 
 OBJECTIVES = ("accuracy", "latency")
