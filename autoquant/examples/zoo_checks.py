@@ -46,8 +46,9 @@ _WEIGHTED_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_
                        F.conv_transpose3d, F.linear)
 
 
-def make_adapter(case: ZooCase, adapter: str) -> Adapter:
-    """The adapter for the case's model: FX on the module, ONNX on its export with numpy feeds."""
+def make_adapter(case: ZooCase, adapter: str, onnx_model: bytes | None = None) -> Adapter:
+    """The adapter for the case's model: FX on the module, ONNX on its export (``onnx_model``, or
+    exported here) with numpy feeds."""
     if adapter == "fx":
         from autoquant.adapters.fx import FXAdapter
 
@@ -55,7 +56,7 @@ def make_adapter(case: ZooCase, adapter: str) -> Adapter:
     if adapter == "onnx":
         from autoquant.adapters.onnx import ONNXAdapter
 
-        return ONNXAdapter(onnx.load_from_string(export_onnx(case)), case.feeds())
+        return ONNXAdapter(onnx.load_from_string(onnx_model or export_onnx(case)), case.feeds())
     raise ValueError(f"Unknown adapter '{adapter}': use one of {ADAPTERS}.")
 
 
