@@ -13,10 +13,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from autoquant.calibration import SEARCHED
 from autoquant.errors import ConfigError, unknown_choice
 
 APPROACHES = ("static", "dynamic")
-CALIBRATIONS = ("minmax", "entropy", "percentile-99.99", "percentile-99.999", "mse")
+CALIBRATIONS = SEARCHED  # the names and the math live in autoquant.calibration
 GRANULARITIES = ("per_channel", "per_tensor")
 SCHEMES = ("asymmetric", "symmetric")
 KNOBS = ("approach", "calibration", "granularity", "scheme")
