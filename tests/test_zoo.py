@@ -269,7 +269,7 @@ def _contract_cases():  # noqa: ANN202
 def test_contract(name: str, adapter: str, check: str) -> None:
     built = calibrated(name, adapter)
     if check == "coverage":
-        checks.check_coverage(case(name), built)
+        checks.check_coverage(case(name), built, onnx_export(name) if adapter == "onnx" else None)
     elif check == "default":
         default_model(name, adapter)
     elif check == "fallback":

@@ -61,10 +61,11 @@ def make_adapter(case: ZooCase, adapter: str, onnx_model: bytes | None = None) -
 
 
 # --- coverage --------------------------------------------------------------------------------------
-def weighted_ops(case: ZooCase, adapter: Adapter) -> list[str]:
-    """The names each Conv/Linear must be accounted for by, in the adapter's own terms."""
+def weighted_ops(case: ZooCase, adapter: Adapter, onnx_model: bytes | None = None) -> list[str]:
+    """The names each Conv/Linear must be accounted for by, in the adapter's own terms (ONNX: the
+    nodes of ``onnx_model``, the export the adapter was given, or a new, identical export)."""
     if adapter.name == "onnx":
-        proto = adapter._proto  # noqa: SLF001 - the model as the user handed it
+        proto = onnx.load_from_string(onnx_model or export_onnx(case))
         return [n.name for n in proto.graph.node if n.op_type in WEIGHTED_ONNX_OPS]
     return conv_linear_owners(case.model, case.example)
 
@@ -119,8 +120,8 @@ def _continues_name(char: str) -> bool:
     return char.isalnum() or char == "_"
 
 
-def check_coverage(case: ZooCase, adapter: Adapter) -> None:
-    missing = unaccounted(weighted_ops(case, adapter), adapter.space)
+def check_coverage(case: ZooCase, adapter: Adapter, onnx_model: bytes | None = None) -> None:
+    missing = unaccounted(weighted_ops(case, adapter, onnx_model), adapter.space)
     assert not missing, (f"{len(missing)} Conv/Linear neither in the space nor in space.unsupported: "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     no_kernel = [op.name for op in adapter.space.ops if op.op_type in NO_KERNEL_TYPES]
