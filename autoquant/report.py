@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
@@ -94,21 +93,3 @@ def sensitivity_table(ranking: pd.DataFrame, fp32_ops: Sequence[str] = (), limit
         table.caption = f"{len(ranking) - limit} more op(s) in sensitivity.csv"
     return table
 
-
-def plot_sensitivity(ranking: pd.DataFrame, path: Path, *, fp32_ops: Sequence[str] = ()) -> Path:
-    """A horizontal bar per op (log scale), most sensitive on top; ops left in FP32 in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = ranking.head(40).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.25 * len(shown)))
-    colors = ["tab:red" if op in fp32_ops else "tab:blue" for op in shown["op"]]
-    ax.barh(shown["op"], shown["sensitivity"].clip(lower=1e-12), color=colors)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"sensitivity ({ranking['measure'].iloc[0]} measure; red: left in FP32)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

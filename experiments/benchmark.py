@@ -39,6 +39,8 @@ from autoquant.examples.digits import BATCH_SIZE, accuracy_fn, load_data, make_f
 from autoquant.latency import measure_latency
 from autoquant.strategies import STRATEGIES
 
+STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
+
 NC_INSTALL = 'pip install "setuptools<81" six pycocotools opencv-python-headless Deprecated prettytable psutil schema ' \
              '&& pip install --no-deps neural-compressor==2.6'
 log = logging.getLogger("benchmark")
@@ -80,11 +82,11 @@ def minilm_case(seed: int, dev_pairs: int | None) -> Case | None:
     try:
         import onnx
 
-        from autoquant import text
+        from autoquant.examples import text
 
         model = onnx.load_from_string(text.export_minilm())
-        calibration = text.encode(text.train_sentences(256, seed=seed), 32)
-        dev = text.read_sts("dev", limit=dev_pairs)
+        calibration = text.encode(text.train_sentences(STS_DIR, 256, seed=seed), 32)
+        dev = text.read_sts(STS_DIR, "dev", limit=dev_pairs)
     except Exception as exc:  # missing extra, weights or data: the benchmark runs without it
         log.warning("Skipping MiniLM: %s: %s", type(exc).__name__, exc)
         return None

@@ -20,10 +20,12 @@ import numpy as np
 import onnx
 
 import autoquant
-from autoquant import text
+from autoquant.examples import text
 from autoquant.adapters.onnx import ORTSession
 from autoquant.latency import measure_latency
 from autoquant.report import print_summary
+
+STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dev-pairs", type=int, default=None, help="first N dev pairs (default: all 1500)")
     parser.add_argument("--approach", choices=["static", "dynamic"], default=None, help="pin the approach")
     parser.add_argument("--out", default="autoquant-out/minilm-sts")
+    parser.add_argument("--sts-dir", default=str(STS_DIR), help="the folder of sts-{train,dev,test}.csv")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
@@ -47,10 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
         fp32_path.write_bytes(text.export_minilm())
     model = onnx.load(str(fp32_path))
 
-    sentences = text.train_sentences(args.calib, seed=args.seed)
+    sentences = text.train_sentences(args.sts_dir, args.calib, seed=args.seed)
     np.random.default_rng(args.seed).shuffle(sentences)  # the first batch (latency input) is a typical one
     calib = text.encode(sentences, 32)
-    dev = text.read_sts("dev", limit=args.dev_pairs)
+    dev = text.read_sts(args.sts_dir, "dev", limit=args.dev_pairs)
     dev_batches = dev.batches()
 
     tuner = autoquant.Tuner(autoquant.AccuracyCriterion(relative=args.relative), strategy=args.strategy,
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_summary(result)
     result.save(out)
 
-    test = text.read_sts("test")
+    test = text.read_sts(args.sts_dir, "test")
     test_batches = test.batches()
     fp32 = result.adapter.fp32_model
     int8 = ORTSession(result.model)
