@@ -19,7 +19,7 @@ from autoquant.probe import OutputProbe
 from autoquant.report import describe_space, history_frame
 from autoquant.result import TuneResult
 from autoquant.space import QuantConfig, Restriction, Space
-from autoquant.strategies import SearchExhausted, get_strategy
+from autoquant.strategies import SearchExhausted, Strategy, get_strategy
 from autoquant.workers import DEFAULT_GRACE_S, STALE_ATTR, Heartbeat, claimed_by_earlier, fail_stale_trials
 
 log = logging.getLogger("autoquant")
@@ -46,7 +46,7 @@ class Tuner:
         self,
         criterion: AccuracyCriterion | None = None,
         *,
-        strategy: str = "sensitivity",
+        strategy: str | Strategy = "sensitivity",
         max_trials: int = 50,
         timeout: float | None = None,
         seed: int | None = 0,
