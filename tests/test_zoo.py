@@ -228,7 +228,7 @@ def test_entry_builds_runs_and_exports(name: str) -> None:
     assert np.isfinite(reference).all() and reference.std() > 1e-3  # activations neither vanish nor blow up
     session = ort.InferenceSession(onnx_export(name), providers=["CPUExecutionProvider"])
     batches = built.calib_batches[:1] + [_smaller(built.example)]  # the export is not tied to one batch shape
-    for batch, feeds in zip(batches, built.feeds(batches)):
+    for batch, feeds in zip(batches, built.feeds(batches), strict=False):
         np.testing.assert_allclose(session.run(None, feeds)[0].ravel(), fp32_outputs(built.model, batch),
                                    rtol=1e-3, atol=1e-4)
 

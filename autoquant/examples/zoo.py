@@ -231,7 +231,8 @@ class Conv2dSame(nn.Conv2d):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        total = [max((k - 1) * d + 1 - s, 0) for k, s, d in zip(self.kernel_size, self.stride, self.dilation)]
+        geometry = zip(self.kernel_size, self.stride, self.dilation, strict=True)
+        total = [max((k - 1) * d + 1 - s, 0) for k, s, d in geometry]
         self.same_pad = [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +281,7 @@ class TFEfficientNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn(3, widths[0], 3, 2), nn.ReLU6())
         blocks = []
-        for cin, cout in zip(widths, widths[1:]):
+        for cin, cout in zip(widths, widths[1:], strict=False):
             blocks.append(InvertedResidual(cin, cout, stride=2))
             blocks += [InvertedResidual(cout, cout, stride=1, kernel=5) for _ in range(repeats)]
         self.blocks = nn.Sequential(*blocks)
@@ -365,7 +366,7 @@ class _Positional(nn.Module):
         if self.names == [_IMAGE_INPUT]:
             out = self.model(*inputs)
         else:
-            out = self.model(**dict(zip(self.names, inputs)))
+            out = self.model(**dict(zip(self.names, inputs, strict=False)))
         return tuple(out.values()) if isinstance(out, Mapping) else out
 
 
@@ -389,8 +390,8 @@ def export_onnx(model: nn.Module | ZooCase, example: Any = None, path: str | os.
     axes |= {n: {0: "batch"} for n in outputs}
     buffer = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(_Positional(model, names).eval(), inputs, buffer, dynamo=False, opset_version=17,
-                          input_names=names, output_names=outputs, dynamic_axes=axes)
+        torch.onnx.export(_Positional(model, names).eval(), inputs, buffer,  # type: ignore[arg-type]  # a file works
+                          dynamo=False, opset_version=17, input_names=names, output_names=outputs, dynamic_axes=axes)
     data = buffer.getvalue()
     if path is not None:
         Path(path).write_bytes(data)

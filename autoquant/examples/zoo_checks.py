@@ -143,7 +143,7 @@ def relative_error(values: np.ndarray, reference: np.ndarray) -> float:
     """||values - reference|| / ||reference|| (L2)."""
     if values.shape != reference.shape:
         raise AssertionError(f"output shapes differ: {values.shape} vs {reference.shape}")
-    return float(np.linalg.norm(values - reference) / max(np.linalg.norm(reference), 1e-30))
+    return float(np.linalg.norm(values - reference)) / max(float(np.linalg.norm(reference)), 1e-30)
 
 
 def build_and_run(adapter: Adapter, config: QuantConfig) -> tuple[Any, np.ndarray]:
