@@ -26,6 +26,7 @@ import copy
 import logging
 import os
 import time
+from functools import partial
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,10 @@ class ONNXAdapter(Adapter):
             return model.run(None, feeds)
 
         return run
+
+    def batch_runners(self, model: ort.InferenceSession, limit: int) -> list[Callable[[], object]]:
+        feeds = [self._to_feeds(batch, i) for i, batch in zip(range(limit), iterate_batches(self._calib_data))]
+        return [partial(model.run, None, f) for f in feeds]
 
     def result_model(self, model: ORTSession) -> onnx.ModelProto:
         """What ``TuneResult.model`` holds: the quantized ModelProto (plain ORT runs it)."""
