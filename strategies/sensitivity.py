@@ -101,7 +101,7 @@ class SensitivityStrategy(Strategy):
         self._probe: OutputProbe | None = None
         self._tolerance = 0.01
         self._reference: QuantConfig | None = None  # the knob setting the op profile was measured at
-        self._approach_latency: dict[str, float] = {}
+        self._approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach
         self.model: LossModel | None = None
         self._unbuildable: set[str] = set()
 
@@ -160,13 +160,6 @@ class SensitivityStrategy(Strategy):
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
         self.ranking = [OpSensitivity(n, types[n], shares[n], costs[n]) for n in order]
         self._reference = reference
-        if len(space.approaches) > 1:
-            self._approach_latency = {
-                approach: probe.latency_ratio(min(configs, key=lambda c: self._error(c) or float("inf")),
-                                              self.latency_budget_s)
-                for approach in space.approaches
-                if (configs := [c for c in space.knob_configs() if c.approach == approach])
-            }
         log.info("sensitivity: per-op profile at %s: %s", reference.describe(),
                  ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in self.ranking[:8]))
 
@@ -209,11 +202,14 @@ class SensitivityStrategy(Strategy):
     def _choose(self, space: Space, tried: set[str], bound: float | None) -> _Candidate | None:
         """The fastest likely-to-pass untried candidate, probed exactly (None if there is none)."""
         knob_only = [space.canonical(c) for c in space.knob_configs()]
+        if len(space.approaches) > 1 and not self._approach_latency:
+            self._measure_approaches(space)
+        fastest = min(self._approach_latency.values(), default=0.0)
         for _ in range(EXACT_PROBES):
             pool = self._score(knob_only, tried, bound)
-            if not pool and self._reference is None:
-                self._profile(self._best_knobs(space))
-            if not pool or len(space.approaches) > 1:
+            if not pool or min(c.latency for c in pool) > fastest:  # a fallback may be faster
+                if self._reference is None:
+                    self._profile(self._best_knobs(space))
                 pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not pool:
                 return None
@@ -223,9 +219,19 @@ class SensitivityStrategy(Strategy):
             self._error(best.config)  # probe it exactly, then choose again
         return best
 
+    def _measure_approaches(self, space: Space) -> None:
+        """Latency of each approach's default all-INT8 candidate (static and dynamic differ a lot)."""
+        for config in space.knob_configs():
+            if config.approach not in self._approach_latency:
+                ratio = self._probe.latency_ratio(config, self.latency_budget_s)
+                self._approach_latency[config.approach] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
+        log.info("sensitivity: all-INT8 latency by approach: %s",
+                 ", ".join(f"{a} {r:.3f}" for a, r in self._approach_latency.items()))
+
     def _best_knobs(self, space: Space) -> QuantConfig:
-        """The all-INT8 knob setting with the best chance to pass (ties: the preferred order)."""
-        configs = [space.canonical(c) for c in space.knob_configs()]
+        """The all-INT8 knob setting of the fastest approach with the best chance to pass."""
+        approach = min(space.approaches, key=lambda a: self._approach_latency.get(a, 0.0))
+        configs = [space.canonical(c) for c in space.knob_configs() if c.approach == approach]
         errors = {c.key(): self._error(c) for c in configs}
         buildable = [c for c in configs if errors[c.key()] is not None] or configs
         return max(buildable, key=lambda c: self.model.predict(c.describe(), errors[c.key()] or 0.0).p_pass)
