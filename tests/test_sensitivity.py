@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoquant import AccuracyCriterion, ConfigError, QuantConfig, Tuner
+from autoquant import AccuracyCriterion, ConfigError, QuantConfig, Restriction, Tuner
 from autoquant.adapters.fx import FXAdapter
 from autoquant.probe import OutputProbe, compare
 from autoquant.strategies import STRATEGIES, get_strategy
@@ -227,3 +227,47 @@ def test_real_tune_reports_the_ranking_and_an_editable_config(outlier, tmp_path)
     assert fidelity(rebuilt) == pytest.approx(result.accuracy)
     edited = QuantConfig.from_dict({**config.to_dict(), "fp32_ops": []})  # e.g. the user re-quantizes all
     assert fidelity(adapter.build(adapter.space.resolve(adapter.space.validate(edited)))) < result.accuracy
+
+
+# --- the real backend: a trained depthwise CNN whose accuracy is not monotone in fallback ----------
+NON_MONOTONE = Restriction(approach="static", calibration="minmax", scheme="symmetric", granularity="per_tensor")
+
+
+@pytest.fixture(scope="module")
+def depthwise():
+    from autoquant.examples.digits import accuracy_fn, load_data
+    from experiments.benchmark_models import DepthwiseNet, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reductions, so the same weights, on any machine of this kind
+    try:
+        data = load_data(0)
+        torch.manual_seed(0)
+        model = train(DepthwiseNet(width=8), data, epochs=5, lr=3e-3, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    return model, data.calibration_batches(), accuracy_fn(data)
+
+
+def test_non_monotone_fallback_on_a_real_depthwise_cnn(depthwise):
+    model, calibration, eval_fn = depthwise
+    adapter = FXAdapter(model, calibration)
+    adapter.calibrate()
+    space = adapter.space.restrict(NON_MONOTONE)
+    probe, base = OutputProbe(adapter, space), space.default_config()
+    names = [op.name for op in space.ops]
+    own = {n: probe.error(QuantConfig(**{**base.__dict__, "fp32_ops": frozenset(names) - {n}})) for n in names}
+    ranked = sorted(names, key=lambda n: -own[n])
+    fp32 = eval_fn(model)
+
+    def loss(n):
+        config = QuantConfig(**{**base.__dict__, "fp32_ops": frozenset(ranked[:n])})
+        return (fp32 - eval_fn(adapter.build(space.resolve(config)))) / fp32
+
+    losses = {n: loss(n) for n in (0, 1, 2, 4)}
+    assert losses[0] > 0.005 and losses[2] > losses[1] > 0.005  # one op misses, two do worse
+
+    criterion = AccuracyCriterion(relative=0.005)
+    result = Tuner(criterion, max_trials=12, restrict=NON_MONOTONE).tune(model, calibration, eval_fn)
+    assert result.met and result.evaluations <= 4  # the default, then at most three steps
+    assert len(result.fp32_ops) <= 4
