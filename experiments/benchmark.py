@@ -56,7 +56,8 @@ import benchmark_models  # noqa: E402  (experiments/ is not a package)
 NC_INSTALL = 'pip install "setuptools<81" six pycocotools opencv-python-headless Deprecated prettytable psutil schema ' \
              '&& pip install --no-deps neural-compressor==2.6'
 CASES = ("digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile", "minilm-sts", "dwcnn", "transformer")
-HELD_OUT = ("dwcnn", "transformer")  # never run while the default strategy was designed
+HELD_OUT = ("dwcnn", "transformer")
+STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo  # never run while the default strategy was designed
 log = logging.getLogger("benchmark")
 
 
@@ -116,11 +117,11 @@ def minilm_case(seed: int) -> Case | None:
     try:
         import onnx
 
-        from autoquant import text
+        from autoquant.examples import text
 
         model = onnx.load_from_string(text.export_minilm())
-        calibration = text.encode(text.train_sentences(256, seed=seed), 32)
-        dev = text.read_sts("dev")
+        calibration = text.encode(text.train_sentences(STS_DIR, 256, seed=seed), 32)
+        dev = text.read_sts(STS_DIR, "dev")
     except Exception as exc:  # missing extra, weights or data: the benchmark runs without it
         log.warning("Skipping MiniLM: %s: %s", type(exc).__name__, exc)
         return None
@@ -300,7 +301,7 @@ def _quiet():
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=False):
             logger.setLevel(level)
 
 
@@ -330,7 +331,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     markers = "osD^vP*X"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(criteria), figsize=(6 * len(criteria), 4.8), squeeze=False, sharey=True)
-    for ax, criterion in zip(axes[0], criteria):
+    for ax, criterion in zip(axes[0], criteria, strict=False):
         for _, row in table[table["criterion"] == criterion].iterrows():
             if pd.isna(row.get("evaluations")) or pd.isna(row.get("vs_oracle")):
                 continue  # the run failed (its error is in the table) or the oracle found no pass
