@@ -379,8 +379,8 @@ class FXAdapter(Adapter):
         return run
 
     def batch_runners(self, model: nn.Module, limit: int) -> list[Callable[[], object]]:
-        batches = [model_inputs(batch) for _, batch in zip(range(limit), iterate_batches(self._calib_data))]
-        return [partial(_run, model, example) for example in batches]
+        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
+        return [partial(_run, model, model_inputs(batch)) for _, batch in batches]
 
     # --- files ----------------------------------------------------------------------------------
     def save_model(self, model: nn.Module, directory: Path) -> Path:

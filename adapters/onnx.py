@@ -26,8 +26,8 @@ import copy
 import logging
 import os
 import time
-from functools import partial
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +301,8 @@ class ONNXAdapter(Adapter):
         return run
 
     def batch_runners(self, model: ort.InferenceSession, limit: int) -> list[Callable[[], object]]:
-        feeds = [self._to_feeds(batch, i) for i, batch in zip(range(limit), iterate_batches(self._calib_data))]
+        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
+        feeds = [self._to_feeds(batch, i) for i, batch in batches]
         return [partial(model.run, None, f) for f in feeds]
 
     def result_model(self, model: ORTSession) -> onnx.ModelProto:

@@ -1,7 +1,8 @@
 """A cheap, eval_fn-free signal for strategies: how far a candidate's outputs are from FP32.
 
 The probe runs a candidate on a bounded sample of the calibration batches (the first
-``max_batches``, 4 unless set: 256 samples at batch size 64) and compares its outputs with FP32's with an error that fits the output:
+``max_batches``, 4 unless set: 256 samples at batch size 64) and compares its outputs with
+FP32's with an error that fits the output:
 
 - ``logits`` (one 2-D output, a row per sample): mean KL divergence of the softmax from FP32's, in
   nats; top-1 agreement with FP32 is reported alongside;
@@ -159,7 +160,7 @@ def compare(kind: str, reference: list[list[np.ndarray]], outputs: list[list[np.
     out = np.concatenate([a.astype(np.float64).ravel() for batch in outputs for a in batch])
     if kind == "embedding":
         rows = [(r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1]))
-                for rb, ob in zip(reference, outputs) for r, o in zip(rb, ob)]
+                for rb, ob in zip(reference, outputs, strict=False) for r, o in zip(rb, ob, strict=False)]
         ref_rows = np.concatenate([r for r, _ in rows]).astype(np.float64)
         out_rows = np.concatenate([o for _, o in rows]).astype(np.float64)
         norms = np.linalg.norm(ref_rows, axis=1) * np.linalg.norm(out_rows, axis=1)

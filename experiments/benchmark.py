@@ -28,11 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import importlib
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -46,18 +46,20 @@ import torch
 from torch import nn
 
 from autoquant import AccuracyCriterion, QuantConfig, Restriction, Tuner
-from autoquant.examples.digits import BATCH_SIZE, load_data, accuracy_fn, make_fragile, train_model
+from autoquant.examples.digits import BATCH_SIZE, accuracy_fn, load_data, make_fragile, train_model
 from autoquant.latency import measure_latency
 from autoquant.strategies import STRATEGIES
 
 sys.path.insert(0, str(Path(__file__).parent))
 import benchmark_models  # noqa: E402  (experiments/ is not a package)
 
-NC_INSTALL = 'pip install "setuptools<81" six pycocotools opencv-python-headless Deprecated prettytable psutil schema ' \
-             '&& pip install --no-deps neural-compressor==2.6'
-CASES = ("digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile", "minilm-sts", "dwcnn", "transformer")
+NC_INSTALL = ('pip install "setuptools<81" six pycocotools opencv-python-headless Deprecated prettytable psutil '
+              'schema && pip install --no-deps neural-compressor==2.6')
+CASES = ("digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile", "minilm-sts", "dwcnn",
+         "transformer")
 HELD_OUT = ("dwcnn", "transformer")
-STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo  # never run while the default strategy was designed
+# never run while the default strategy was designed
+STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
 log = logging.getLogger("benchmark")
 
 
@@ -82,7 +84,7 @@ def build_cases(names: list[str], seed: int, cache: Path) -> list[Case]:
     data = load_data(seed)
     eval_fn, calibration = accuracy_fn(data), data.calibration_batches()
     plain = _cached(cache / f"digits-{seed}.pt", lambda: train_model(data, seed=seed))
-    fragile = make_fragile(copy.deepcopy(plain), data.train[0][:512])
+    fragile = make_fragile(copy.deepcopy(plain), data.train[0][:512])  # type: ignore[arg-type]
     cases = {"digits": lambda: Case("digits", plain, calibration, eval_fn, True),
              "digits-fragile": lambda: Case("digits-fragile", fragile, calibration, eval_fn, True),
              "dwcnn": lambda: Case("dwcnn", _cached(cache / f"dwcnn-{seed}.pt",
@@ -135,7 +137,7 @@ class Counting:
     """eval_fn that counts its calls (the FP32 baseline is the first)."""
 
     def __init__(self, eval_fn: Callable[[Any], float]) -> None:
-        self.eval_fn, self.scores = eval_fn, []
+        self.eval_fn, self.scores = eval_fn, list[float]()
 
     def __call__(self, model: Any) -> float:
         self.scores.append(float(self.eval_fn(model)))
@@ -184,7 +186,7 @@ def oracle_trials(case: Case, args: argparse.Namespace) -> tuple[float, pd.DataF
 
 
 def _config_of(row: pd.Series) -> QuantConfig:
-    def value(knob: str) -> str | None:
+    def value(knob: str) -> Any:  # None for the activation knobs of a dynamic candidate
         return None if pd.isna(row[knob]) else row[knob]
 
     fp32 = row["fp32_ops"].split() if isinstance(row["fp32_ops"], str) else []
@@ -315,7 +317,8 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         rows.append({"cases": "held out" if held_out else "design", "tuner": tuner,
                      "met / meetable": f"{int(meetable['met'].sum())}/{len(meetable)}",
                      "median evaluations": group["evaluations"].median(), "max evaluations": group["evaluations"].max(),
-                     "median vs oracle": meetable["vs_oracle"].median(), "worst vs oracle": meetable["vs_oracle"].max()})
+                     "median vs oracle": meetable["vs_oracle"].median(),
+                     "worst vs oracle": meetable["vs_oracle"].max()})
     return pd.DataFrame(rows)
 
 
@@ -343,7 +346,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("latency / oracle's fastest passing latency")
-    handles = [plt.Line2D([], [], ls="", marker="o", color=colors[i % len(colors)], label=t) for i, t in enumerate(tuners)]
+    handles = [plt.Line2D([], [], ls="", marker="o", color=colors[i % len(colors)], label=t)
+               for i, t in enumerate(tuners)]
     handles += [plt.Line2D([], [], ls="", marker=markers[i % 8], color="gray", label=m) for i, m in enumerate(models)]
     fig.legend(handles=handles, loc="center right", fontsize=8, title="hollow: not met")
     fig.tight_layout(rect=(0, 0, 0.8, 1))
@@ -363,7 +367,8 @@ def write(rows: list[dict[str, Any]], out: Path, name: str, command: str) -> pd.
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--criteria", type=float, nargs="+", default=[0.01, 0.005, 0.001], help="relative tolerated losses")
+    parser.add_argument("--criteria", type=float, nargs="+", default=[0.01, 0.005, 0.001],
+                        help="relative tolerated losses")
     parser.add_argument("--strategies", nargs="+", default=sorted(STRATEGIES), choices=sorted(STRATEGIES))
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--max-trials", type=int, default=40)
@@ -394,9 +399,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for relative in args.criteria:
             criterion = AccuracyCriterion(relative=relative)
             oracle = oracle_config(baseline, trials, criterion)
-            runs = [(s, lambda s=s: run_autoquant(case, s, criterion, args)) for s in args.strategies]
+            runs = [(s, functools.partial(run_autoquant, case, s, criterion, args)) for s in args.strategies]
             if use_nc and case.torch_model:
-                runs.append(("neural-compressor", lambda: run_neural_compressor(case, relative, args)))
+                runs.append(("neural-compressor", functools.partial(run_neural_compressor, case, relative, args)))
             for tuner, run in runs:
                 log.info("%s, %.2f%% relative: %s ...", case.name, 100 * relative, tuner)
                 row = {"model": case.name, "held_out": case.held_out, "criterion": f"{relative:.2%} relative",

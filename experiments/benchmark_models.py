@@ -4,11 +4,15 @@ torch.nn only, trained in seconds, deterministic for a seed."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from autoquant.examples.digits import BATCH_SIZE, IMAGE_SIZE, DigitsData
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -71,7 +75,7 @@ class PatchTransformer(nn.Module):
         return self.head(self.norm(tokens).mean(1))
 
 
-def train(model: nn.Module, data: DigitsData, *, epochs: int, lr: float, seed: int = 0) -> nn.Module:
+def train(model: M, data: DigitsData, *, epochs: int, lr: float, seed: int = 0) -> M:
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     x, y = data.train

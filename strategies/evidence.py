@@ -50,11 +50,12 @@ class LossModel:
                   if o.probe_error > 0]
         self.n = len(points)
         self.offset, self.slope = _fit_line([(z, y) for _, z, y in points])
+        offset = self.offset or 0.0  # None only without points
         by_knobs: dict[str, list[float]] = defaultdict(list)
         for knobs, z, y in points:
-            by_knobs[knobs].append(y - self.offset - self.slope * z)
+            by_knobs[knobs].append(y - offset - self.slope * z)
         self.knob_shift = {k: sum(rs) / (len(rs) + KNOB_SHRINK) for k, rs in by_knobs.items()}
-        residuals = [y - self.offset - self.slope * z - self.knob_shift[k] for k, z, y in points]
+        residuals = [y - offset - self.slope * z - self.knob_shift[k] for k, z, y in points]
         self.spread = math.sqrt((sum(e * e for e in residuals) + PRIOR_SPREAD**2 * PRIOR_WEIGHT)
                                 / (len(residuals) + PRIOR_WEIGHT))
 

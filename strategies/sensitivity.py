@@ -39,6 +39,7 @@ from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, unknown_choice
 from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
+
 from .base import SearchExhausted, Strategy, tried_keys
 from .evidence import LossModel, Observation, Prediction
 from .exhaustive import grid
