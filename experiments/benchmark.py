@@ -18,8 +18,8 @@ Compressor 2.6 ``basic`` runs on the FX cases where it imports (a benchmark-only
 ``NC_INSTALL``; it is not installed in the project's environment).
 
 Per (case, criterion, tuner): met, eval_fn calls (the FP32 baseline included), the final model's
-latency ratio to FP32 and to the oracle's fastest passing candidate (both re-measured here,
-interleaved, on the same batch), ops in FP32, wall time. Writes <name>.csv, <name>.md (with a
+latency ratio to FP32 and to the oracle's fastest passing candidate (each measured here as one
+interleaved ratio on the same batch), ops in FP32, wall time. Writes <name>.csv, <name>.md (with a
 summary per tuner, design cases and held-out cases apart) and <name>.png.
 """
 
@@ -219,20 +219,18 @@ def run_autoquant(case: Case, strategy: str, criterion: AccuracyCriterion, args:
 
 
 def add_latencies(row: dict[str, Any], oracle: QuantConfig | None, args: argparse.Namespace) -> dict[str, Any]:
-    """The final model's and the oracle's latency ratios to FP32, measured here, interleaved, same batch."""
+    """The final model's latency against FP32 and against the oracle's fastest passing candidate: each a
+    ratio measured here, interleaved, on the same batch (absolute times are meaningless on a shared machine)."""
     adapter, config = row.pop("_adapter", None), row.pop("_config", None)
     if adapter is None:
         return row
-    fp32_run = adapter.runner(adapter.fp32_model)
-
-    def ratio(candidate: QuantConfig) -> float:
-        model = adapter.build(adapter.space.resolve(candidate))
-        return measure_latency(fp32_run, adapter.runner(model), budget_s=args.latency_budget).ratio
-
-    row["latency_ratio"] = ratio(config)
+    row["final_config"] = json.dumps(config.to_dict())
+    final = adapter.runner(adapter.build(adapter.space.resolve(config)))
+    fp32 = adapter.runner(adapter.fp32_model)
+    row["latency_ratio"] = measure_latency(fp32, final, budget_s=args.latency_budget).ratio
     if oracle is not None:
-        row["oracle_latency_ratio"] = ratio(oracle)
-        row["vs_oracle"] = row["latency_ratio"] / row["oracle_latency_ratio"]
+        reference = adapter.runner(adapter.build(adapter.space.resolve(oracle)))
+        row["vs_oracle"] = measure_latency(reference, final, budget_s=args.latency_budget).ratio
     return row
 
 
