@@ -355,6 +355,9 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 def write(rows: list[dict[str, Any]], out: Path, name: str, command: str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
+    for column in ("evaluations", "latency_ratio", "vs_oracle"):  # absent while no run measured them
+        if column not in table:
+            table[column] = float("nan")
     table.to_csv(out / f"{name}.csv", index=False)
     text = [f"Command: `{command}`", "", "## Summary", "", summary(table).to_markdown(index=False, floatfmt=".3g"), "",
             "## Every run", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
