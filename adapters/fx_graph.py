@@ -1,0 +1,144 @@
+"""One FX graph per unit in which every convolution and linear is a plain torch.nn module.
+
+torch.ao matches modules by exact type: a conv written as an ``nn.Conv2d`` subclass with its own
+``forward`` (explicit padding, then ``F.conv2d``), or a bare ``F.linear`` on a parameter, would be
+quantized as an unnamed function and never fused with its BatchNorm (issue 14: 49 BatchNorms
+quantized one by one, INT8 4-6x slower than FP32). So we trace through such modules and turn each
+``F.conv*``/``F.linear`` whose weight is a parameter back into a plain module at the path of the
+module that owns the weight. A zero padding in front of a convolution is folded into the
+convolution when it is symmetric; an asymmetric one stays an explicit ``F.pad``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from torch.ao.nn.intrinsic import _FusedModule
+from torch.nn import functional as F
+
+FUNCTIONAL_MODULES = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d, F.linear: nn.Linear}
+WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+# Positional parameter names (their schemas are ambiguous to torch.fx's normalize_function).
+CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+LINEAR_ARGS = ("input", "weight", "bias")
+PAD_ARGS = ("input", "pad", "mode", "value")
+
+
+class Tracer(fx.Tracer):
+    """Leaves are the childless torch.nn modules used as they are; everything else is traced
+    through, so containers such as ``nn.TransformerEncoder`` and subclasses of ``nn.Conv2d`` with
+    their own ``forward`` open up into their ops."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _FusedModule):
+            return True
+        own_forward = type(m).forward is not _torch_base(type(m)).forward
+        return type(m).__module__.startswith(("torch.nn", "torch.ao.nn")) and not own_forward and not list(m.children())
+
+
+def _torch_base(cls: type) -> type:
+    """The nearest torch.nn class in ``cls``'s ancestry (``cls`` itself when it is one)."""
+    return next(c for c in cls.__mro__ if c.__module__.startswith(("torch.nn", "torch.ao.nn")))
+
+
+def trace(module: nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
+    """``module`` traced with its functional convolutions and linears as named modules."""
+    tracer = Tracer()
+    graph = tracer.trace(module, concrete_args or None)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in FUNCTIONAL_MODULES:
+            _to_module(gm, module, node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _to_module(gm: fx.GraphModule, original: nn.Module, node: fx.Node) -> None:
+    kwargs = _arguments(node, LINEAR_ARGS if node.target is F.linear else CONV_ARGS)
+    weight, bias = kwargs.pop("weight"), kwargs.pop("bias", None)
+    if not _is_parameter(gm, weight) or (bias is not None and not _is_parameter(gm, bias)):
+        return  # a weight computed at run time: no module can hold it
+    if any(isinstance(v, fx.Node) for k, v in kwargs.items() if k != "input"):
+        return  # stride/padding computed at run time
+    source = kwargs.pop("input")
+    padding = kwargs.pop("padding", 0)
+    source, padding = _fold_zero_pad(source, padding, node.target)
+    module = _plain_module(node.target, gm.get_parameter(weight.target),
+                           None if bias is None else gm.get_parameter(bias.target), padding, kwargs)
+    path = _module_path(gm, original, weight.target, node.target)
+    gm.add_submodule(path, module.train(original.training))
+    with gm.graph.inserting_before(node):
+        replacement = gm.graph.call_module(path, (source,))
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+
+
+def _arguments(node: fx.Node, names: tuple[str, ...]) -> dict:
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+def _plain_module(function, weight: nn.Parameter, bias: nn.Parameter | None, padding, kwargs) -> nn.Module:
+    cls = FUNCTIONAL_MODULES[function]
+    with torch.device("meta"):  # the parameters are the model's own: nothing to initialise
+        if cls is nn.Linear:
+            module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            groups = kwargs.get("groups", 1)
+            module = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                         stride=kwargs.get("stride", 1), padding=padding, dilation=kwargs.get("dilation", 1),
+                         groups=groups, bias=bias is not None)
+    module.weight = weight
+    if bias is not None:
+        module.bias = bias
+    return module
+
+
+def _fold_zero_pad(source, padding, function):
+    """(input, padding) with a symmetric constant-zero ``F.pad`` in front of a conv folded in."""
+    if function is F.linear or not (isinstance(source, fx.Node) and source.op == "call_function"
+                                    and source.target is F.pad and padding in (0, (0,), (0, 0), (0, 0, 0))):
+        return source, padding
+    call = _arguments(source, PAD_ARGS)
+    pad, mode, value = call["pad"], call.get("mode", "constant"), call.get("value")
+    dims = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[function]
+    if (mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (list, tuple))
+            or len(pad) != 2 * dims or any(pad[i] != pad[i + 1] for i in range(0, len(pad), 2))
+            or len(source.users) != 1):
+        return source, padding
+    # F.pad lists the last dimension first; conv padding lists the first spatial dimension first
+    return call["input"], tuple(pad[i] for i in range(2 * dims - 2, -1, -2))
+
+
+def _is_parameter(gm: fx.GraphModule, node) -> bool:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    try:
+        return isinstance(gm.get_parameter(node.target), nn.Parameter)
+    except AttributeError:
+        return False
+
+
+def _module_path(gm: fx.GraphModule, original: nn.Module, weight_path: str, function) -> str:
+    """The owning module's path when it is a conv/linear (subclass); else a child named after the op."""
+    owner, _, _ = weight_path.rpartition(".")
+    try:
+        owner_module = original.get_submodule(owner)
+    except AttributeError:
+        owner_module = None
+    if isinstance(owner_module, WEIGHTED):
+        return owner
+    base = f"{owner}.{function.__name__}" if owner else function.__name__
+    path, n = base, 1
+    while _has_submodule(gm, path):
+        path, n = f"{base}_{n}", n + 1
+    return path
+
+
+def _has_submodule(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
