@@ -46,6 +46,7 @@ from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from . import fx_graph
 from .base import Adapter
+from .fx_lowering import PackedWeights, reusing_packed_weights
 from .fx_units import FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
 
 log = logging.getLogger("autoquant")
@@ -135,6 +136,7 @@ class FXAdapter(Adapter):
         self._example = model_inputs(first_batch(calib_data))
         self._stats: dict[str, TensorStats] | None = None
         self._weights = {g: _WeightObserver(g) for g in ("per_channel", "per_tensor")}
+        self._packed = PackedWeights()
         examples = capture_inputs(model, self._example)
         self._units, untraceable = split(model, examples, self._unit)
         ops, unsupported = [], list(untraceable)
@@ -299,7 +301,8 @@ class FXAdapter(Adapter):
             for node in fp32:
                 qconfigs[node] = None
             try:
-                converted[unit.path] = _convert(candidate)
+                with reusing_packed_weights(self._packed):
+                    converted[unit.path] = _convert(candidate)
             except Exception as exc:
                 raise BackendError(f"convert_fx failed for {config.describe()}: {first_line(exc, 300)}") from exc
         return self._assemble(self._model, converted, copy_root=True)
