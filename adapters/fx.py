@@ -15,6 +15,8 @@ Every convolution and linear is a module of the traced graph however the model w
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import inspect
 import logging
 import operator
@@ -53,6 +55,7 @@ log = logging.getLogger("autoquant")
 
 ENGINE = "x86"
 MODEL_FILE = "model.pt"
+OUTPUT_CLASS = "output_class"  # extra file of a saved model: the class of its dict output
 # Function ops with INT8 kernels in the x86 backend config, searched one by one.
 QUANTIZABLE_FUNCTIONS = {
     operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul",
@@ -192,8 +195,12 @@ class FXAdapter(Adapter):
         ops, unsupported = [], []
         for node in prepared.graph.nodes:
             op_name = None
-            if node.op == "call_module" and not isinstance(modules[node.target], (_RecordingObserver, *NO_OPS)):
-                if _is_quantized(static.get(node.target)):
+            if node.op == "call_module":
+                if isinstance(modules[node.target], _RecordingObserver):
+                    continue
+                if isinstance(modules[node.target], NO_OPS):  # in the flow, never an op
+                    op_name = None
+                elif _is_quantized(static.get(node.target)):
                     approaches = ("static", "dynamic") if _is_quantized(dynamic.get(node.target)) else ("static",)
                     op_name = unit.op_name(node.target)
                     ops.append(OpInfo(op_name, type(static[node.target]).__name__, approaches))
@@ -331,6 +338,9 @@ class FXAdapter(Adapter):
         root = copy.deepcopy(model) if copy_root else _shallow_tree_copy(model, parts)
         for path, module in parts.items():
             parent, _, child = path.rpartition(".")
+            # torch.nn's fused fast paths (TransformerEncoderLayer, MultiheadAttention) read the
+            # float weights of their children and skip calling them, unless a hook is attached.
+            module.register_forward_pre_hook(_keep_module_calls)
             setattr(root.get_submodule(parent), child, module)
         return root
 
@@ -345,18 +355,44 @@ class FXAdapter(Adapter):
 
     # --- files ----------------------------------------------------------------------------------
     def save_model(self, model: nn.Module, directory: Path) -> Path:
-        """TorchScript, so that plain ``torch.jit.load`` runs it (quantized GraphModules do not pickle)."""
+        """TorchScript, so that plain ``torch.jit.load`` runs it (quantized GraphModules do not pickle).
+
+        Dict outputs (every Hugging Face model) are traced with ``strict=False``; the output class
+        (e.g. a ``ModelOutput``) is stored beside the graph so that ``load_model`` restores it."""
         path = Path(directory) / MODEL_FILE
         args, kwargs = self._example
         with torch.no_grad():
-            scripted = torch.jit.trace(model, args or None, example_kwarg_inputs=kwargs or None)
-        torch.jit.save(scripted, str(path))
+            output = model(*args, **kwargs)
+            scripted = torch.jit.trace(model, args or None, example_kwarg_inputs=kwargs or None, strict=False)
+        kind = type(output)
+        extra = {OUTPUT_CLASS: f"{kind.__module__}:{kind.__qualname__}"} if isinstance(output, dict) else {}
+        torch.jit.save(scripted, str(path), _extra_files=extra)
         return path
 
     @classmethod
-    def load_model(cls, path: Path) -> torch.jit.ScriptModule:
+    def load_model(cls, path: Path) -> nn.Module:
         torch.backends.quantized.engine = ENGINE
-        return torch.jit.load(str(path))
+        extra = {OUTPUT_CLASS: ""}
+        scripted = torch.jit.load(str(path), _extra_files=extra)
+        if not extra[OUTPUT_CLASS]:
+            return scripted
+        module, _, name = _text(extra[OUTPUT_CLASS]).partition(":")
+        return _DictOutput(scripted, functools.reduce(getattr, name.split("."), importlib.import_module(module)))
+
+
+class _DictOutput(nn.Module):
+    """A traced model whose dict output is rebuilt as the original model's output class."""
+
+    def __init__(self, scripted: torch.jit.ScriptModule, output_class: type) -> None:
+        super().__init__()
+        self.scripted, self.output_class = scripted, output_class
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output_class(**self.scripted(*args, **kwargs))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _static_mapping(qconfig: QConfig) -> QConfigMapping:
@@ -451,6 +487,10 @@ def _shallow_tree_copy(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Modu
         clone._modules = dict(original._modules)
         setattr(root.get_submodule(holder), name, clone)
     return root
+
+
+def _keep_module_calls(_module: nn.Module, _args: Any) -> None:
+    return None
 
 
 def _run(model: nn.Module, example: tuple[tuple, dict]) -> Any:
