@@ -37,6 +37,7 @@ from torch.ao.quantization import (
     QConfig,
     QConfigMapping,
 )
+from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
 from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -141,6 +142,9 @@ class FXAdapter(Adapter):
         self._weights = {g: _WeightObserver(g) for g in ("per_channel", "per_tensor")}
         self._packed = PackedWeights()
         examples = capture_inputs(model, self._example)
+        # conv subclasses recorded as (pad, conv) calls on their input: traced as those, specialised
+        self._recorded = {id(m): calls for path, m in model.named_modules()
+                          if path in examples and (calls := fx_graph.record(m, examples[path])) is not None}
         self._units, untraceable = split(model, examples, self._unit)
         ops, unsupported = [], list(untraceable)
         for unit in self._units:
@@ -167,7 +171,7 @@ class FXAdapter(Adapter):
         leaf = not list(module.children())
         root = Leaf(module) if leaf else module
         try:
-            traced = fx_graph.trace(root, _none_arguments(root, example))
+            traced = fx_graph.trace(root, _none_arguments(root, example), self._recorded)
             unit = Unit(path, traced, example, leaf=leaf)
             unit.recording = self._prepare(unit, _recording_mapping())
             _run(unit.recording, example)
@@ -191,12 +195,12 @@ class FXAdapter(Adapter):
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric)))
         dynamic = dict(_convert(dynamic_prepared).named_modules(remove_duplicate=False))
         modules = dict(prepared.named_modules(remove_duplicate=False))
-        observers = {n for n in prepared.graph.nodes if isinstance(_module_of(prepared, n), _RecordingObserver)}
+        observers = {n for n in prepared.graph.nodes if isinstance(_module_of(prepared, n), ObserverBase)}
         ops, unsupported = [], []
         for node in prepared.graph.nodes:
             op_name = None
             if node.op == "call_module":
-                if isinstance(modules[node.target], _RecordingObserver):
+                if isinstance(modules[node.target], ObserverBase):
                     continue
                 if isinstance(modules[node.target], NO_OPS):  # in the flow, never an op
                     op_name = None
@@ -469,7 +473,7 @@ def _is_observed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     after a fused ReLU, as in add+relu)."""
     inputs = node.all_input_nodes
     return bool(inputs) and all(
-        n.op == "call_module" and isinstance(modules.get(n.target), _RecordingObserver) for n in inputs
+        n.op == "call_module" and isinstance(modules.get(n.target), ObserverBase) for n in inputs
     )
 
 

@@ -7,15 +7,24 @@ quantized one by one, INT8 4-6x slower than FP32). So we trace through such modu
 ``F.conv*``/``F.linear`` whose weight is a parameter back into a plain module at the path of the
 module that owns the weight. A zero padding in front of a convolution is folded into the
 convolution when it is symmetric; an asymmetric one stays an explicit ``F.pad``.
+
+A conv subclass whose ``forward`` FX cannot trace (TensorFlow "same" padding computed from the
+input's shape) is run once on its real input while its torch calls are recorded; when it is just a
+padding and a convolution of its own weight, it is traced as that padding (specialised to the input
+size seen) and a plain convolution.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.ao.nn.intrinsic import _FusedModule
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
+FUNCTIONAL_CONV = (F.conv1d, F.conv2d, F.conv3d)
 FUNCTIONAL_MODULES = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d, F.linear: nn.Linear}
 WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 # Positional parameter names (their schemas are ambiguous to torch.fx's normalize_function).
@@ -27,10 +36,14 @@ PAD_ARGS = ("input", "pad", "mode", "value")
 class Tracer(fx.Tracer):
     """Leaves are the childless torch.nn modules used as they are; everything else is traced
     through, so containers such as ``nn.TransformerEncoder`` and subclasses of ``nn.Conv2d`` with
-    their own ``forward`` open up into their ops."""
+    their own ``forward`` open up into their ops. ``recorded`` modules are leaves, replaced later."""
+
+    def __init__(self, recorded: dict[int, list] | None = None) -> None:
+        super().__init__()
+        self.recorded = recorded or {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _FusedModule):
+        if isinstance(m, _FusedModule) or id(m) in self.recorded:
             return True
         own_forward = type(m).forward is not _torch_base(type(m)).forward
         return type(m).__module__.startswith(("torch.nn", "torch.ao.nn")) and not own_forward and not list(m.children())
@@ -41,11 +54,17 @@ def _torch_base(cls: type) -> type:
     return next(c for c in cls.__mro__ if c.__module__.startswith(("torch.nn", "torch.ao.nn")))
 
 
-def trace(module: nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
-    """``module`` traced with its functional convolutions and linears as named modules."""
-    tracer = Tracer()
+def trace(module: nn.Module, concrete_args: dict | None = None,
+          recorded: dict[int, list] | None = None) -> fx.GraphModule:
+    """``module`` traced with its functional convolutions and linears as named modules.
+
+    ``recorded``: the padding and convolution calls (``record``) of conv subclasses, by module id."""
+    tracer = Tracer(recorded)
     graph = tracer.trace(module, concrete_args or None)
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and id(module.get_submodule(node.target)) in tracer.recorded:
+            _replay(gm, node, tracer.recorded[id(module.get_submodule(node.target))])
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in FUNCTIONAL_MODULES:
             _to_module(gm, module, node)
@@ -53,6 +72,62 @@ def trace(module: nn.Module, concrete_args: dict | None = None) -> fx.GraphModul
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple, dict]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) not in ("__get__", "size", "dim"):  # shape reads
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def record(module: nn.Module, example: tuple[tuple, dict]) -> list | None:
+    """The (pad, conv) calls of a conv subclass's ``forward`` on ``example``; None when its forward
+    does anything else (then it is traced through as usual)."""
+    if not isinstance(module, nn.modules.conv._ConvNd) or type(module).__module__.startswith("torch.nn"):
+        return None
+    args, kwargs = example
+    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+        return None
+    recorder = _Recorder()
+    with torch.inference_mode(), recorder:
+        module(*args)
+    funcs = [func for func, _, _ in recorder.calls]
+    conv = FUNCTIONAL_CONV[module.weight.dim() - 3]
+    if funcs not in ([F.pad, conv], [conv]):
+        return None
+    conv_call = _arguments_of(recorder.calls[-1], CONV_ARGS)
+    if conv_call["weight"] is not module.weight or conv_call.get("bias") is not module.bias:
+        return None
+    # keep the constants only (not the activations)
+    return [(func, {k: v for k, v in _arguments_of(call, names).items() if not isinstance(v, torch.Tensor)})
+            for call, func, names in zip(recorder.calls, funcs, (PAD_ARGS, CONV_ARGS)[2 - len(funcs):])]
+
+
+def _replay(gm: fx.GraphModule, node: fx.Node, calls: list) -> None:
+    """Replace the call of a recorded conv subclass by its padding and a functional conv."""
+    source = node.args[0]
+    with gm.graph.inserting_before(node):
+        if len(calls) == 2:
+            pad = calls[0][1]
+            source = gm.graph.call_function(F.pad, (source, tuple(pad["pad"])),
+                                            {k: pad[k] for k in ("mode", "value") if k in pad})
+        conv = calls[-1][1]
+        weight = gm.graph.get_attr(f"{node.target}.weight")
+        bias = None if gm.get_submodule(node.target).bias is None else gm.graph.get_attr(f"{node.target}.bias")
+        replacement = gm.graph.call_function(calls[-1][0], (source, weight, bias), conv)
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+
+
+def _arguments_of(call: tuple[Any, tuple, dict], names: tuple[str, ...]) -> dict:
+    _, args, kwargs = call
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def _to_module(gm: fx.GraphModule, original: nn.Module, node: fx.Node) -> None:

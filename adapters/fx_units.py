@@ -50,16 +50,24 @@ class Unit:
     def fp32_nodes(self, fp32_ops: frozenset[str]) -> list[str]:
         """Nodes to leave FP32: the FP32 ops, and the ops that only follow them.
 
-        An op that is not searched (ReLU, pooling, flatten) runs INT8 when any op feeding it does;
-        left INT8 after an FP32 op, it would sit in a quantize/dequantize island.
+        An op that is not searched (ReLU, pooling, padding) runs INT8 when any op feeding it does;
+        left INT8 after an FP32 op, it would sit in a quantize/dequantize island. One that no
+        searched op feeds (a padding of the model's input) follows the ops it feeds.
         """
-        int8: dict[str, bool] = {}
+        int8: dict[str, bool | None] = {}  # None: not decided by what feeds it
         for step in self.flow:
             if step.op is not None:
                 int8[step.node] = step.op not in fp32_ops
             else:
-                fed = [int8[name] for name in step.inputs if name in int8]
-                int8[step.node] = any(fed) or not fed
+                fed = [int8[name] for name in step.inputs if int8.get(name) is not None]
+                int8[step.node] = any(fed) if fed else None
+        consumers: dict[str, list[str]] = {}
+        for step in self.flow:
+            for name in step.inputs:
+                consumers.setdefault(name, []).append(step.node)
+        for step in reversed(self.flow):
+            if int8[step.node] is None:
+                int8[step.node] = any(int8[user] for user in consumers.get(step.node, []))
         return [node for node, quantized in int8.items() if not quantized]
 
     def op_name(self, local: str) -> str:
