@@ -142,6 +142,8 @@ class FXAdapter(Adapter):
         self._weights = {g: _WeightObserver(g) for g in ("per_channel", "per_tensor")}
         self._packed = PackedWeights()
         examples = capture_inputs(model, self._example)
+        # FX returns a dict subclass (a Hugging Face ModelOutput) as a plain dict: restored in build
+        self._output_class = type(examples.pop("(output)")[0][0])
         # conv subclasses recorded as (pad, conv) calls on their input: traced as those, specialised
         self._recorded = {id(m): calls for path, m in model.named_modules()
                           if path in examples and (calls := fx_graph.record(m, examples[path])) is not None}
@@ -314,6 +316,8 @@ class FXAdapter(Adapter):
             try:
                 with reusing_packed_weights(self._packed):
                     converted[unit.path] = _convert(candidate)
+                if unit.path == "":
+                    fx_graph.restore_output_class(converted[unit.path], self._output_class)
             except Exception as exc:
                 raise BackendError(f"convert_fx failed for {config.describe()}: {first_line(exc, 300)}") from exc
         return self._assemble(self._model, converted, copy_root=True)
@@ -342,6 +346,7 @@ class FXAdapter(Adapter):
         root = copy.deepcopy(model) if copy_root else _shallow_tree_copy(model, parts)
         for path, module in parts.items():
             parent, _, child = path.rpartition(".")
+            _keep_attributes(module, model.get_submodule(path))
             # torch.nn's fused fast paths (TransformerEncoderLayer, MultiheadAttention) read the
             # float weights of their children and skip calling them, unless a hook is attached.
             module.register_forward_pre_hook(_keep_module_calls)
@@ -491,6 +496,16 @@ def _shallow_tree_copy(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Modu
         clone._modules = dict(original._modules)
         setattr(root.get_submodule(holder), name, clone)
     return root
+
+
+def _keep_attributes(unit: nn.Module, original: nn.Module) -> None:
+    """Plain attributes of a replaced leaf (a conv's stride, kernel_size...), which some models' code
+    reads from the module (Hugging Face's TF-style padding)."""
+    if list(original.children()):
+        return
+    for name, value in vars(original).items():
+        if not name.startswith("_") and isinstance(value, (int, float, str, bool, tuple)) and not hasattr(unit, name):
+            setattr(unit, name, value)
 
 
 def _keep_module_calls(_module: nn.Module, _args: Any) -> None:

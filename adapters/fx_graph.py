@@ -68,10 +68,25 @@ def trace(module: nn.Module, concrete_args: dict | None = None,
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in FUNCTIONAL_MODULES:
             _to_module(gm, module, node)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(getattr(gm.get_submodule(node.target), "padding", 0), str):
+            _numeric_padding(gm, node)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def restore_output_class(gm: fx.GraphModule, output_class: type) -> None:
+    """Rebuild a dict output as ``output_class`` (FX flattens dict subclasses to plain dicts)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    value = output.args[0]
+    if not (isinstance(value, dict) and issubclass(output_class, dict) and output_class is not dict):
+        return
+    with gm.graph.inserting_before(output):
+        rebuilt = gm.graph.call_function(output_class, (), dict(value))
+    output.args = (rebuilt,)
+    gm.recompile()
 
 
 class _Recorder(TorchFunctionMode):
@@ -140,6 +155,9 @@ def _to_module(gm: fx.GraphModule, original: nn.Module, node: fx.Node) -> None:
     source = kwargs.pop("input")
     padding = kwargs.pop("padding", 0)
     source, padding = _fold_zero_pad(source, padding, node.target)
+    if isinstance(padding, str):
+        source, padding = _explicit_padding(gm, node, source, padding, tuple(gm.get_parameter(weight.target).shape[2:]),
+                                            kwargs.get("dilation", 1))
     module = _plain_module(node.target, gm.get_parameter(weight.target),
                            None if bias is None else gm.get_parameter(bias.target), padding, kwargs)
     path = _module_path(gm, original, weight.target, node.target)
@@ -152,6 +170,34 @@ def _to_module(gm: fx.GraphModule, original: nn.Module, node: fx.Node) -> None:
 
 def _arguments(node: fx.Node, names: tuple[str, ...]) -> dict:
     return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+def _explicit_padding(gm: fx.GraphModule, node: fx.Node, source, padding: str, kernel: tuple, dilation):
+    """(input, padding) for a conv given "valid"/"same": quantized convs take numbers only. An
+    uneven "same" padding (even kernel) becomes an explicit ``F.pad`` in front, as torch pads it."""
+    if padding == "valid":
+        return source, 0
+    dilation = (dilation,) * len(kernel) if isinstance(dilation, int) else tuple(dilation)
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if all(t % 2 == 0 for t in totals):
+        return source, tuple(t // 2 for t in totals)
+    pads = []
+    for total in reversed(totals):  # F.pad lists the last dimension first
+        pads += [total // 2, total - total // 2]
+    with gm.graph.inserting_before(node):
+        return gm.graph.call_function(F.pad, (source, tuple(pads))), 0
+
+
+def _numeric_padding(gm: fx.GraphModule, node: fx.Node) -> None:
+    """A torch.nn conv module with "same"/"valid" padding replaced by one with numbers."""
+    conv = gm.get_submodule(node.target)
+    source, padding = _explicit_padding(gm, node, node.args[0], conv.padding, conv.kernel_size, conv.dilation)
+    module = _plain_module(FUNCTIONAL_CONV[conv.weight.dim() - 3], conv.weight, conv.bias, padding,
+                           {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
+    if conv.padding_mode != "zeros":
+        return
+    gm.add_submodule(node.target, module.train(conv.training))
+    node.args = (source, *node.args[1:])
 
 
 def _plain_module(function, weight: nn.Parameter, bias: nn.Parameter | None, padding, kwargs) -> nn.Module:

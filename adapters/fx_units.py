@@ -120,7 +120,8 @@ def split(model: nn.Module, examples: dict[str, Example],
 
 
 def capture_inputs(model: nn.Module, example: Example) -> dict[str, Example]:
-    """Each module's inputs on its first call ("" for the model), from one FP32 forward pass.
+    """Each module's inputs on its first call ("" for the model), from one FP32 forward pass, and
+    the model's output under "(output)".
 
     This pass also checks the input signature before any tracing, so a wrong batch format is
     reported as that, not as an FX traceback.
@@ -134,7 +135,7 @@ def capture_inputs(model: nn.Module, example: Example) -> dict[str, Example]:
     args, kwargs = example
     try:
         with torch.inference_mode():
-            model(*args, **kwargs)
+            captured["(output)"] = ((model(*args, **kwargs),), {})
     except Exception as exc:
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
         raise CalibrationDataError(
