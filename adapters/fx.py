@@ -22,7 +22,6 @@ import logging
 import operator
 import time
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -37,8 +36,8 @@ from torch.ao.quantization import (
     QConfig,
     QConfigMapping,
 )
-from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 

@@ -45,7 +45,7 @@ class Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, _FusedModule) or id(m) in self.recorded:
             return True
-        own_forward = type(m).forward is not _torch_base(type(m)).forward
+        own_forward = type(m).forward is not getattr(_torch_base(type(m)), "forward", None)
         return type(m).__module__.startswith(("torch.nn", "torch.ao.nn")) and not own_forward and not list(m.children())
 
 
@@ -63,13 +63,13 @@ def trace(module: nn.Module, concrete_args: dict | None = None,
     graph = tracer.trace(module, concrete_args or None)
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and id(module.get_submodule(node.target)) in tracer.recorded:
-            _replay(gm, node, tracer.recorded[id(module.get_submodule(node.target))])
+        if node.op == "call_module" and id(module.get_submodule(str(node.target))) in tracer.recorded:
+            _replay(gm, node, tracer.recorded[id(module.get_submodule(str(node.target)))])
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in FUNCTIONAL_MODULES:
             _to_module(gm, module, node)
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and isinstance(getattr(gm.get_submodule(node.target), "padding", 0), str):
+        if node.op == "call_module" and isinstance(getattr(gm.get_submodule(str(node.target)), "padding", 0), str):
             _numeric_padding(gm, node)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -121,7 +121,7 @@ def record(module: nn.Module, example: tuple[tuple, dict]) -> list | None:
         return None
     # keep the constants only (not the activations)
     return [(func, {k: v for k, v in _arguments_of(call, names).items() if not isinstance(v, torch.Tensor)})
-            for call, func, names in zip(recorder.calls, funcs, (PAD_ARGS, CONV_ARGS)[2 - len(funcs):])]
+            for call, func, names in zip(recorder.calls, funcs, (PAD_ARGS, CONV_ARGS)[2 - len(funcs):], strict=True)]
 
 
 def _replay(gm: fx.GraphModule, node: fx.Node, calls: list) -> None:
@@ -134,7 +134,8 @@ def _replay(gm: fx.GraphModule, node: fx.Node, calls: list) -> None:
                                             {k: pad[k] for k in ("mode", "value") if k in pad})
         conv = calls[-1][1]
         weight = gm.graph.get_attr(f"{node.target}.weight")
-        bias = None if gm.get_submodule(node.target).bias is None else gm.graph.get_attr(f"{node.target}.bias")
+        has_bias = getattr(gm.get_submodule(str(node.target)), "bias", None) is not None
+        bias = gm.graph.get_attr(f"{node.target}.bias") if has_bias else None
         replacement = gm.graph.call_function(calls[-1][0], (source, weight, bias), conv)
     node.replace_all_uses_with(replacement)
     gm.graph.erase_node(node)
@@ -142,7 +143,7 @@ def _replay(gm: fx.GraphModule, node: fx.Node, calls: list) -> None:
 
 def _arguments_of(call: tuple[Any, tuple, dict], names: tuple[str, ...]) -> dict:
     _, args, kwargs = call
-    return {**dict(zip(names, args)), **kwargs}
+    return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
 def _to_module(gm: fx.GraphModule, original: nn.Module, node: fx.Node) -> None:
@@ -169,7 +170,7 @@ def _to_module(gm: fx.GraphModule, original: nn.Module, node: fx.Node) -> None:
 
 
 def _arguments(node: fx.Node, names: tuple[str, ...]) -> dict:
-    return {**dict(zip(names, node.args)), **node.kwargs}
+    return {**dict(zip(names, node.args, strict=False)), **node.kwargs}
 
 
 def _explicit_padding(gm: fx.GraphModule, node: fx.Node, source, padding: str, kernel: tuple, dilation):
@@ -178,7 +179,7 @@ def _explicit_padding(gm: fx.GraphModule, node: fx.Node, source, padding: str, k
     if padding == "valid":
         return source, 0
     dilation = (dilation,) * len(kernel) if isinstance(dilation, int) else tuple(dilation)
-    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
     if all(t % 2 == 0 for t in totals):
         return source, tuple(t // 2 for t in totals)
     pads = []
@@ -190,13 +191,13 @@ def _explicit_padding(gm: fx.GraphModule, node: fx.Node, source, padding: str, k
 
 def _numeric_padding(gm: fx.GraphModule, node: fx.Node) -> None:
     """A torch.nn conv module with "same"/"valid" padding replaced by one with numbers."""
-    conv = gm.get_submodule(node.target)
+    conv: Any = gm.get_submodule(str(node.target))
+    if conv.padding_mode != "zeros":
+        return
     source, padding = _explicit_padding(gm, node, node.args[0], conv.padding, conv.kernel_size, conv.dilation)
     module = _plain_module(FUNCTIONAL_CONV[conv.weight.dim() - 3], conv.weight, conv.bias, padding,
                            {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
-    if conv.padding_mode != "zeros":
-        return
-    gm.add_submodule(node.target, module.train(conv.training))
+    gm.add_submodule(str(node.target), module.train(conv.training))
     node.args = (source, *node.args[1:])
 
 
@@ -236,7 +237,7 @@ def _is_parameter(gm: fx.GraphModule, node) -> bool:
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return False
     try:
-        return isinstance(gm.get_parameter(node.target), nn.Parameter)
+        return isinstance(gm.get_parameter(str(node.target)), nn.Parameter)
     except AttributeError:
         return False
 

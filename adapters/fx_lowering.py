@@ -25,16 +25,16 @@ class PackedWeights:
 
     def __init__(self) -> None:
         # key -> (weight kept alive so its address is never reused, quantized module)
-        self._modules: dict[tuple, tuple[torch.Tensor, nn.Module]] = {}
+        self._modules: dict[tuple, tuple[torch.Tensor, Any]] = {}
 
-    def lower(self, q_class: type, ref_module: nn.Module, scale: Any, zero_point: Any) -> nn.Module:
-        inner = ref_module[0] if isinstance(ref_module, nn.Sequential) else ref_module
+    def lower(self, q_class: Any, ref_module: nn.Module, scale: Any, zero_point: Any) -> nn.Module:
+        inner: Any = ref_module[0] if isinstance(ref_module, nn.Sequential) else ref_module
         weight, bias = inner.weight, getattr(inner, "bias", None)
         key = (q_class, weight.untyped_storage().data_ptr(), tuple(weight.shape), inner.weight_qscheme,
                None if bias is None else bias.untyped_storage().data_ptr())
         if key not in self._modules:
             self._modules[key] = (weight, q_class.from_reference(ref_module, scale, zero_point))
-        module = _shallow_copy(self._modules[key][1])
+        module: Any = _shallow_copy(self._modules[key][1])
         module.scale, module.zero_point = float(scale), int(zero_point)
         return module
 

@@ -79,7 +79,8 @@ def row(name: str, args: argparse.Namespace) -> str:
     held = " (held out)" if ZOO[name].held_out else ""
     return (f"| {name}{held} | {len(ops)} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}) "
             f"| {len(weighted & ops)} of {len(weighted)} | {len(weighted - accounted)} | {space_s:.1f} "
-            f"| {statistics.median(times):.2f} | {diff:.2g} | {len(failed)}{': ' + '; '.join(failed) if failed else ''} "
+            f"| {statistics.median(times):.2f} | {diff:.2g} "
+            f"| {len(failed)}{': ' + '; '.join(failed) if failed else ''} "
             f"| {ratio:.2f} |")
 
 

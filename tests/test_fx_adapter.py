@@ -264,7 +264,8 @@ class SameConv(nn.Conv2d):
     """A conv subclass with its own forward: "same" padding from the input's shape, then F.conv2d."""
 
     def forward(self, x):
-        total = [max((-(s // -st) - 1) * st + k - s, 0) for s, k, st in zip(x.shape[-2:], self.kernel_size, self.stride)]
+        sizes = zip(x.shape[-2:], self.kernel_size, self.stride, strict=True)
+        total = [max((-(s // -st) - 1) * st + k - s, 0) for s, k, st in sizes]
         x = nn.functional.pad(x, [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2])
         return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
