@@ -498,13 +498,17 @@ def _shallow_tree_copy(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Modu
 
 
 def _keep_attributes(unit: nn.Module, original: nn.Module) -> None:
-    """Plain attributes of a replaced leaf (a conv's stride, kernel_size...), which some models' code
-    reads from the module (Hugging Face's TF-style padding)."""
+    """Plain attributes of a replaced leaf (a conv's stride, kernel_size...) and its float weights,
+    which some models' code reads from the module (Hugging Face's TF-style padding, ViT's
+    ``projection.weight.dtype``). The weights are unregistered: the unit's own ones run."""
     if list(original.children()):
         return
     for name, value in vars(original).items():
         if not name.startswith("_") and isinstance(value, (int, float, str, bool, tuple)) and not hasattr(unit, name):
             setattr(unit, name, value)
+    for name, tensor in original.named_parameters(recurse=False):
+        if not hasattr(unit, name):
+            object.__setattr__(unit, name, tensor)
 
 
 def _keep_module_calls(_module: nn.Module, _args: Any) -> None:

@@ -37,11 +37,17 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = [row(name, args) for name in args.models.split(",")]
     header = ("| model | ops | Conv/Linear searched | unaccounted | space s | build s (median) | all-FP32 max diff "
               "| failed fallbacks | INT8/FP32 latency |\n|---|---|---|---|---|---|---|---|---|")
+    print(header, flush=True)
+    rows = []
+    for name in args.models.split(","):
+        try:
+            rows.append(row(name, args))
+        except Exception as exc:  # a crash is a row of the table, not the end of it
+            rows.append(f"| {name} | crashed: {type(exc).__name__}: {str(exc)[:200]} |")
+        print(rows[-1], flush=True)
     table = "\n".join([header, *rows])
-    print(table)
     if args.out:
         command = f"python experiments/fx_zoo.py --size {args.size} --models {args.models}"
         args.out.write_text(f"# FX adapter on the zoo ({args.size})\n\n`{command}`\n\n{table}\n")
