@@ -107,7 +107,8 @@ class _WeightObserver:
 
         class Cached(base):
             def forward(self, w: torch.Tensor) -> torch.Tensor:
-                key = (w.data_ptr(), w._version, tuple(w.shape))
+                version = 0 if w.is_inference() else w._version  # inference tensors have no counter
+                key = (w.data_ptr(), version, tuple(w.shape))
                 if key not in ranges or ranges[key][0] is not w:
                     super().forward(w)
                     ranges[key] = (w, self.min_val, self.max_val)
