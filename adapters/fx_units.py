@@ -50,9 +50,10 @@ class Unit:
     def fp32_nodes(self, fp32_ops: frozenset[str]) -> list[str]:
         """Nodes to leave FP32: the FP32 ops, and the ops that only follow them.
 
-        An op that is not searched (ReLU, pooling, padding) runs INT8 when any op feeding it does;
-        left INT8 after an FP32 op, it would sit in a quantize/dequantize island. One that no
-        searched op feeds (a padding of the model's input) follows the ops it feeds.
+        An op that is not searched (ReLU, pooling, padding) runs INT8 when any op feeding it does
+        and any op it feeds does; left INT8 between FP32 ops, it would sit in a quantize/dequantize
+        island. One that no searched op feeds (a padding of the model's input) follows the ops it
+        feeds.
         """
         int8: dict[str, bool | None] = {}  # None: not decided by what feeds it
         for step in self.flow:
@@ -66,8 +67,13 @@ class Unit:
             for name in step.inputs:
                 consumers.setdefault(name, []).append(step.node)
         for step in reversed(self.flow):
+            users = consumers.get(step.node, [])
             if int8[step.node] is None:
-                int8[step.node] = any(int8[user] for user in consumers.get(step.node, []))
+                int8[step.node] = any(int8[user] for user in users)
+            elif step.op is None and users and not any(int8[user] for user in users):
+                # feeds FP32 ops only: INT8 here would quantize their input (a tensor with an outlier
+                # channel that the fallback was meant to keep whole)
+                int8[step.node] = False
         return [node for node, quantized in int8.items() if not quantized]
 
     def op_name(self, local: str) -> str:
