@@ -2,30 +2,33 @@
 
 Calibrate once, build many: one pass over the calibration data with recording observers keyed by
 the observed FX node's name (stable across fallback sets, unlike observer names) collects
-statistics; each candidate is then ``prepare_fx`` with range observers filled from those
-statistics, and ``convert_fx``: no data pass per candidate. Weight observers run inside convert,
-so weight granularity needs no data either.
+statistics. Each unit is traced and prepared once per qconfig family (approach, scheme, weight
+granularity); a candidate is a copy of that prepared graph that shares its tensors, with range
+observers filled from the statistics and its FP32 nodes' qconfigs set to None, then ``convert_fx``:
+no data pass, no re-trace, no re-prepare per candidate. Weight observers run inside convert, so
+weight granularity needs no data either.
 
-A model FX cannot trace as a whole is split: its traceable submodules are quantized (recursively)
-and the rest stays FP32, and the space says which parts and why.
+Every convolution and linear is a module of the traced graph however the model writes it
+(``fx_graph``); a model FX cannot trace as a whole is split into traceable units (``fx_units``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import inspect
 import logging
 import operator
 import time
-from collections import defaultdict
+import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.ao.quantization import (
     MinMaxObserver,
     PerChannelMinMaxObserver,
@@ -34,6 +37,8 @@ from torch.ao.quantization import (
     QConfigMapping,
 )
 from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+from torch.ao.quantization.observer import ObserverBase
+from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
@@ -41,12 +46,16 @@ from autoquant.data import first_batch, iterate_batches, model_inputs
 from autoquant.errors import BackendError, CalibrationDataError, first_line
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
+from . import fx_graph
 from .base import Adapter
+from .fx_lowering import PackedWeights, reusing_packed_weights
+from .fx_units import FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
 
 log = logging.getLogger("autoquant")
 
 ENGINE = "x86"
 MODEL_FILE = "model.pt"
+OUTPUT_CLASS = "output_class"  # extra file of a saved model: the class of its dict output
 # Function ops with INT8 kernels in the x86 backend config, searched one by one.
 QUANTIZABLE_FUNCTIONS = {
     operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul",
@@ -57,6 +66,8 @@ FP32_FUNCTIONS = {
     torch.bmm: "bmm", nn.functional.softmax: "softmax", nn.functional.gelu: "gelu", nn.functional.silu: "silu",
     nn.functional.layer_norm: "layer_norm", torch.matmul: "matmul",
 }
+# Modules that compute nothing at inference: never offered as ops.
+NO_OPS = (nn.modules.dropout._DropoutNd, nn.Identity)
 
 
 class _RecordingObserver(MinMaxObserver):
@@ -80,63 +91,32 @@ class _RangeObserver(MinMaxObserver):
         self.max_val = torch.tensor(hi)
 
 
-@dataclass(frozen=True)
-class _FlowStep:
-    node: str
-    op: str | None  # the searched op at this node, if any
-    address: tuple | None  # None for call_method nodes, which QConfigMapping cannot address one by one
-    inputs: list[str]
+class _WeightObserver:
+    """Weight observers that remember each weight's range: every candidate converts the same
+    (shared) weight tensors, and the per-channel min/max pass is a third of a convert."""
 
+    def __init__(self, granularity: str) -> None:
+        self.granularity = granularity
+        # keyed by address; the tensor is kept so that its address cannot be reused by another
+        self._ranges: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-@dataclass
-class _Unit:
-    """A traceable part of the model, quantized on its own; ``path`` "" is the whole model."""
+    def factory(self) -> Any:
+        base = PerChannelMinMaxObserver if self.granularity == "per_channel" else MinMaxObserver
+        qscheme = torch.per_channel_symmetric if self.granularity == "per_channel" else torch.per_tensor_symmetric
+        ranges = self._ranges
 
-    path: str
-    module: nn.Module
-    example: tuple[tuple[Any, ...], dict[str, Any]]
-    recording: torch.fx.GraphModule | None = None
-    # op name -> how QConfigMapping addresses it: ("module", name) or ("function", path, target, index)
-    addresses: dict[str, tuple] = field(default_factory=dict)
-    # FX node name -> op name, to find the ops that read an observed tensor
-    node_ops: dict[str, str] = field(default_factory=dict)
-    # every op node in graph order, to decide where the ops between searched ops run
-    flow: list[_FlowStep] = field(default_factory=list)
+        class Cached(base):
+            def forward(self, w: torch.Tensor) -> torch.Tensor:
+                version = 0 if w.is_inference() else w._version  # inference tensors have no counter
+                key = (w.data_ptr(), version, tuple(w.shape))
+                if key not in ranges or ranges[key][0] is not w:
+                    super().forward(w)
+                    ranges[key] = (w, self.min_val, self.max_val)
+                _, self.min_val, self.max_val = ranges[key]
+                return w
 
-    def fp32_addresses(self, fp32_ops: frozenset[str]) -> list[tuple]:
-        """QConfigMapping addresses to set to None: the FP32 ops, and the ops that only follow them.
-
-        An op that is not searched (ReLU, pooling, flatten) runs INT8 when any op feeding it does;
-        left to the global qconfig after an FP32 op, it would sit in a quantize/dequantize island.
-        """
-        int8: dict[str, bool] = {}
-        addresses = []
-        for step in self.flow:
-            if step.op is not None:
-                int8[step.node] = step.op not in fp32_ops
-            else:
-                fed = [int8[name] for name in step.inputs if name in int8]
-                int8[step.node] = any(fed) or not fed
-            if not int8[step.node] and step.address is not None:
-                addresses.append(step.address)
-        return addresses
-
-    def op_name(self, local: str) -> str:
-        if isinstance(self.module, _Leaf) and local == "module":
-            return self.path
-        return f"{self.path}.{local}" if self.path else local
-
-
-class _Leaf(nn.Module):
-    """Holds a leaf unit (a lone Linear): tracing a module traces through its forward, so the
-    Linear itself would become a plain F.linear call instead of a module FX can swap."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: Any) -> Any:  # FX cannot trace *args; Linear and Conv take one input
-        return self.module(x)
+        Cached.__name__ = base.__name__
+        return Cached.with_args(dtype=torch.qint8, qscheme=qscheme)
 
 
 class FXAdapter(Adapter):
@@ -159,12 +139,21 @@ class FXAdapter(Adapter):
         self._calib_data = calib_data
         self._example = model_inputs(first_batch(calib_data))
         self._stats: dict[str, TensorStats] | None = None
-        self._units, untraceable = self._split(model)
+        self._weights = {g: _WeightObserver(g) for g in ("per_channel", "per_tensor")}
+        self._packed = PackedWeights()
+        examples = capture_inputs(model, self._example)
+        # FX returns a dict subclass (a Hugging Face ModelOutput) as a plain dict: restored in build
+        self._output_class = type(examples.pop("(output)")[0][0])
+        # conv subclasses recorded as (pad, conv) calls on their input: traced as those, specialised
+        self._recorded = {id(m): calls for path, m in model.named_modules()
+                          if path in examples and (calls := fx_graph.record(m, examples[path])) is not None}
+        self._units, untraceable = split(model, examples, self._unit)
         ops, unsupported = [], list(untraceable)
         for unit in self._units:
             unit_ops, unit_unsupported = self._discover(unit)
             ops += unit_ops
             unsupported += unit_unsupported
+        unsupported += unaccounted(model, ops, unsupported, set(examples))
         if not ops:
             raise BackendError(
                 "Nothing in this model can be quantized by the FX x86 backend "
@@ -180,62 +169,44 @@ class FXAdapter(Adapter):
         return self._model
 
     # --- tracing and discovery ------------------------------------------------------------------
-    def _split(self, model: nn.Module) -> tuple[list[_Unit], list[UnsupportedOp]]:
-        """Traceable units, largest first; the parts FX could not trace and why."""
+    def _unit(self, path: str, module: nn.Module, example: tuple[tuple, dict]) -> Unit:
+        leaf = not list(module.children())
+        root = Leaf(module) if leaf else module
         try:
-            return [self._unit("", model, self._example)], []
-        except _TraceError as whole:
-            log.warning("FX cannot trace the whole model (%s); quantizing its traceable submodules.", whole)
-        examples = _capture_inputs(model, self._example)
-        units: list[_Unit] = []
-        untraceable: list[UnsupportedOp] = []
-
-        def visit(path: str, module: nn.Module) -> None:
-            for child_name, child in module.named_children():
-                child_path = f"{path}.{child_name}" if path else child_name
-                if child_path not in examples or not _has_quantizable_leaf(child):
-                    continue
-                try:
-                    units.append(self._unit(child_path, child, examples[child_path]))
-                except _TraceError as exc:
-                    reason = f"FX cannot trace it ({exc}); its submodules are searched instead"
-                    untraceable.append(UnsupportedOp(child_path, type(child).__name__, reason))
-                    visit(child_path, child)
-
-        visit("", model)
-        untraceable.insert(0, UnsupportedOp("(whole model)", type(model).__name__, "FX cannot trace it as a whole"))
-        return units, untraceable
-
-    def _unit(self, path: str, module: nn.Module, example: tuple[tuple, dict]) -> _Unit:
-        unit = _Unit(path, module if list(module.children()) else _Leaf(module), example)
-        try:
+            traced = fx_graph.trace(root, _none_arguments(root, example), self._recorded)
+            unit = Unit(path, traced, example, leaf=leaf)
             unit.recording = self._prepare(unit, _recording_mapping())
             _run(unit.recording, example)
         except Exception as exc:  # FX raises many types (TraceError, TypeError, NotImplementedError, ...)
-            raise _TraceError(first_line(exc, 300)) from exc
+            raise TraceError(first_line(exc, 300)) from exc
         return unit
 
-    def _prepare(self, unit: _Unit, mapping: QConfigMapping) -> torch.fx.GraphModule:
+    def _prepare(self, unit: Unit, mapping: QConfigMapping) -> fx.GraphModule:
         args, kwargs = unit.example
         positional = inspect.signature(unit.module.forward).bind(*args, **kwargs).args
-        return prepare_fx(copy.deepcopy(unit.module), mapping, positional, backend_config=get_x86_backend_config())
+        with warnings.catch_warnings():  # prepare_fx/convert_fx are deprecated in favour of PT2E
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return prepare_fx(copy.deepcopy(unit.module), mapping, positional,
+                              backend_config=get_x86_backend_config())
 
-    def _discover(self, unit: _Unit) -> tuple[list[OpInfo], list[UnsupportedOp]]:
+    def _discover(self, unit: Unit) -> tuple[list[OpInfo], list[UnsupportedOp]]:
         """Ops that really become INT8 in the converted graph (module types alone can mislead)."""
         prepared = unit.recording
-        static = dict(convert_fx(copy.deepcopy(prepared)).named_modules(remove_duplicate=False))
-        dynamic_prepared = self._prepare(unit, _dynamic_mapping(_weight_observer("per_channel"), ()))
-        dynamic = dict(convert_fx(dynamic_prepared).named_modules(remove_duplicate=False))
+        static = dict(_convert(copy.deepcopy(prepared)).named_modules(remove_duplicate=False))
+        dynamic_prepared = self._prepare(unit, _dynamic_mapping(PerChannelMinMaxObserver.with_args(
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric)))
+        dynamic = dict(_convert(dynamic_prepared).named_modules(remove_duplicate=False))
         modules = dict(prepared.named_modules(remove_duplicate=False))
-        scope = prepared.meta["_observed_graph_module_attrs"].node_name_to_scope
-        counters: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
-        observers = {n for n in prepared.graph.nodes if isinstance(_module_of(prepared, n), _RecordingObserver)}
+        observers = {n for n in prepared.graph.nodes if isinstance(_module_of(prepared, n), ObserverBase)}
         ops, unsupported = [], []
         for node in prepared.graph.nodes:
-            address, op_name = None, None
-            if node.op == "call_module" and not isinstance(modules[node.target], _RecordingObserver):
-                address = ("module", node.target)
-                if _is_quantized(static.get(node.target)):
+            op_name = None
+            if node.op == "call_module":
+                if isinstance(modules[node.target], ObserverBase):
+                    continue
+                if isinstance(modules[node.target], NO_OPS):  # in the flow, never an op
+                    op_name = None
+                elif _is_quantized(static.get(node.target)):
                     approaches = ("static", "dynamic") if _is_quantized(dynamic.get(node.target)) else ("static",)
                     op_name = unit.op_name(node.target)
                     ops.append(OpInfo(op_name, type(static[node.target]).__name__, approaches))
@@ -243,9 +214,6 @@ class FXAdapter(Adapter):
                     unsupported.append(UnsupportedOp(unit.op_name(node.target), type(modules[node.target]).__name__,
                                                      "no INT8 kernel in the x86 backend; runs FP32"))
             elif node.op == "call_function":
-                module_path = scope[node.name][0]
-                address = ("function", module_path, node.target, counters[module_path][node.target])
-                counters[module_path][node.target] += 1
                 if node.target in QUANTIZABLE_FUNCTIONS and _is_observed(node, modules):
                     op_name = unit.op_name(node.name)
                     ops.append(OpInfo(op_name, QUANTIZABLE_FUNCTIONS[node.target]))
@@ -256,10 +224,10 @@ class FXAdapter(Adapter):
             elif node.op != "call_method":
                 continue
             if op_name is not None:
-                unit.addresses[op_name] = address
+                unit.nodes[op_name] = node.name
                 unit.node_ops[node.name] = op_name
-            inputs = [a.args[0].name if a in observers else a.name for a in node.all_input_nodes]
-            unit.flow.append(_FlowStep(node.name, op_name, address, inputs))
+            inputs = tuple(a.args[0].name if a in observers else a.name for a in node.all_input_nodes)
+            unit.flow.append(FlowStep(node.name, op_name, inputs))
         return ops, unsupported
 
     # --- calibration ----------------------------------------------------------------------------
@@ -331,32 +299,44 @@ class FXAdapter(Adapter):
     # --- candidates -----------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> nn.Module:
         self.calibrate()
-        weight = _weight_observer(config.granularity)
         converted = {}
         for unit in self._units:
-            if config.approach == "dynamic":
-                fp32 = [unit.addresses[name] for name in config.fp32_ops if name in unit.addresses]
-                prepared = self._prepare(unit, _dynamic_mapping(weight, fp32))
-            else:
-                symmetric = config.scheme == "symmetric"
-                activation = _RangeObserver.with_args(
-                    dtype=torch.quint8,
-                    qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine,
-                )
-                fp32 = unit.fp32_addresses(config.fp32_ops)
-                mapping = _with_fallback(QConfigMapping().set_global(QConfig(activation, weight)), fp32)
-                prepared = self._prepare(unit, mapping)
-                for node in prepared.graph.nodes:
-                    observer = _module_of(prepared, node)
-                    if isinstance(observer, _RangeObserver):
-                        key = _stats_key(unit, node.args[0].name)
-                        method = _calibration_for(node, unit, config)
-                        observer.set_range(*self._range(key, method, symmetric))
+            candidate = _shared_copy(self._family(unit, config))
+            symmetric = config.scheme == "symmetric"
+            for node in candidate.graph.nodes:
+                observer = _module_of(candidate, node)
+                if isinstance(observer, _RangeObserver):
+                    key = _stats_key(unit, node.args[0].name)
+                    observer.set_range(*self._range(key, _calibration_for(node, unit, config), symmetric))
+            fp32 = [unit.nodes[name] for name in config.fp32_ops if name in unit.nodes]
+            fp32 = fp32 if config.approach == "dynamic" else unit.fp32_nodes(config.fp32_ops)
+            qconfigs = candidate.meta["_observed_graph_module_attrs"].node_name_to_qconfig
+            for node in fp32:
+                qconfigs[node] = None
             try:
-                converted[unit.path] = convert_fx(prepared)
+                with reusing_packed_weights(self._packed):
+                    converted[unit.path] = _convert(candidate)
+                if unit.path == "":
+                    fx_graph.restore_output_class(converted[unit.path], self._output_class)
             except Exception as exc:
                 raise BackendError(f"convert_fx failed for {config.describe()}: {first_line(exc, 300)}") from exc
         return self._assemble(self._model, converted, copy_root=True)
+
+    def _family(self, unit: Unit, config: QuantConfig) -> fx.GraphModule:
+        """The unit prepared once for the config's approach, scheme and weight granularity."""
+        family = (config.approach, config.scheme, config.granularity)
+        if family not in unit.prepared:
+            weight = self._weights[config.granularity].factory()
+            if config.approach == "dynamic":
+                mapping = _dynamic_mapping(weight)
+            else:
+                activation = _RangeObserver.with_args(
+                    dtype=torch.quint8,
+                    qscheme=torch.per_tensor_symmetric if config.scheme == "symmetric" else torch.per_tensor_affine,
+                )
+                mapping = _static_mapping(QConfig(activation, weight))
+            unit.prepared[family] = self._prepare(unit, mapping)
+        return unit.prepared[family]
 
     @staticmethod
     def _assemble(model: nn.Module, parts: dict[str, nn.Module], *, copy_root: bool) -> nn.Module:
@@ -366,6 +346,10 @@ class FXAdapter(Adapter):
         root = copy.deepcopy(model) if copy_root else _shallow_tree_copy(model, parts)
         for path, module in parts.items():
             parent, _, child = path.rpartition(".")
+            _keep_attributes(module, model.get_submodule(path))
+            # torch.nn's fused fast paths (TransformerEncoderLayer, MultiheadAttention) read the
+            # float weights of their children and skip calling them, unless a hook is attached.
+            module.register_forward_pre_hook(_keep_module_calls)
             setattr(root.get_submodule(parent), child, module)
         return root
 
@@ -384,47 +368,93 @@ class FXAdapter(Adapter):
 
     # --- files ----------------------------------------------------------------------------------
     def save_model(self, model: nn.Module, directory: Path) -> Path:
-        """TorchScript, so that plain ``torch.jit.load`` runs it (quantized GraphModules do not pickle)."""
+        """TorchScript, so that plain ``torch.jit.load`` runs it (quantized GraphModules do not pickle).
+
+        Dict outputs (every Hugging Face model) are traced with ``strict=False``; the output class
+        (e.g. a ``ModelOutput``) is stored beside the graph so that ``load_model`` restores it."""
         path = Path(directory) / MODEL_FILE
         args, kwargs = self._example
         with torch.no_grad():
-            scripted = torch.jit.trace(model, args or None, example_kwarg_inputs=kwargs or None)
-        torch.jit.save(scripted, str(path))
+            output = model(*args, **kwargs)
+            scripted = torch.jit.trace(model, args or None, example_kwarg_inputs=kwargs or None, strict=False)
+        kind = type(output)
+        extra = {OUTPUT_CLASS: f"{kind.__module__}:{kind.__qualname__}"} if isinstance(output, dict) else {}
+        torch.jit.save(scripted, str(path), _extra_files=extra)
         return path
 
     @classmethod
-    def load_model(cls, path: Path) -> torch.jit.ScriptModule:
+    def load_model(cls, path: Path) -> nn.Module:
         torch.backends.quantized.engine = ENGINE
-        return torch.jit.load(str(path))
+        extra = {OUTPUT_CLASS: ""}
+        scripted = torch.jit.load(str(path), _extra_files=extra)
+        if not extra[OUTPUT_CLASS]:
+            return scripted
+        module, _, name = _text(extra[OUTPUT_CLASS]).partition(":")
+        return _DictOutput(scripted, functools.reduce(getattr, name.split("."), importlib.import_module(module)))
 
 
-class _TraceError(Exception):
-    pass
+class _DictOutput(nn.Module):
+    """A traced model whose dict output is rebuilt as the original model's output class."""
+
+    def __init__(self, scripted: torch.jit.ScriptModule, output_class: type) -> None:
+        super().__init__()
+        self.scripted, self.output_class = scripted, output_class
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output_class(**self.scripted(*args, **kwargs))
 
 
-def _recording_mapping() -> QConfigMapping:
-    weight = _weight_observer("per_channel")
-    return QConfigMapping().set_global(QConfig(_RecordingObserver.with_args(dtype=torch.quint8), weight))
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
-def _dynamic_mapping(weight: Any, fp32: list[tuple]) -> QConfigMapping:
-    activation = PlaceholderObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True)
-    # Global: the backend only has dynamic kernels for Linear (and fused Linear+ReLU needs one qconfig).
-    mapping = QConfigMapping().set_global(QConfig(activation, weight))
-    return _with_fallback(mapping, fp32)
-
-
-def _with_fallback(mapping: QConfigMapping, fp32: list[tuple]) -> QConfigMapping:
-    for address in fp32:
-        if address[0] == "module":
-            mapping.set_module_name(address[1], None)
-        else:
-            _, module_path, target, index = address
-            mapping.set_module_name_object_type_order(module_path, target, index, None)
+def _static_mapping(qconfig: QConfig) -> QConfigMapping:
+    """``qconfig`` everywhere but on the x86 backend's fixed-qparams ops (sigmoid, softmax, tanh,
+    hardsigmoid), whose INT8 kernels need their fixed output ranges (torch warns and leaves them
+    FP32 otherwise)."""
+    mapping = QConfigMapping().set_global(qconfig)
+    for op, observer in _FIXED_QPARAMS_OP_TO_OBSERVER.items():
+        mapping.set_object_type(op, QConfig(observer, qconfig.weight))
     return mapping
 
 
-def _calibration_for(observer: torch.fx.Node, unit: _Unit, config: QuantConfig) -> str:
+def _recording_mapping() -> QConfigMapping:
+    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    return _static_mapping(QConfig(_RecordingObserver.with_args(dtype=torch.quint8), weight))
+
+
+def _dynamic_mapping(weight: Any) -> QConfigMapping:
+    activation = PlaceholderObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True)
+    # Global: the backend only has dynamic kernels for Linear (and fused Linear+ReLU needs one qconfig).
+    mapping = QConfigMapping().set_global(QConfig(activation, weight))
+    for op in _FIXED_QPARAMS_OP_TO_OBSERVER:
+        mapping.set_object_type(op, None)  # no dynamic kernels: FP32, without torch's warning
+    return mapping
+
+
+def _convert(prepared: fx.GraphModule) -> fx.GraphModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return convert_fx(prepared)
+
+
+def _shared_copy(prepared: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a prepared graph to convert: new modules, graph and metadata, the same tensors
+    (convert creates new quantized weights and never writes into the float ones)."""
+    memo = {id(t): t for t in prepared.state_dict(keep_vars=True).values()}
+    return copy.deepcopy(prepared, memo)
+
+
+def _none_arguments(module: nn.Module, example: tuple[tuple, dict]) -> dict[str, None]:
+    """Forward arguments passed as None: traced as constants, so ``if mask is not None`` branches
+    are decided the way the model is really called."""
+    args, kwargs = example
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {name: None for name, value in bound.arguments.items() if value is None}
+
+
+def _calibration_for(observer: fx.Node, unit: Unit, config: QuantConfig) -> str:
     """An op's calibration override applies to the tensors it reads."""
     for user in observer.users:
         op = unit.node_ops.get(user.name)
@@ -433,17 +463,11 @@ def _calibration_for(observer: torch.fx.Node, unit: _Unit, config: QuantConfig) 
     return config.calibration
 
 
-def _weight_observer(granularity: str) -> Any:
-    if granularity == "per_channel":
-        return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-    return MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
-
-
-def _stats_key(unit: _Unit, node_name: str) -> str:
+def _stats_key(unit: Unit, node_name: str) -> str:
     return f"{unit.path}/{node_name}"
 
 
-def _module_of(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
+def _module_of(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return graph_module.get_submodule(node.target) if node.op == "call_module" else None
 
 
@@ -453,34 +477,13 @@ def _is_quantized(module: nn.Module | None) -> bool:
     )
 
 
-def _is_observed(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _is_observed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether the prepared graph quantizes all tensor inputs of the op (its output may be observed
     after a fused ReLU, as in add+relu)."""
     inputs = node.all_input_nodes
     return bool(inputs) and all(
-        n.op == "call_module" and isinstance(modules.get(n.target), _RecordingObserver) for n in inputs
+        n.op == "call_module" and isinstance(modules.get(n.target), ObserverBase) for n in inputs
     )
-
-
-def _has_quantizable_leaf(module: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in module.modules())
-
-
-def _capture_inputs(model: nn.Module, example: tuple[tuple, dict]) -> dict[str, tuple[tuple, dict]]:
-    """Each submodule's inputs on its first call, from one FP32 forward pass."""
-    captured: dict[str, tuple[tuple, dict]] = {}
-    hooks = []
-    for path, module in model.named_modules():
-        if path:
-            def hook(_module, args, kwargs, path=path):
-                captured.setdefault(path, (args, kwargs))
-            hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        _run(model, example)
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return captured
 
 
 def _shallow_tree_copy(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Module:
@@ -497,6 +500,24 @@ def _shallow_tree_copy(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Modu
         clone._modules = dict(original._modules)
         setattr(root.get_submodule(holder), name, clone)
     return root
+
+
+def _keep_attributes(unit: nn.Module, original: nn.Module) -> None:
+    """Plain attributes of a replaced leaf (a conv's stride, kernel_size...) and its float weights,
+    which some models' code reads from the module (Hugging Face's TF-style padding, ViT's
+    ``projection.weight.dtype``). The weights are unregistered: the unit's own ones run."""
+    if list(original.children()):
+        return
+    for name, value in vars(original).items():
+        if not name.startswith("_") and isinstance(value, (int, float, str, bool, tuple)) and not hasattr(unit, name):
+            setattr(unit, name, value)
+    for name, tensor in original.named_parameters(recurse=False):
+        if not hasattr(unit, name):
+            object.__setattr__(unit, name, tensor)
+
+
+def _keep_module_calls(_module: nn.Module, _args: Any) -> None:
+    return None
 
 
 def _run(model: nn.Module, example: tuple[tuple, dict]) -> Any:

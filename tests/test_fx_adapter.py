@@ -257,3 +257,169 @@ def test_output_probe_measures_distance_from_fp32(adapter):
     assert probe.error(everything_fp32) < 1e-12  # only BN folding's rounding
     assert probe.error(QuantConfig()) > 1e-6
     assert probe.calls == 2
+
+
+# --- any architecture (issues 14 and 11) ------------------------------------------------------------
+class SameConv(nn.Conv2d):
+    """A conv subclass with its own forward: "same" padding from the input's shape, then F.conv2d."""
+
+    def forward(self, x):
+        sizes = zip(x.shape[-2:], self.kernel_size, self.stride, strict=True)
+        total = [max((-(s // -st) - 1) * st + k - s, 0) for s, k, st in sizes]
+        x = nn.functional.pad(x, [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = SameConv(channels, channels, 3, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return x + self.dropout(self.relu(self.bn(self.conv(x))))
+
+
+class SubclassNet(nn.Module):
+    """Conv subclasses + BN, residual adds, a squeeze-excite gate and a functional linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(SameConv(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.ModuleList([Block(8), Block(8)])
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.head_weight = nn.Parameter(torch.randn(4, 8) * 0.3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        x = x * torch.sigmoid(self.gate(x.mean((2, 3), keepdim=True)))
+        return nn.functional.linear(x.mean((2, 3)), self.head_weight)
+
+
+def with_bn_statistics(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def subclass_adapter():
+    return FXAdapter(with_bn_statistics(SubclassNet()), batches())
+
+
+def test_conv_subclasses_and_functional_linears_are_ops_with_bn_folded(subclass_adapter):
+    ops = {op.name: op.op_type for op in subclass_adapter.space.ops}
+    assert ops["stem.0"] == "ConvReLU2d"  # pad folded or kept, conv+BN+ReLU one fused kernel
+    assert ops["blocks.0.conv"] == ops["blocks.1.conv"] == "ConvReLU2d"
+    assert ops["head_weight.linear" if "head_weight.linear" in ops else "linear"] == "Linear"
+    assert "mul" in ops and "add" in ops and "gate" in ops
+    assert not any(t in ("BatchNorm2d", "Dropout") for t in ops.values())  # folded / not offered
+    model = subclass_adapter.build(QuantConfig())
+    assert not any(isinstance(m, (nn.BatchNorm2d, nnq.BatchNorm2d)) for m in model.modules())
+
+
+def test_falling_back_the_op_before_a_residual_add_keeps_that_path_fp32(subclass_adapter):
+    model, x = subclass_adapter.fp32_model, batches()[1][0]
+    fallback = subclass_adapter.build(QuantConfig(fp32_ops=frozenset({"blocks.1.conv"})))
+    conv = fallback.get_submodule("blocks.1.conv")
+    assert not type(conv).__module__.startswith("torch.ao.nn.intrinsic.quantized")  # float fused conv+bn+relu
+    # that conv's output equals the FP32 block's on the same (dequantized) input
+    seen = {}
+    conv.register_forward_hook(lambda m, args, out: seen.update(input=args[0], output=out))
+    fallback(x)
+    reference = model.blocks[1].relu(model.blocks[1].bn(nn.functional.conv2d(
+        seen["input"], model.blocks[1].conv.weight, None, 1, 1)))
+    assert seen["output"].dtype == torch.float32
+    torch.testing.assert_close(seen["output"], reference, atol=1e-5, rtol=1e-5)
+    everything = subclass_adapter.build(QuantConfig(fp32_ops=frozenset(subclass_adapter.space.op_names)))
+    torch.testing.assert_close(everything(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_every_single_op_fallback_builds_and_runs(subclass_adapter):
+    x = batches()[0][0]
+    for name in subclass_adapter.space.op_names:
+        assert torch.isfinite(subclass_adapter.build(QuantConfig(fp32_ops=frozenset({name})))(x)).all()
+
+
+def test_candidates_reuse_the_prepared_graph(subclass_adapter, monkeypatch):
+    subclass_adapter.build(QuantConfig())
+    monkeypatch.setattr("autoquant.adapters.fx.prepare_fx", lambda *a, **k: pytest.fail("prepared again"))
+    first = subclass_adapter.build(QuantConfig(fp32_ops=frozenset({"gate"})))
+    second = subclass_adapter.build(QuantConfig(fp32_ops=frozenset({"gate"})))
+    x = batches()[0][0]
+    assert torch.equal(first(x), second(x))
+
+
+def test_no_fixed_qparams_warning(recwarn):
+    FXAdapter(with_bn_statistics(SubclassNet()), batches()).build(QuantConfig())
+    assert not [w for w in recwarn if "FixedQParams" in str(w.message)]
+
+
+def small_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    data = [{"input_ids": torch.randint(0, 50, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+            for _ in range(2)]
+    return BertModel(config).eval(), data
+
+
+@pytest.fixture(scope="module")
+def bert():
+    model, data = small_bert()
+    return model, data, FXAdapter(model, data)
+
+
+def test_every_linear_of_a_bert_is_searched_or_accounted_for(bert):
+    model, data, adapter = bert
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ops = {op.name for op in adapter.space.ops}
+    assert len(linears) == 13 and linears <= ops  # the ModuleList's layers are visited
+    fp32 = adapter.build(QuantConfig(fp32_ops=frozenset(ops)))
+    torch.testing.assert_close(fp32(**data[0]).last_hidden_state, model(**data[0]).last_hidden_state)
+
+
+def test_transformer_encoder_is_not_one_opaque_leaf():
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.encoder(x).mean(1))
+
+    model, data = Classifier().eval(), [torch.randn(2, 6, 16) for _ in range(2)]
+    adapter = FXAdapter(model, data)
+    ops = {op.name for op in adapter.space.ops}
+    assert {"encoder.layers.0.linear1", "encoder.layers.1.linear2", "fc"} <= ops
+    unsupported = {u.name: u.reason for u in adapter.space.unsupported}
+    assert "never called as a module" in unsupported["encoder.layers.0.self_attn.out_proj"]
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert linears <= ops | set(unsupported)
+    quantized = adapter.build(QuantConfig())  # INT8 linears really run: torch's fused fast path is off
+    assert not torch.equal(quantized(data[0]), model(data[0]))
+    torch.testing.assert_close(adapter.build(QuantConfig(fp32_ops=frozenset(ops)))(data[0]), model(data[0]))
+
+
+def test_dict_output_model_saves_and_reloads(bert, tmp_path):
+    _, data, adapter = bert
+    quantized = adapter.build(QuantConfig())
+    loaded = FXAdapter.load_model(adapter.save_model(quantized, tmp_path))
+    out = loaded(**data[1])
+    assert type(out) is type(quantized(**data[1]))
+    torch.testing.assert_close(out.last_hidden_state, quantized(**data[1]).last_hidden_state)
+
+
+def test_wrong_input_signature_is_reported_before_tracing():
+    with pytest.raises(CalibrationDataError, match="FP32 model fails on the first calibration batch"):
+        FXAdapter(ResNetLet().eval(), [(torch.randn(2, 5, 12, 12), torch.randn(2, 5, 12, 12), 0)])
