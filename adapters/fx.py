@@ -320,7 +320,7 @@ class FXAdapter(Adapter):
                     fx_graph.restore_output_class(converted[unit.path], self._output_class)
             except Exception as exc:
                 raise BackendError(f"convert_fx failed for {config.describe()}: {first_line(exc, 300)}") from exc
-        return self._assemble(self._model, converted, copy_root=True)
+        return _with_device_anchor(self._assemble(self._model, converted, copy_root=True))
 
     def _family(self, unit: Unit, config: QuantConfig) -> fx.GraphModule:
         """The unit prepared once for the config's approach, scheme and weight granularity."""
@@ -465,6 +465,18 @@ def _calibration_for(observer: fx.Node, unit: Unit, config: QuantConfig) -> str:
 
 def _stats_key(unit: Unit, node_name: str) -> str:
     return f"{unit.path}/{node_name}"
+
+
+def _with_device_anchor(model: nn.Module) -> nn.Module:
+    """Give each module with a ``device`` property and no float parameter left an empty one.
+
+    Hugging Face's ``model.device`` (read by pipelines, and probed by ``torch.jit.trace``) is
+    ``next(self.parameters())``: on a fully quantized model it raises StopIteration.
+    """
+    for module in model.modules():
+        if isinstance(getattr(type(module), "device", None), property) and next(module.parameters(), None) is None:
+            module.register_parameter("_autoquant_device_anchor", nn.Parameter(torch.empty(0), requires_grad=False))
+    return model
 
 
 def _module_of(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:

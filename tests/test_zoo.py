@@ -31,138 +31,19 @@ ALL_FALLBACKS = ("tf_effnet", "dense_unet")
 
 # (model, adapter, check) -> the first line of the error observed. Delete an entry when it passes.
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    ("resnet", "fx", "coverage"):
-        "AssertionError: 11 Conv/Linear neither in the space nor in space.unsupported: "
-        "resnet.encoder.stages.0.layers.0.layer.0.convolution, resnet.encoder.stages.0.laye",
-    ("resnet", "fx", "save_load"):
-        "RuntimeError: Encountering a dict at the output of the tracer might cause the trace to be incorrect,"
-        " this is only valid if the container structure does not chan",
     ("resnet", "onnx", "fp32"):
         "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 4.42e-03",
-    ("mobilenet_v2", "fx", "coverage"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'stride'. Each batch must be the model inpu",
-    ("mobilenet_v2", "fx", "default"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'stride'. Each batch must be the model inpu",
-    ("mobilenet_v2", "fx", "fallback"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'stride'. Each batch must be the model inpu",
-    ("mobilenet_v2", "fx", "fp32"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'stride'. Each batch must be the model inpu",
-    ("mobilenet_v2", "fx", "save_load"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'stride'. Each batch must be the model inpu",
     ("mobilenet_v2", "onnx", "fp32"):
         "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 4.78e-03",
-    ("efficientnet", "fx", "coverage"):
-        "RuntimeError: quantized::conv2d_prepack() Expected a value of type 'List[int]' for argument "
-        "'padding' but instead found type 'tuple'.",
-    ("efficientnet", "fx", "default"):
-        "RuntimeError: quantized::conv2d_prepack() Expected a value of type 'List[int]' for argument "
-        "'padding' but instead found type 'tuple'.",
-    ("efficientnet", "fx", "fallback"):
-        "RuntimeError: quantized::conv2d_prepack() Expected a value of type 'List[int]' for argument "
-        "'padding' but instead found type 'tuple'.",
-    ("efficientnet", "fx", "fp32"):
-        "RuntimeError: quantized::conv2d_prepack() Expected a value of type 'List[int]' for argument "
-        "'padding' but instead found type 'tuple'.",
-    ("efficientnet", "fx", "save_load"):
-        "RuntimeError: quantized::conv2d_prepack() Expected a value of type 'List[int]' for argument "
-        "'padding' but instead found type 'tuple'.",
     ("efficientnet", "onnx", "fp32"):
         "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 1.07e-01",
-    ("convnext", "fx", "coverage"):
-        "AssertionError: 15 Conv/Linear neither in the space nor in space.unsupported: "
-        "convnext.encoder.stages.0.layers.0.dwconv, convnext.encoder.stages.0.layers.0.pwco",
-    ("convnext", "fx", "save_load"):
-        "RuntimeError: Encountering a dict at the output of the tracer might cause the trace to be incorrect,"
-        " this is only valid if the container structure does not chan",
-    ("regnet", "fx", "coverage"):
-        "AssertionError: 24 Conv/Linear neither in the space nor in space.unsupported: "
-        "regnet.encoder.stages.0.layers.0.layer.0.convolution, regnet.encoder.stages.0.laye",
-    ("regnet", "fx", "save_load"):
-        "RuntimeError: Encountering a dict at the output of the tracer might cause the trace to be incorrect,"
-        " this is only valid if the container structure does not chan",
     ("regnet", "onnx", "fp32"):
         "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 1.51e-02",
-    ("mobilevit", "fx", "coverage"):
-        "AssertionError: 87 Conv/Linear neither in the space nor in space.unsupported: "
-        "mobilevit.encoder.layer.0.layer.0.expand_1x1.convolution, mobilevit.encoder.layer.",
-    ("mobilevit", "fx", "save_load"):
-        "RuntimeError: Encountering a dict at the output of the tracer might cause the trace to be incorrect,"
-        " this is only valid if the container structure does not chan",
-    ("vit", "fx", "coverage"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'weight'. Each batch must be the model inpu",
-    ("vit", "fx", "default"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'weight'. Each batch must be the model inpu",
-    ("vit", "fx", "fallback"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'weight'. Each batch must be the model inpu",
-    ("vit", "fx", "fp32"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'weight'. Each batch must be the model inpu",
-    ("vit", "fx", "save_load"):
-        "CalibrationDataError: The model failed on calibration batch 0: AttributeError: 'GraphModule' object "
-        "has no attribute 'weight'. Each batch must be the model inpu",
-    ("bert", "fx", "coverage"):
-        "AssertionError: 12 Conv/Linear neither in the space nor in space.unsupported: "
-        "bert.encoder.layer.0.attention.self.query, bert.encoder.layer.0.attention.self.key",
-    ("bert", "fx", "save_load"):
-        "RuntimeError: Encountering a dict at the output of the tracer might cause the trace to be incorrect,"
-        " this is only valid if the container structure does not chan",
-    ("distilbert", "fx", "coverage"):
-        "AssertionError: 12 Conv/Linear neither in the space nor in space.unsupported: "
-        "distilbert.transformer.layer.0.attention.q_lin, distilbert.transformer.layer.0.att",
-    ("distilbert", "fx", "save_load"):
-        "RuntimeError: Encountering a dict at the output of the tracer might cause the trace to be incorrect,"
-        " this is only valid if the container structure does not chan",
-    ("roberta", "fx", "coverage"):
-        "ConfigError: Op names must be unique, got duplicates in ['classifier.dropout', 'classifier.dense', "
-        "'classifier.dropout', 'classifier.out_proj'].",
-    ("roberta", "fx", "default"):
-        "ConfigError: Op names must be unique, got duplicates in ['classifier.dropout', 'classifier.dense', "
-        "'classifier.dropout', 'classifier.out_proj'].",
-    ("roberta", "fx", "fallback"):
-        "ConfigError: Op names must be unique, got duplicates in ['classifier.dropout', 'classifier.dense', "
-        "'classifier.dropout', 'classifier.out_proj'].",
-    ("roberta", "fx", "fp32"):
-        "ConfigError: Op names must be unique, got duplicates in ['classifier.dropout', 'classifier.dense', "
-        "'classifier.dropout', 'classifier.out_proj'].",
-    ("roberta", "fx", "save_load"):
-        "ConfigError: Op names must be unique, got duplicates in ['classifier.dropout', 'classifier.dense', "
-        "'classifier.dropout', 'classifier.out_proj'].",
-    ("albert", "fx", "coverage"):
-        "AssertionError: 6 Conv/Linear neither in the space nor in space.unsupported: "
-        "albert.encoder.albert_layer_groups.0.albert_layers.0.attention.query, albert.encode",
-    ("albert", "fx", "save_load"):
-        "RuntimeError: Encountering a dict at the output of the tracer might cause the trace to be incorrect,"
-        " this is only valid if the container structure does not chan",
-    ("deberta_v2", "fx", "coverage"):
-        "AssertionError: 16 Conv/Linear neither in the space nor in space.unsupported: "
-        "deberta.encoder.layer.0.attention.self.query_proj, deberta.encoder.layer.0.attenti",
-    ("deberta_v2", "fx", "save_load"):
-        "RuntimeError: Encountering a dict at the output of the tracer might cause the trace to be incorrect,"
-        " this is only valid if the container structure does not chan",
     ("deberta_v2", "onnx", "coverage"):
         "AssertionError: 2 Conv/Linear neither in the space nor in space.unsupported: "
         "/model/deberta/encoder/layer.0/attention/self/pos_key_proj/MatMul, /model/deberta/e",
-    ("tf_effnet", "fx", "coverage"):
-        "AssertionError: 20 Conv/Linear neither in the space nor in space.unsupported: stem.0, "
-        "blocks.0.expand.0, blocks.0.depthwise.0, blocks.0.project.0, blocks.1.expa",
-    ("tf_effnet", "fx", "fallback"):
-        "AssertionError: 3 of 44 single-op fallbacks failed; first: blocks.0.project.1: NotImplementedError: "
-        "Could not run 'aten::quantize_per_tensor.tensor_qparams' wit",
-    ("tf_effnet", "fx", "fp32"):
-        "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 1.10e-01",
     ("tf_effnet", "onnx", "fp32"):
         "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 8.24e-03",
-    ("dense_unet", "fx", "fallback"):
-        "AssertionError: 1 of 21 single-op fallbacks failed; first: cat_2: NotImplementedError: Could not run"
-        " 'aten::quantize_per_tensor.tensor_qparams' with arguments f",
     ("dense_unet", "onnx", "fp32"):
         "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 2.01e-03",
 }
