@@ -31,6 +31,7 @@ import pandas as pd
 from autoquant.errors import ConfigError, unknown_choice
 from autoquant.probe import OutputProbe
 from autoquant.space import QuantConfig, Space
+from autoquant.trials import records
 from .base import SearchExhausted, Strategy
 from .exhaustive import grid
 
@@ -222,8 +223,7 @@ def _outcomes(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, bool]:
     """Config key -> passed, for every trial tried. A trial that failed to build, or is still
     running (another worker's), counts as not passed: the plan moves on rather than waiting."""
     outcomes: dict[str, bool] = {}
-    for t in trials:
-        key = t.user_attrs.get("config_key")
-        if key is not None:
-            outcomes[key] = outcomes.get(key, False) or bool(t.user_attrs.get("passed", False))
+    for t in records(trials):
+        if t.config_key is not None:
+            outcomes[t.config_key] = outcomes.get(t.config_key, False) or t.passed
     return outcomes
