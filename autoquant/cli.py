@@ -44,8 +44,7 @@ def make_tuner(job: LoadedJob, *, on_trial: Any = None, stats_cache: Path | None
         timeout=spec.strategy.timeout, seed=spec.strategy.seed, restrict=spec.space.restriction(),
         storage=job.storage(), study_name=job.name, latency_budget_s=spec.latency_budget_s,
         stats_cache=stats_cache or job.output / STATS_FILE, on_trial=on_trial, objective=spec.strategy.objective,
-        restart=restart, trial_timeout=getattr(spec.strategy, "trial_timeout", None),
-        isolate=getattr(spec.strategy, "isolate", False),
+        restart=restart, trial_timeout=spec.strategy.trial_timeout, isolate=spec.strategy.isolate,
     )
 
 

@@ -97,6 +97,8 @@ class StrategySpec(_Strict):
     timeout: float | None = Field(None, gt=0)
     seed: int | None = 0
     objective: str = "accuracy"  # "accuracy": stop at the first pass; "latency": fastest pass in the budget
+    trial_timeout: float | None = Field(None, gt=0)  # seconds; a longer trial is recorded FAIL
+    isolate: bool = False  # build and score each candidate in a child process (hangs, crashes)
 
     @field_validator("objective")
     @classmethod

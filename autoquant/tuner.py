@@ -135,7 +135,7 @@ class Tuner:
         self._calibrate(backend, fp)
         self.strategy.setup(space, OutputProbe(backend, space))
         run = _Run(self, backend, space, study, eval_fn, baseline, start)
-        with _stop_signals():
+        with run.signals.installed():
             run.search()
         return run.result()
 
@@ -189,21 +189,43 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(previous)
 
 
-@contextmanager
-def _stop_signals() -> Iterator[None]:
-    """SIGTERM stops the search like Ctrl-C (KeyboardInterrupt), so the running trial is recorded."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _StopSignals:
+    """Ctrl-C and SIGTERM stop the search cleanly: during a candidate's build and evaluation they
+    interrupt it at once (the trial is then recorded FAIL); anywhere else (storage calls, whose
+    interruption would leave a half-written transaction) they are noted and acted on at the next
+    trial boundary."""
 
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._interruptible = False
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    @contextmanager
+    def installed(self) -> Iterator[_StopSignals]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self._interruptible = True
+        try:
+            if self.received:
+                raise KeyboardInterrupt(self.received)
+            yield
+        finally:
+            self._interruptible = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if self._interruptible:
+            self._interruptible = False
+            raise KeyboardInterrupt(self.received)
 
 
 class _Run:
@@ -216,6 +238,7 @@ class _Run:
         self.criterion = tuner.criterion
         self.fp32_runner = backend.runner(backend.fp32_model)
         self.met_here = False
+        self.signals = _StopSignals()
 
     def search(self) -> None:
         fail_stale_trials(self.study, grace_s=self.tuner.stale_after_s)
@@ -236,11 +259,14 @@ class _Run:
                 with Heartbeat(self.study, trial._trial_id):
                     self._run_trial(trial, config)
             except KeyboardInterrupt as exc:
-                abandon(self.study, trial._trial_id, f"stopped ({exc or 'Ctrl-C'}) while running: it runs again "
-                                                     "on the next tune of this study")
-                raise self._interrupted(trial.number, str(exc) or "Ctrl-C") from None
+                how = str(exc) or "Ctrl-C"
+                abandon(self.study, trial._trial_id, f"stopped ({how}) while running: it runs again on the next "
+                                                     "tune of this study")
+                raise self._interrupted(how, trial.number) from None
             if self.tuner.on_trial is not None:
                 self.tuner.on_trial(self.study, self.study.get_trials(deepcopy=False)[trial.number])
+            if self.signals.received:
+                raise self._interrupted(self.signals.received)
         if reason:
             log.info("Stopping: %s.", reason)
 
@@ -276,11 +302,12 @@ class _Run:
             return
         what = f"trial {trial.number} ({config_text(config)})"
         try:
-            scored = evaluate_candidate(
-                lambda: self.backend.build(self.space.resolve(config)), self.eval_fn,
-                lambda model: measure_latency(self.fp32_runner, self.backend.runner(model),
-                                              budget_s=self.tuner.latency_budget_s),
-                what, timeout=self.tuner.trial_timeout, isolate=self.tuner.isolate)
+            with self.signals.interruptible():
+                scored = evaluate_candidate(
+                    lambda: self.backend.build(self.space.resolve(config)), self.eval_fn,
+                    lambda model: measure_latency(self.fp32_runner, self.backend.runner(model),
+                                                  budget_s=self.tuner.latency_budget_s),
+                    what, timeout=self.tuner.trial_timeout, isolate=self.tuner.isolate)
         except CandidateFailed as exc:  # a candidate that fails is a failed trial, not a failed job
             log.warning("%s FAILED: %s", what, exc)
             trial.set_user_attr(ERROR, str(exc))
@@ -320,12 +347,13 @@ class _Run:
     def _passes(self, trial: TrialRecord) -> bool:
         return trial.measurement is not None and self.criterion.passes(self.baseline, trial.measurement.accuracy)
 
-    def _interrupted(self, number: int, how: str) -> TuneInterrupted:
+    def _interrupted(self, how: str, running: int | None = None) -> TuneInterrupted:
         partial = self.result() if measured_by_key(study_records(self.study)) else None
         where = f"study '{self.study.study_name}'" if self.tuner.storage else "the in-memory study (lost on exit)"
+        was = f"trial {running} was running and is recorded FAIL; " if running is not None else ""
         return TuneInterrupted(
-            f"Stopped by {how}: trial {number} was running and is recorded FAIL; the finished trials are kept in "
-            f"{where} and in this error's partial_result. Run the same job again to continue it.", partial)
+            f"Stopped by {how}: {was}the finished trials are kept in {where} and in this error's "
+            "partial_result. Run the same job again to continue it.", partial)
 
     def result(self) -> TuneResult:
         trials = study_records(self.study)
