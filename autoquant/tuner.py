@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
+from optuna.exceptions import StorageInternalError
 
 from autoquant import stats_cache
 from autoquant.adapters import Adapter, adapter_class, adapter_for
 from autoquant.criterion import AccuracyCriterion
-from autoquant.errors import AutoquantError, ConfigError, unknown_choice
+from autoquant.errors import AutoquantError, ConfigError, first_line, unknown_choice
 from autoquant.evaluation import CandidateFailed, EvalFn, evaluate, evaluate_candidate
 from autoquant.fingerprint import Fingerprint, fingerprint
 from autoquant.latency import measure_latency
@@ -136,7 +138,13 @@ class Tuner:
         self.strategy.setup(space, OutputProbe(backend, space))
         run = _Run(self, backend, space, study, eval_fn, baseline, start)
         with run.signals.installed():
-            run.search()
+            try:
+                run.search()
+            except (StorageInternalError, sqlalchemy.exc.OperationalError) as exc:
+                raise AutoquantError(
+                    f"The study's storage failed ({first_line(exc)}). The finished trials are kept there: once it "
+                    "is reachable, run the same job again to continue (a trial left running is run again)."
+                ) from exc
         return run.result()
 
     # --- helpers ------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ class SensitivityStrategy(Strategy):
             if self.measure == "int8":
                 scores[name] = error(replace(self.base, fp32_ops=frozenset(names) - {name}))
             else:
-                scores[name] = base_error - error(replace(self.base, fp32_ops=frozenset({name})))
+                fallback = error(replace(self.base, fp32_ops=frozenset({name})))
+                scores[name] = 0.0 if fallback == base_error else base_error - fallback  # inf - inf: no gain
         order = sorted(names, key=lambda n: (-scores[n], names.index(n)))  # ties: graph order
         overrides = self._best_overrides(space, error, order[: self.calibrate_top], base_error)
         self.ranking = [OpSensitivity(n, types[n], scores[n], overrides.get(n)) for n in order]

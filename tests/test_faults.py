@@ -204,3 +204,21 @@ def test_start_trial_fixes_the_params_in_the_same_call(tmp_path):
     trial = start_trial(study, {"x": "b"})
     assert trial.suggest_categorical("x", ["a", "b"]) == "b"
     assert records(study.trials)[0].worker is not None
+
+
+# --- a candidate that fails in the probe ------------------------------------------------------------
+def test_the_probe_steps_past_a_candidate_that_cannot_be_built(monkeypatch, caplog):
+    original = FakeAdapter.build
+
+    def build(self, config):
+        if config.calibration == "mse" or "op1" not in config.fp32_ops and "op2" not in config.fp32_ops:
+            raise RuntimeError("promoteTypes with quantized numbers is not handled yet")
+        return original(self, config)
+
+    monkeypatch.setattr(FakeAdapter, "build", build)
+    caplog.set_level("WARNING", logger="autoquant")
+    tuner = Tuner(strategy="sensitivity", max_trials=12)
+    result = tuner.tune(fake_model(n_ops=4, sensitive={1: 0.5}), [None], accuracy, adapter=FakeAdapter)
+    assert "Probe: candidate static/mse" in caplog.text  # ranked, not fatal
+    assert result.met and "op1" in result.fp32_ops
+    assert tuner.strategy.sensitivity is not None and len(tuner.strategy.sensitivity) == 4
