@@ -17,7 +17,7 @@ from optuna.exceptions import StorageInternalError
 
 from autoquant import stats_cache
 from autoquant.adapters import Adapter, adapter_class, adapter_for
-from autoquant.criterion import AccuracyCriterion
+from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, first_line, unknown_choice
 from autoquant.evaluation import CandidateFailed, EvalFn, evaluate, evaluate_candidate
 from autoquant.fingerprint import Fingerprint, fingerprint
@@ -91,7 +91,7 @@ class Tuner:
         for name, value in (("timeout", timeout), ("trial_timeout", trial_timeout)):
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds or None, got {value}.")
-        self.criterion = criterion or AccuracyCriterion(relative=0.01)
+        self.criterion = criterion or DEFAULT_CRITERION
         self.strategy = get_strategy(strategy, seed=seed)
         # "accuracy": stop at the first passing candidate; "latency": go on within the budget and
         # return the fastest passing one.
