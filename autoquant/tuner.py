@@ -254,10 +254,13 @@ class _Run:
         first = not any(t.config is not None for t in study_records(self.study))
         while (reason := self._stop_reason()) is None:
             try:
-                proposal = retry.pop(0) if retry else self._propose(first)
+                with self.signals.interruptible():  # the probe's ranking may take a while
+                    proposal = retry.pop(0) if retry else self._propose(first)
             except SearchExhausted as exc:
                 reason = str(exc)
                 break
+            except KeyboardInterrupt as exc:
+                raise self._interrupted(str(exc) or "Ctrl-C") from None
             first = False
             trial = start_trial(self.study, self.space.params(proposal) if proposal is not None else None)
             config = self.space.suggest(trial)  # records the parameters (the proposal's, if any)
