@@ -31,7 +31,7 @@ from autoquant.plots import plot_history
 from autoquant.report import history_frame, print_summary
 from autoquant.result import HISTORY_FILE, TuneResult
 from autoquant.trials import BASELINE, counted, records, study_records
-from autoquant.tuner import Tuner, TuneInterrupted, best_trial
+from autoquant.tuner import TuneInterrupted, Tuner, best_trial
 from autoquant.yaml_reference import yaml_reference
 
 log = logging.getLogger("autoquant")
@@ -115,7 +115,8 @@ class Progress:
         spans = [t.seconds for t in trials if t.measured and t.seconds is not None]
         per_trial = sum(spans) / len(spans) if spans else 0.0
         done = counted(trials)
-        met = best is not None and best.measurement is not None and self.criterion.passes(baseline, best.measurement.accuracy)
+        met = (best is not None and best.measurement is not None and baseline is not None
+               and self.criterion.passes(baseline, best.measurement.accuracy))
         if best is None or best.measurement is None:
             best_text = "no result yet"
         else:
@@ -169,7 +170,7 @@ def report(target: Path, console: Console) -> pd.DataFrame:
         table.add_row(*[_fmt(getattr(row, c)) + (mark if c == "trial" else "") for c in columns],
                       _fmt(row.config) + (f"  [{row.error}]" if _fmt(row.error) else ""))
     console.print(table)
-    if best is not None and best.measurement is not None:
+    if best is not None and best.measurement is not None and baseline is not None:
         met = criterion.passes(baseline, best.measurement.accuracy)
         console.print(f"chosen (*): trial {best.number}, goal {'MET' if met else 'NOT met'}")
     console.print(f"Wrote {HISTORY_FILE}, trials.png and tradeoff.png to {job.output}/")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoquant.errors import AutoquantError, EvalFunctionError, first_line
-from autoquant.latency import Latency, measure_latency
+from autoquant.latency import Latency
 
 EvalFn = Callable[[Any], float]
 

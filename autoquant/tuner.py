@@ -26,12 +26,30 @@ from autoquant.probe import OutputProbe
 from autoquant.report import config_text, describe_space, history_frame
 from autoquant.result import TuneResult
 from autoquant.space import QuantConfig, Restriction, Space
-from autoquant.strategies import SearchExhausted, get_strategy
+from autoquant.strategies import SearchExhausted, Strategy, get_strategy
 from autoquant.trials import (
-    BASELINE, COLLISION_OF, CONFIG, CONFIG_KEY, DUPLICATE_OF, ERROR, Measurement, TrialRecord, check_study,
-    counted, measured_by_key, study_records,
+    BASELINE,
+    COLLISION_OF,
+    CONFIG,
+    CONFIG_KEY,
+    DUPLICATE_OF,
+    ERROR,
+    Measurement,
+    TrialRecord,
+    check_study,
+    counted,
+    measured_by_key,
+    study_records,
 )
-from autoquant.workers import DEFAULT_GRACE_S, Heartbeat, abandon, claimed_by_earlier, fail_stale_trials, start_trial, to_rerun
+from autoquant.workers import (
+    DEFAULT_GRACE_S,
+    Heartbeat,
+    abandon,
+    claimed_by_earlier,
+    fail_stale_trials,
+    start_trial,
+    to_rerun,
+)
 
 log = logging.getLogger("autoquant")
 
@@ -70,7 +88,7 @@ class Tuner:
         self,
         criterion: AccuracyCriterion | None = None,
         *,
-        strategy: str = "sensitivity",
+        strategy: str | Strategy = "sensitivity",
         max_trials: int = 50,
         timeout: float | None = None,
         seed: int | None = 0,
@@ -409,14 +427,13 @@ class _Run:
 def best_trial(trials: Iterable[TrialRecord], baseline: float | None,
                criterion: AccuracyCriterion) -> TrialRecord | None:
     """The result among measured trials: the fastest that passes, else the most accurate (None if none)."""
-    rated = [t for t in trials if t.measured and t.measurement is not None]
+    rated = [(t.measurement, t) for t in trials if t.measured and t.measurement is not None]
     if not rated or baseline is None:
         return None
-    passing = [t for t in rated if criterion.passes(baseline, t.measurement.accuracy)]
+    passing = [(m, t) for m, t in rated if criterion.passes(baseline, m.accuracy)]
     if passing:
-        return min(passing, key=lambda t: (t.measurement.latency_ratio, t.number))
-    return min(rated, key=lambda t: (criterion.loss(baseline, t.measurement.accuracy),
-                                     t.measurement.latency_ratio, t.number))
+        return min(passing, key=lambda mt: (mt[0].latency_ratio, mt[1].number))[1]
+    return min(rated, key=lambda mt: (criterion.loss(baseline, mt[0].accuracy), mt[0].latency_ratio, mt[1].number))[1]
 
 
 OBJECTIVES = ("accuracy", "latency")

@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 from types import TracebackType
-
 from typing import Any
 
 import optuna

@@ -32,6 +32,7 @@ from autoquant.errors import ConfigError, unknown_choice
 from autoquant.probe import OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import records
+
 from .base import SearchExhausted, Strategy
 from .exhaustive import grid
 

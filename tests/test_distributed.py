@@ -12,8 +12,8 @@ import subprocess
 import sys
 import time
 import uuid
-from urllib.parse import urlsplit
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 import pytest
@@ -62,14 +62,16 @@ def job_file(tmp_path: Path, name: str, criterion: str, storage: str = "${AUTOQU
 
 def start_workers(job: Path, tmp_path: Path, n: int = 2, sleep: float = 0.3) -> list[subprocess.Popen]:
     env = {**os.environ, "AQ_TEST_EVAL_SLEEP": str(sleep)}
-    return [subprocess.Popen([sys.executable, "-m", "autoquant.cli", "tune", str(job), "--out", str(tmp_path / f"w{i}")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(n)]
+    commands = [[sys.executable, "-m", "autoquant.cli", "tune", str(job), "--out", str(tmp_path / f"w{i}")]
+                for i in range(n)]
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for command in commands]
 
 
 def run_workers(job: Path, tmp_path: Path, n: int = 2) -> list[str]:
     procs = start_workers(job, tmp_path, n)
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=False):
         assert p.returncode == 0, log
     return logs
 
@@ -77,11 +79,12 @@ def run_workers(job: Path, tmp_path: Path, n: int = 2) -> list[str]:
 def check_grid(trials: list[optuna.trial.FrozenTrial], workers: int) -> None:
     """The union of the workers' trials is the whole grid, nothing evaluated twice, each trial's
     Optuna parameters its own config's (not another worker's proposal), nothing left RUNNING."""
-    evaluated = [(t, r) for t, r in zip(trials, records(trials)) if r.evaluated]
+    evaluated = [(t, r) for t, r in zip(trials, records(trials), strict=True) if r.evaluated]
     keys = [r.config_key for _, r in evaluated]
     assert len(keys) == len(set(keys)) == 8
     for trial, record in evaluated:
         config = record.config
+        assert config is not None
         assert {k: trial.params[k] for k in KNOBS if getattr(config, k) is not None} == \
             {k: getattr(config, k) for k in KNOBS if getattr(config, k) is not None}
         ops = {name[len(OP_PARAM_PREFIX):]: value for name, value in trial.params.items()
@@ -132,6 +135,8 @@ def test_postgresql_restarted_under_two_workers(tmp_path, study_name):
         pytest.skip("no PostgreSQL restart command: set AUTOQUANT_TEST_PG_RESTART (.ci/run does)")
     job = job_file(tmp_path, study_name, "criterion: {absolute: 0.0}")
     procs = start_workers(job, tmp_path, sleep=0.6)
+    assert URL
+
     def measured() -> int:
         try:
             return sum(r.measured for r in records(optuna.load_study(study_name=study_name, storage=URL).trials))
@@ -143,7 +148,8 @@ def test_postgresql_restarted_under_two_workers(tmp_path, study_name):
         if time.time() > deadline or any(p.poll() is not None for p in procs):
             for p in procs:
                 p.kill()
-            raise AssertionError("the workers did not get going:\n" + "\n".join(p.communicate()[0][-2000:] for p in procs))
+            logs = "\n".join(p.communicate()[0][-2000:] for p in procs)
+            raise AssertionError("the workers did not get going:\n" + logs)
         time.sleep(0.5)
     subprocess.run(restart, shell=True, check=True, timeout=60)
     for p in procs:

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -32,7 +31,7 @@ def fake_tune(eval_fn=accuracy, model=None, **kwargs):
                       adapter=FakeAdapter)
 
 
-def evaluated_once(study: optuna.Study) -> list[str]:
+def evaluated_once(study: optuna.Study) -> list[str | None]:
     keys = [t.config_key for t in records(study.trials) if t.evaluated]
     assert len(keys) == len(set(keys)), "a config was evaluated twice"
     return keys
@@ -121,7 +120,8 @@ def _tiny():
 
 def tiny_tune(tmp_path, model, data, **kwargs):
     tiny = _tiny()
-    tuner = Tuner(AccuracyCriterion(absolute=0.0), strategy="exhaustive", max_trials=2, storage=f"sqlite:///{tmp_path / 'study.db'}",
+    tuner = Tuner(AccuracyCriterion(absolute=0.0), strategy="exhaustive", max_trials=2,
+                  storage=f"sqlite:///{tmp_path / 'study.db'}",
                   study_name="tiny", stats_cache=tmp_path / "calibration-stats.json", latency_budget_s=0.01,
                   restrict=Restriction(approach="static", calibration="minmax", scheme="asymmetric"), **kwargs)
     return tuner.tune(model, data, tiny.eval_fn, adapter="fx")
