@@ -168,10 +168,11 @@ def check_study(study: optuna.Study, fp: Fingerprint) -> None:
     """Tie ``study`` to this record version and to the model and data of ``fp``: a new study is
     stamped; an existing one made with another model, data or record version is refused."""
     attrs = study.user_attrs
-    used = bool(attrs) or bool(study.get_trials(deepcopy=False))
-    if not used:
-        study.set_user_attr(VERSION, RECORD_VERSION)
+    if VERSION not in attrs and not study.get_trials(deepcopy=False):
+        # New, or being stamped by another worker this moment (the version goes last, so a study with
+        # a version always has its fingerprint; two workers stamping write the same values).
         study.set_user_attr(FINGERPRINT, fp.to_dict())
+        study.set_user_attr(VERSION, RECORD_VERSION)
         return
     fix = ("Use a new job name (study_name) or output folder, or start over with --restart "
            "(Tuner(..., restart=True)), which deletes this study and its calibration cache.")
