@@ -30,7 +30,8 @@ from autoquant.errors import AutoquantError, ConfigError
 from autoquant.plots import plot_history
 from autoquant.report import history_frame, print_summary
 from autoquant.result import HISTORY_FILE, TuneResult
-from autoquant.tuner import Tuner, best_trial
+from autoquant.trials import BASELINE, counted, records, study_records
+from autoquant.tuner import TuneInterrupted, Tuner, best_trial
 from autoquant.yaml_reference import yaml_reference
 
 log = logging.getLogger("autoquant")
@@ -38,13 +39,15 @@ CONFIG_FILE = "config.yaml"
 
 
 # --- running a job (also used by experiments/sweep.py) ------------------------------------------
-def make_tuner(job: LoadedJob, *, on_trial: Any = None, stats_cache: Path | None = None) -> Tuner:
+def make_tuner(job: LoadedJob, *, on_trial: Any = None, stats_cache: Path | None = None,
+               restart: bool = False) -> Tuner:
     spec = job.spec
     return Tuner(
         spec.criterion.criterion(), strategy=spec.strategy.strategy(), max_trials=spec.strategy.max_trials,
         timeout=spec.strategy.timeout, seed=spec.strategy.seed, restrict=spec.space.restriction(),
         storage=job.storage(), study_name=job.name, latency_budget_s=spec.latency_budget_s,
         stats_cache=stats_cache or job.output / STATS_FILE, on_trial=on_trial, objective=spec.strategy.objective,
+        restart=restart, trial_timeout=spec.strategy.trial_timeout, isolate=spec.strategy.isolate,
     )
 
 
@@ -57,11 +60,12 @@ def study_trials(job: LoadedJob) -> int | None:
         study = optuna.load_study(study_name=job.name, storage=job.storage())
     except KeyError:
         return None
-    return len(study.trials)
+    return counted(study_records(study))
 
 
-def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path | None = None) -> TuneResult:
-    """Tune, then write the model, result.json, history.csv, config.yaml and plots to the output.
+def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path | None = None,
+            restart: bool = False) -> TuneResult:
+    """Tune, then write result.json, history.csv, config.yaml, plots and the model to the output.
 
     ``stats_cache`` (default: in the output folder) lets runs of the same model share one calibration.
     """
@@ -70,22 +74,27 @@ def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path
     out.mkdir(parents=True, exist_ok=True)
     record = job.masked_dict() | {"output": str(out)}
     (out / JOB_COPY).write_text(yaml.safe_dump(record, sort_keys=False))
-    existing = study_trials(job)
+    existing = None if restart else study_trials(job)
     where = mask_url(job.storage_url)
     if existing:
         log.info("Continuing study '%s' (%d trial(s) so far) in %s.", job.name, existing, where)
     else:
         log.info("New study '%s' in %s.", job.name, where)
     progress = Progress(job.spec.strategy.max_trials, job.spec.strategy.timeout, job.spec.criterion.criterion())
-    tuner = make_tuner(job, on_trial=progress, stats_cache=stats_cache)
+    tuner = make_tuner(job, on_trial=progress, stats_cache=stats_cache, restart=restart)
     model = job.load_model()
-    result = tuner.tune(model, job.load_calibration(), job.load_eval(), adapter=job.adapter)
-    result.save(out)
+    try:
+        result = tuner.tune(model, job.load_calibration(), job.load_eval(), adapter=job.adapter)
+    except TuneInterrupted as exc:
+        if exc.partial_result is not None:
+            print_summary(exc.partial_result, console)
+        raise
+    print_summary(result, console)
     (out / CONFIG_FILE).write_text(yaml.safe_dump(result.config.to_dict(), sort_keys=False))
     plot_history(result.history, out, baseline=result.baseline_accuracy, criterion=result.criterion,
                  chosen=result.best_trial)
-    print_summary(result, console)
-    console.print(f"Wrote model, result.json, history.csv, {CONFIG_FILE}, trials.png and tradeoff.png to {out}/")
+    result.save(out)
+    console.print(f"Wrote result.json, history.csv, {CONFIG_FILE}, trials.png, tradeoff.png and the model to {out}/")
     return result
 
 
@@ -99,27 +108,28 @@ class Progress:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.done_here += 1
-        baseline = study.user_attrs["baseline"]  # set before the first trial
-        trials = study.get_trials(deepcopy=False)
-        rated = _rated(trials)
-        best = best_trial(rated, baseline, self.criterion)
+        baseline = study.user_attrs.get(BASELINE)
+        trials = study_records(study)
+        best = best_trial(trials, baseline, self.criterion)
         elapsed = time.perf_counter() - self.start
-        spans = [(t.datetime_complete - t.datetime_start).total_seconds() for t in rated
-                 if t.datetime_complete and t.datetime_start]
+        spans = [t.seconds for t in trials if t.measured and t.seconds is not None]
         per_trial = sum(spans) / len(spans) if spans else 0.0
-        left = max(self.max_trials - len(trials), 0) * per_trial
-        if self.timeout is not None:
-            left = min(left, max(self.timeout - elapsed, 0.0))
-        met = best is not None and self.criterion.passes(baseline, best.user_attrs["accuracy"])
-        best_text = (f"best trial {best.number}: accuracy {best.user_attrs['accuracy']:.4g}, "
-                     f"latency x{best.user_attrs['latency_ratio']:.2f}") if best else "no result yet"
-        log.info("progress: %d/%d trials; %s; goal %s; %.0f s elapsed, at most ~%.0f s left",
-                 len(trials), self.max_trials, best_text, "MET" if met else "not met yet", elapsed, left)
-
-
-def _rated(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """Finished trials with a measurement (a RUNNING one of another worker may have only some attrs)."""
-    return [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "latency_ratio" in t.user_attrs]
+        done = counted(trials)
+        met = (best is not None and best.measurement is not None and baseline is not None
+               and self.criterion.passes(baseline, best.measurement.accuracy))
+        if best is None or best.measurement is None:
+            best_text = "no result yet"
+        else:
+            best_text = (f"best trial {best.number}: accuracy {best.measurement.accuracy:.4g}, "
+                         f"latency x{best.measurement.latency_ratio:.2f}")
+        if met:
+            left_text = "goal MET"
+        else:
+            left = max(self.max_trials - done, 0) * per_trial
+            if self.timeout is not None:
+                left = min(left, max(self.timeout - elapsed, 0.0))
+            left_text = f"goal not met yet; at most ~{left:.0f} s left"
+        log.info("progress: %d/%d trials; %s; %s; %.0f s elapsed", done, self.max_trials, best_text, left_text, elapsed)
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -141,26 +151,27 @@ def report(target: Path, console: Console) -> pd.DataFrame:
     study = optuna.load_study(study_name=job.name, storage=job.storage())
     trials = study.get_trials(deepcopy=False)
     history = history_frame(trials)
-    baseline = study.user_attrs.get("baseline")
+    baseline = study.user_attrs.get(BASELINE)
     criterion = job.spec.criterion.criterion()
-    best = best_trial(_rated(trials), baseline, criterion)
+    best = best_trial(records(trials), baseline, criterion)
     job.output.mkdir(parents=True, exist_ok=True)
     history.to_csv(job.output / HISTORY_FILE, index=False)
     if baseline is not None:
         plot_history(history, job.output, baseline=baseline, criterion=criterion,
                      chosen=best.number if best else None)
-    table = Table(title=f"study '{job.name}': {len(trials)} trial(s); FP32 {baseline}; goal: {criterion.describe()}")
-    columns = ("trial", "state", "accuracy", "passed", "latency_ratio", "n_fp32")
-    for column in (*columns, "config"):
-        table.add_column(column)
+    table = Table(title=f"study '{job.name}': {counted(records(trials))} trial(s); FP32 {baseline}; "
+                        f"goal: {criterion.describe()}")
+    columns = ("trial", "outcome", "accuracy", "latency_ratio", "n_fp32")
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    table.add_column("config", overflow="fold")  # never cut: per-op calibration is part of it
     for row in history.itertuples(index=False):
         mark = " *" if best is not None and row.trial == best.number else ""
-        knobs = "/".join(_fmt(getattr(row, k)) for k in ("approach", "calibration", "scheme", "granularity")
-                         if _fmt(getattr(row, k)))
-        table.add_row(*[_fmt(getattr(row, c)) + (mark if c == "trial" else "") for c in columns], knobs)
+        table.add_row(*[_fmt(getattr(row, c)) + (mark if c == "trial" else "") for c in columns],
+                      _fmt(row.config) + (f"  [{row.error}]" if _fmt(row.error) else ""))
     console.print(table)
-    if best is not None and baseline is not None:
-        met = criterion.passes(baseline, best.user_attrs["accuracy"])
+    if best is not None and best.measurement is not None and baseline is not None:
+        met = criterion.passes(baseline, best.measurement.accuracy)
         console.print(f"chosen (*): trial {best.number}, goal {'MET' if met else 'NOT met'}")
     console.print(f"Wrote {HISTORY_FILE}, trials.png and tradeoff.png to {job.output}/")
     return history
@@ -193,7 +204,7 @@ def _tune(args: argparse.Namespace, console: Console, *, resume: bool) -> None:
     if resume and not study_trials(job):
         raise ConfigError(f"Nothing to resume: no study '{job.name}' with trials in {mask_url(job.storage_url)}. "
                           "Use 'autoquant tune' to start it.")
-    run_job(job, console)
+    run_job(job, console, restart=args.restart)
 
 
 def _validate(args: argparse.Namespace, console: Console) -> None:
@@ -247,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         goal.add_argument("--relative", type=float, help="override the criterion: tolerated relative loss (0.01: 1%%)")
         goal.add_argument("--absolute", type=float, help="override the criterion: tolerated absolute loss")
         p.add_argument("--out", help="override the output folder")
+        p.add_argument("--restart", action="store_true",
+                       help="delete the job's study and calibration cache and start over (after a model change)")
     job_verb("validate", "Check a job without running it: the schema, and that its callables import.")
     job_verb("space", "Load the model and list the ops and knobs the adapter exposes, after the job's "
                       "restrictions, and the parts that stay FP32 and why.")

@@ -138,6 +138,10 @@ class StrategySpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description=(
         "keyword arguments of the strategy's class, e.g. `{n_startup_trials: 10}` for bayesian, "
         "`{measure: fp32, confidence: 0.7}` for sensitivity"))
+    trial_timeout: float | None = Field(_TUNER["trial_timeout"], gt=0, description=(
+        "seconds; a trial that takes longer is recorded FAIL and the job goes on (null: no limit)"))
+    isolate: bool = Field(_TUNER["isolate"], description=(
+        "build and score each candidate in a child process first, so a hang or a crash fails only that trial"))
 
     @field_validator("objective")
     @classmethod

@@ -16,6 +16,7 @@ canonical key); ``cost`` says how many builds and model runs the probe made and 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoquant.errors import ConfigError, unknown_choice
+from autoquant.errors import BackendError, ConfigError, first_line, unknown_choice
 from autoquant.latency import measure_latency
 from autoquant.space import QuantConfig, Space
 
@@ -59,6 +60,9 @@ class ProbeCost:
                 f"({self.samples} samples), {self.latency_measurements} latency measurements, {self.seconds:.1f} s")
 
 
+log = logging.getLogger("autoquant")
+
+
 class OutputProbe:
     """Scores candidates by their outputs on calibration batches, without the user's eval_fn."""
 
@@ -74,6 +78,7 @@ class OutputProbe:
         self._scores: dict[str, ProbeScore] = {}
         self._last: tuple[str, Any] | None = None
         self.cost = ProbeCost()
+        self.failures: dict[str, str] = {}  # config key -> why the backend could not build or run it
 
     @property
     def calls(self) -> int:
@@ -103,11 +108,20 @@ class OutputProbe:
         """The candidate's distance from FP32 (built and run once per distinct candidate)."""
         config = self._space.canonical(config)
         key = config.key()
+        if key in self.failures:
+            raise BackendError(self.failures[key])
         if key not in self._scores:
             reference = self.reference()
             start = time.perf_counter()
-            self._scores[key] = compare(self.kind, reference, self._outputs(self._build(config)))
-            self.cost.seconds += time.perf_counter() - start
+            try:
+                outputs = self._outputs(self._build(config))
+            except Exception as exc:  # a candidate the backend cannot build or run: not the job's end
+                self.failures[key] = f"Probe: candidate {config.describe()} failed ({first_line(exc)})"
+                log.warning("%s; the search steps past it.", self.failures[key])
+                raise BackendError(self.failures[key]) from exc
+            finally:
+                self.cost.seconds += time.perf_counter() - start
+            self._scores[key] = compare(self.kind, reference, outputs)
         return self._scores[key]
 
     def _build(self, config: QuantConfig) -> Any:

@@ -10,15 +10,17 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from autoquant.space import KNOBS, Space
+from autoquant.space import KNOBS, QuantConfig, Space
+from autoquant.trials import MEASUREMENT_KEYS, records
 
 if TYPE_CHECKING:
     from autoquant.result import TuneResult
 
 HISTORY_COLUMNS = [
-    "trial", "state", "accuracy", "loss", "passed", "latency_ratio", "n_fp32", *KNOBS, "fp32_ops",
-    "latency_ms", "fp32_latency_ms", "build_s", "eval_s", "duplicate_of", "error",
+    "trial", "state", "accuracy", "loss", "passed", "latency_ratio", "n_fp32", *KNOBS, "op_calibration", "fp32_ops",
+    "config", "outcome", "latency_ms", "fp32_latency_ms", "build_s", "eval_s", "duplicate_of", "error",
 ]
+assert set(MEASUREMENT_KEYS) <= set(HISTORY_COLUMNS)
 
 
 def describe_space(space: Space, adapter: str) -> str:
@@ -38,41 +40,54 @@ def describe_space(space: Space, adapter: str) -> str:
     return "\n".join(lines)
 
 
+def config_text(config: QuantConfig) -> str:
+    """The knobs, then the per-op calibration overrides: "static/minmax/asymmetric/per_channel +entropy@conv2"."""
+    overrides = " ".join(f"+{method}@{op}" for op, method in config.op_calibration.items())
+    return f"{config.describe()} {overrides}".strip()
+
+
 def history_frame(trials: Sequence[optuna.trial.FrozenTrial]) -> pd.DataFrame:
-    """One row per trial, in trial order."""
+    """One row per trial, in trial order (trial numbers are Optuna's, as in the log)."""
     rows = []
-    for t in trials:
-        attrs = t.user_attrs
-        config = attrs.get("config", {})
+    for t in records(trials):
+        config = t.config.to_dict() if t.config else {}
         rows.append({
             "trial": t.number,
             "state": t.state.name,
-            **{k: attrs.get(k) for k in ("accuracy", "loss", "passed", "latency_ratio", "n_fp32")},
+            "outcome": t.outcome,
+            **(t.measurement.to_attrs() if t.measurement else {}),
             **{k: config.get(k) for k in KNOBS},
+            "op_calibration": " ".join(f"{op}={m}" for op, m in config.get("op_calibration", {}).items()),
             "fp32_ops": " ".join(config.get("fp32_ops", [])),
-            **{k: attrs.get(k)
-               for k in ("latency_ms", "fp32_latency_ms", "build_s", "eval_s", "duplicate_of", "error")},
+            "config": config_text(t.config) if t.config else None,
+            "duplicate_of": t.duplicate_of,
+            "error": t.error,
         })
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
 
 
 def summary_table(result: TuneResult) -> Table:
     """The table a finished job prints."""
-    table = Table(title=f"autoquant: goal {'MET' if result.met else 'NOT met'} ({result.criterion.describe()})")
+    verdict = "MET" if result.met else "NOT met"
+    if result.slower_than_fp32:
+        verdict += ", but SLOWER than FP32"
+    table = Table(title=f"autoquant: goal {verdict} ({result.criterion.describe()})")
     table.add_column("")
     table.add_column("value", justify="right")
     rows = [
         ("FP32 accuracy", f"{result.baseline_accuracy:.6g}"),
         ("INT8 accuracy", f"{result.accuracy:.6g}"),
         ("relative loss", f"{result.relative_loss:+.3%}"),
-        ("latency ratio (INT8/FP32)", f"{result.latency_ratio:.3f}"),
-        ("ops left in FP32", f"{len(result.fp32_ops)} of {result.quantizable_ops}" + (
-            f": {', '.join(result.fp32_ops[:6])}{' ...' if len(result.fp32_ops) > 6 else ''}"
+        ("latency ratio (INT8/FP32)", f"{result.latency_ratio:.3f}"
+         + ("  SLOWER than FP32: no passing candidate was faster" if result.slower_than_fp32 else "")),
+        ("ops left in FP32", f"{len(result.fp32_ops)} of {result.quantizable_ops}"
+         + (f": {', '.join(result.fp32_ops[:6])}{' ...' if len(result.fp32_ops) > 6 else ''}"
             if result.fp32_ops else "")),
-        ("config", result.config.describe()),
+        ("config", config_text(result.config)),
         ("trials (eval_fn calls)", f"{result.trials} ({result.evaluations})"),
         ("time", f"{result.elapsed_s:.1f} s"),
     ]
+    rows += [(f"trial {number} FAILED", error) for number, error in sorted(result.failed_trials.items())]
     for name, value in rows:
         table.add_row(name, value)
     return table

@@ -64,15 +64,17 @@ def _rdb_storage(url: str) -> optuna.storages.BaseStorage:
     """Optuna's RDB storage, tolerating workers that create the schema of a new database at once."""
     import sqlalchemy.exc
 
+    # pool_pre_ping: a connection the database dropped (a restart) is replaced, not used and failed.
+    engine_kwargs = {"pool_pre_ping": True}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
         except sqlalchemy.exc.IntegrityError:  # another worker created the same table a moment earlier
             time.sleep(0.5 * (attempt + 1))
         except ImportError as exc:
             raise ConfigError(f"storage {mask_url(url)}: no database driver ({exc}); for PostgreSQL "
                               "pip install 'psycopg[binary]'.") from None
-    return optuna.storages.RDBStorage(url)
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
 def mask_url(url: str) -> str:

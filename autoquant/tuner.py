@@ -3,28 +3,64 @@
 from __future__ import annotations
 
 import logging
-import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
+from optuna.exceptions import StorageInternalError
 
+from autoquant import stats_cache
 from autoquant.adapters import Adapter, adapter_class, adapter_for
 from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
-from autoquant.errors import AutoquantError, ConfigError, EvalFunctionError, unknown_choice
+from autoquant.errors import AutoquantError, ConfigError, first_line, unknown_choice
+from autoquant.evaluation import CandidateFailed, EvalFn, evaluate, evaluate_candidate
+from autoquant.fingerprint import Fingerprint, fingerprint
 from autoquant.latency import measure_latency
 from autoquant.probe import OutputProbe
-from autoquant.report import describe_space, history_frame
+from autoquant.report import config_text, describe_space, history_frame
 from autoquant.result import TuneResult
 from autoquant.space import QuantConfig, Restriction, Space
 from autoquant.strategies import SearchExhausted, Strategy, get_strategy
-from autoquant.workers import DEFAULT_GRACE_S, STALE_ATTR, Heartbeat, claimed_by_earlier, fail_stale_trials
+from autoquant.trials import (
+    BASELINE,
+    COLLISION_OF,
+    CONFIG,
+    CONFIG_KEY,
+    DUPLICATE_OF,
+    ERROR,
+    Measurement,
+    TrialRecord,
+    check_study,
+    counted,
+    measured_by_key,
+    study_records,
+)
+from autoquant.workers import (
+    DEFAULT_GRACE_S,
+    Heartbeat,
+    abandon,
+    claimed_by_earlier,
+    fail_stale_trials,
+    start_trial,
+    to_rerun,
+)
 
 log = logging.getLogger("autoquant")
 
-EvalFn = Callable[[Any], float]
+
+class TuneInterrupted(AutoquantError):
+    """Ctrl-C or SIGTERM stopped ``tune``: the running trial is recorded FAIL (it runs again on the
+    next ``tune`` of the same study); ``partial_result`` holds what finished (None if nothing)."""
+
+    def __init__(self, message: str, partial_result: TuneResult | None = None) -> None:
+        super().__init__(message)
+        self.partial_result = partial_result
 
 
 class Tuner:
@@ -35,7 +71,13 @@ class Tuner:
 
     Every trial is recorded in an Optuna study (in memory unless ``storage`` is given), so a job
     that fails half-way keeps what it finished, and a job run again on the same storage and
-    ``study_name`` continues it.
+    ``study_name`` continues it. The study is tied to a fingerprint of the model and the
+    calibration data: a rerun with another model is refused unless ``restart=True`` (which
+    deletes the study and the calibration cache and starts over).
+
+    ``trial_timeout`` (seconds, off by default) fails a trial that takes longer; ``isolate=True``
+    builds and scores each candidate in a child process first, so a hang or a crash in native
+    code fails that trial only (see ``autoquant.evaluation``).
 
     >>> tuner = Tuner(AccuracyCriterion(relative=0.01), strategy="random", max_trials=20)
     >>> tuner.max_trials
@@ -58,11 +100,15 @@ class Tuner:
         stats_cache: str | Path | None = None,
         on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
         stale_after_s: float = DEFAULT_GRACE_S,
+        restart: bool = False,
+        trial_timeout: float | None = None,
+        isolate: bool = False,
     ) -> None:
         if max_trials < 1:
             raise ConfigError(f"max_trials must be at least 1, got {max_trials}.")
-        if timeout is not None and timeout <= 0:
-            raise ConfigError(f"timeout must be a positive number of seconds or None, got {timeout}.")
+        for name, value in (("timeout", timeout), ("trial_timeout", trial_timeout)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds or None, got {value}.")
         self.criterion = criterion or DEFAULT_CRITERION
         self.strategy = get_strategy(strategy, seed=seed)
         # "accuracy": stop at the first passing candidate; "latency": go on within the budget and
@@ -79,6 +125,9 @@ class Tuner:
         self.stats_cache = Path(stats_cache) if stats_cache is not None else None
         self.on_trial = on_trial
         self.stale_after_s = stale_after_s
+        self.restart = restart
+        self.trial_timeout = trial_timeout
+        self.isolate = isolate
 
     # --- public API ---------------------------------------------------------------------------
     def space(self, model: Any, calib_data: Iterable[Any], *, adapter: str | type[Adapter] | None = None) -> Space:
@@ -96,23 +145,24 @@ class Tuner:
         backend = self._adapter(model, calib_data, adapter)
         space = self._space(backend)
         log.info("%s", describe_space(space, backend.name))
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(
-            storage=self.storage,
-            study_name=self.study_name,
-            sampler=self.strategy.create_sampler(),
-            direction="minimize",
-            load_if_exists=True,
-        )
-        baseline = study.user_attrs.get("baseline")  # measured once per study: resumes and workers agree
+        fp = fingerprint(model, calib_data)
+        study = self._study(fp)
+        baseline = study.user_attrs.get(BASELINE)  # measured once per study: resumes and workers agree
         if baseline is None:
-            baseline = _evaluate(eval_fn, backend.fp32_model, "the FP32 model")
-            study.set_user_attr("baseline", baseline)
+            baseline = evaluate(eval_fn, backend.fp32_model, "the FP32 model")
+            study.set_user_attr(BASELINE, baseline)
         log.info("FP32 baseline: %.6g; goal: %s", baseline, self.criterion.describe())
-        self._calibrate(backend)
+        self._calibrate(backend, fp)
         self.strategy.setup(space, OutputProbe(backend, space), self.criterion)
         run = _Run(self, backend, space, study, eval_fn, baseline, start)
-        run.search()
+        with run.signals.installed():
+            try:
+                run.search()
+            except (StorageInternalError, sqlalchemy.exc.OperationalError) as exc:
+                raise AutoquantError(
+                    f"The study's storage failed ({first_line(exc)}). The finished trials are kept there: once it "
+                    "is reachable, run the same job again to continue (a trial left running is run again)."
+                ) from exc
         return run.result()
 
     # --- helpers ------------------------------------------------------------------------------
@@ -123,23 +173,85 @@ class Tuner:
             cls = adapter if isinstance(adapter, type) else adapter_class(adapter)
         return cls(model, calib_data)
 
-    def _calibrate(self, backend: Adapter) -> None:
+    def _study(self, fp: Fingerprint) -> optuna.Study:
+        """The job's study, checked against ``fp`` (or deleted first, with ``restart``)."""
+        with _quiet_optuna():
+            if self.restart and self.storage is not None and self.study_name is not None:
+                try:
+                    optuna.delete_study(study_name=self.study_name, storage=self.storage)
+                    log.info("Restart: deleted study '%s' and its trials.", self.study_name)
+                except KeyError:
+                    pass
+            study = optuna.create_study(storage=self.storage, study_name=self.study_name,
+                                        sampler=self.strategy.create_sampler(), direction="minimize",
+                                        load_if_exists=True)
+        check_study(study, fp)
+        return study
+
+    def _calibrate(self, backend: Adapter, fp: Fingerprint) -> None:
         """Calibrate, or load the statistics cached by an earlier run of the same job."""
         cache = self.stats_cache
-        if cache is not None and cache.exists():
-            try:
-                if backend.load_stats(cache):
-                    log.info("Loaded calibration statistics from %s (no recalibration).", cache)
-                    return
-            except (AutoquantError, OSError, ValueError) as exc:
-                log.warning("Ignoring the calibration cache %s: %s", cache, exc)
+        if cache is not None and self.restart:
+            cache.unlink(missing_ok=True)
+        if cache is not None and stats_cache.load(backend, cache, fp):
+            log.info("Loaded calibration statistics from %s (no recalibration).", cache)
+            return
         backend.calibrate()
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            backend.save_stats(cache)
+            stats_cache.save(backend, cache, fp)
 
     def _space(self, backend: Adapter) -> Space:
         return backend.space.restrict(self.restrict) if self.restrict else backend.space
+
+
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna's INFO lines ("A new study created...") off, and the caller's setting restored."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+class _StopSignals:
+    """Ctrl-C and SIGTERM stop the search cleanly: during a candidate's build and evaluation they
+    interrupt it at once (the trial is then recorded FAIL); anywhere else (storage calls, whose
+    interruption would leave a half-written transaction) they are noted and acted on at the next
+    trial boundary."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._interruptible = False
+
+    @contextmanager
+    def installed(self) -> Iterator[_StopSignals]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self._interruptible = True
+        try:
+            if self.received:
+                raise KeyboardInterrupt(self.received)
+            yield
+        finally:
+            self._interruptible = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if self._interruptible:
+            self._interruptible = False
+            raise KeyboardInterrupt(self.received)
 
 
 class _Run:
@@ -151,46 +263,52 @@ class _Run:
         self.eval_fn, self.baseline, self.start = eval_fn, baseline, start
         self.criterion = tuner.criterion
         self.fp32_runner = backend.runner(backend.fp32_model)
+        self.met_here = False
+        self.signals = _StopSignals()
 
     def search(self) -> None:
-        # Trials a crashed run or worker left RUNNING: marked FAIL and their configs run again.
-        retry = [QuantConfig.from_dict(t.user_attrs["config"])
-                 for t in fail_stale_trials(self.study, grace_s=self.tuner.stale_after_s) if "config" in t.user_attrs]
-        finished = self._finished()
-        first = not self.study.trials
-        met = any(self._passes(t) for t in finished.values())
-        while not (met and self.tuner.objective == "accuracy"):
-            finished = self._finished()  # other workers' trials too: stop all once one met the goal
-            if self.tuner.objective == "accuracy" and any(self._passes(t) for t in finished.values()):
-                log.info("Stopping: another worker met the goal.")
-                break
-            if self._counted() >= self.tuner.max_trials:
-                log.info("Stopping: max_trials=%d reached.", self.tuner.max_trials)
-                break
-            if self.tuner.timeout is not None and time.perf_counter() - self.start > self.tuner.timeout:
-                log.info("Stopping: timeout of %.0f s reached.", self.tuner.timeout)
-                break
+        fail_stale_trials(self.study, grace_s=self.tuner.stale_after_s)
+        retry = to_rerun(self.study)  # configs a killed or stopped run left unfinished run first
+        first = not any(t.config is not None for t in study_records(self.study))
+        while (reason := self._stop_reason()) is None:
             try:
-                proposal = retry.pop(0) if retry else self._propose(first)
+                with self.signals.interruptible():  # the probe's ranking may take a while
+                    proposal = retry.pop(0) if retry else self._propose(first)
             except SearchExhausted as exc:
-                log.info("Stopping: %s.", exc)
+                reason = str(exc)
                 break
+            except KeyboardInterrupt as exc:
+                raise self._interrupted(str(exc) or "Ctrl-C") from None
             first = False
-            if proposal is not None:
-                self.study.enqueue_trial(self.space.params(proposal))
-            trial = self.study.ask()
-            config = self.space.suggest(trial)  # records the parameters (the enqueued ones, if any)
+            trial = start_trial(self.study, self.space.params(proposal) if proposal is not None else None)
+            config = self.space.suggest(trial)  # records the parameters (the proposal's, if any)
             if proposal is not None:  # a proposal may carry more than the parameters (per-op calibration)
                 config = self.space.canonical(proposal)
-            with Heartbeat(self.study, trial._trial_id):
-                met = self._run_trial(trial, config, finished) or met
+            try:
+                with Heartbeat(self.study, trial._trial_id):
+                    self._run_trial(trial, config)
+            except KeyboardInterrupt as exc:
+                how = str(exc) or "Ctrl-C"
+                abandon(self.study, trial._trial_id, f"stopped ({how}) while running: it runs again on the next "
+                                                     "tune of this study")
+                raise self._interrupted(how, trial.number) from None
             if self.tuner.on_trial is not None:
                 self.tuner.on_trial(self.study, self.study.get_trials(deepcopy=False)[trial.number])
+            if self.signals.received:
+                raise self._interrupted(self.signals.received)
+        if reason:
+            log.info("Stopping: %s.", reason)
 
-    def _counted(self) -> int:
-        """Trials towards max_trials: stale ones are re-run, so they do not count twice."""
-        return sum(1 for t in self.study.get_trials(deepcopy=False)
-                   if not t.user_attrs.get(STALE_ATTR) and "collision_of" not in t.user_attrs)
+    def _stop_reason(self) -> str | None:
+        """Why the search stops now ("" when this worker just met the goal), or None to go on."""
+        trials = study_records(self.study)  # other workers' trials too: stop all once one met the goal
+        if self.tuner.objective == "accuracy" and any(self._passes(t) for t in trials if t.measured):
+            return "" if self.met_here else "another worker met the goal"
+        if counted(trials) >= self.tuner.max_trials:
+            return f"max_trials={self.tuner.max_trials} reached"
+        if self.tuner.timeout is not None and time.perf_counter() - self.start > self.tuner.timeout:
+            return f"timeout of {self.tuner.timeout:.0f} s reached"
+        return None
 
     def _propose(self, first: bool) -> QuantConfig | None:
         """The first trial of a study is the sensible default whatever the strategy."""
@@ -198,135 +316,112 @@ class _Run:
             return self.space.default_config()
         return self.tuner.strategy.propose(self.space, self.study.get_trials(deepcopy=False))
 
-    def _run_trial(self, trial: optuna.Trial, config: QuantConfig,
-                   finished: dict[str, optuna.trial.FrozenTrial]) -> bool:
+    def _run_trial(self, trial: optuna.Trial, config: QuantConfig) -> None:
         key = config.key()
-        trial.set_user_attr("config", config.to_dict())
-        trial.set_user_attr("config_key", key)
-        if key in finished:  # samplers may propose a point again: reuse its measurement
-            earlier = finished[key]
-            for name, value in earlier.user_attrs.items():
-                if name not in ("config", "config_key"):
-                    trial.set_user_attr(name, value)
-            trial.set_user_attr("duplicate_of", earlier.number)
-            self.study.tell(trial, earlier.value)
-            return False
-        claimant = claimed_by_earlier(self.study, trial.number, key)
-        if claimant is not None:  # another worker picked the same config a moment earlier: leave it to that one
-            trial.set_user_attr("collision_of", claimant)
+        trial.set_user_attr(CONFIG, config.to_dict())
+        trial.set_user_attr(CONFIG_KEY, key)
+        earlier = measured_by_key(study_records(self.study)).get(key)
+        if earlier is not None and earlier.measurement is not None:  # samplers may propose a point again
+            self._record(trial, earlier.measurement, duplicate_of=earlier.number)
+            return
+        claimed = claimed_by_earlier(self.study, trial.number, key)
+        if claimed is not None:  # another worker picked the same config a moment earlier: leave it to that one
+            trial.set_user_attr(COLLISION_OF, claimed)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return False
-
-        t0 = time.perf_counter()
+            return
+        what = f"trial {trial.number} ({config_text(config)})"
         try:
-            model = self.backend.build(self.space.resolve(config))
-        except AutoquantError as exc:  # a config the backend rejects is a failed trial, not a failed job
-            log.warning("Trial %d: could not build %s: %s", trial.number, config.describe(), exc)
-            trial.set_user_attr("error", str(exc))
+            with self.signals.interruptible():
+                scored = evaluate_candidate(
+                    lambda: self.backend.build(self.space.resolve(config)), self.eval_fn,
+                    lambda model: measure_latency(self.fp32_runner, self.backend.runner(model),
+                                                  budget_s=self.tuner.latency_budget_s),
+                    what, timeout=self.tuner.trial_timeout, isolate=self.tuner.isolate)
+        except CandidateFailed as exc:  # a candidate that fails is a failed trial, not a failed job
+            log.warning("%s FAILED: %s", what, exc)
+            trial.set_user_attr(ERROR, str(exc))
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return False
-        t1 = time.perf_counter()
-        try:
-            accuracy = _evaluate(self.eval_fn, model, f"trial {trial.number} ({config.describe()})")
-        except EvalFunctionError as exc:
-            trial.set_user_attr("error", str(exc))
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            exc.partial_result = self.result() if self._finished() else None
-            exc.args = (f"{exc} {self._kept_message()}",)
-            raise
-        t2 = time.perf_counter()
-        latency = measure_latency(self.fp32_runner, self.backend.runner(model), budget_s=self.tuner.latency_budget_s)
-        loss = self.criterion.loss(self.baseline, accuracy)
-        passed = self.criterion.passes(self.baseline, accuracy)
+            return
         n_fp32 = len(self.space.fp32_ops(config))
-        attrs = {
-            "accuracy": accuracy,
-            "loss": loss,
-            "passed": passed,
-            "latency_ratio": latency.ratio,
-            "latency_ms": latency.candidate_ms,
-            "fp32_latency_ms": latency.baseline_ms,
-            "n_fp32": n_fp32,
-            "build_s": t1 - t0,
-            "eval_s": t2 - t1,
-        }
-        for name, value in attrs.items():
-            trial.set_user_attr(name, value)
-        frozen = self.study.tell(trial, self._objective(passed, loss, n_fp32))
-        finished[key] = frozen
-        log.info(
-            "trial %3d/%d  %-4s  accuracy %.6g (loss %+.3g)  latency x%.2f  FP32 ops %d/%d  %s",
-            trial.number + 1, self.tuner.max_trials, "PASS" if passed else "fail",
-            accuracy, loss, latency.ratio, n_fp32, len(self.space.ops), config.describe(),
+        measurement = Measurement(
+            accuracy=scored.accuracy, loss=self.criterion.loss(self.baseline, scored.accuracy),
+            passed=self.criterion.passes(self.baseline, scored.accuracy), latency_ratio=scored.latency.ratio,
+            latency_ms=scored.latency.candidate_ms, fp32_latency_ms=scored.latency.baseline_ms, n_fp32=n_fp32,
+            build_s=scored.build_s, eval_s=scored.eval_s,
         )
-        return passed
+        self._record(trial, measurement)
+        log.info("trial %d (%d/%d)  %-4s  accuracy %.6g (loss %+.3g)  latency x%.2f  FP32 ops %d/%d  %s",
+                 trial.number, counted(study_records(self.study)), self.tuner.max_trials,
+                 "PASS" if measurement.passed else "fail", measurement.accuracy, measurement.loss,
+                 measurement.latency_ratio, n_fp32, len(self.space.ops), config_text(config))
 
-    def _objective(self, passed: bool, loss: float, n_fp32: int) -> float:
+    def _record(self, trial: optuna.Trial, measurement: Measurement, *, duplicate_of: int | None = None) -> None:
+        for name, value in measurement.to_attrs().items():
+            trial.set_user_attr(name, value)
+        if duplicate_of is not None:
+            trial.set_user_attr(DUPLICATE_OF, duplicate_of)
+        self.study.tell(trial, self._objective(measurement))
+        self.met_here = self.met_here or self.criterion.passes(self.baseline, measurement.accuracy)
+
+    def _objective(self, m: Measurement) -> float:
         """What samplers minimise: passing candidates (by FP32 share) before failing ones (by loss).
 
         Deterministic given eval_fn (latency is noisy), so the same seed gives the same sequence.
         """
-        if passed:
-            return n_fp32 / max(len(self.space.ops), 1)
+        if m.passed:
+            return m.n_fp32 / max(len(self.space.ops), 1)
         tolerance = self.criterion.tolerance
-        return 1.0 + (loss / tolerance if tolerance > 0 else loss)
+        return 1.0 + (m.loss / tolerance if tolerance > 0 else m.loss)
 
-    def _passes(self, trial: optuna.trial.FrozenTrial) -> bool:
-        return self.criterion.passes(self.baseline, trial.user_attrs["accuracy"])
+    def _passes(self, trial: TrialRecord) -> bool:
+        return trial.measurement is not None and self.criterion.passes(self.baseline, trial.measurement.accuracy)
 
-    def _finished(self) -> dict[str, optuna.trial.FrozenTrial]:
-        """Evaluated trials by config key (the first of each config)."""
-        finished: dict[str, optuna.trial.FrozenTrial] = {}
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if "accuracy" in t.user_attrs:
-                finished.setdefault(t.user_attrs["config_key"], t)
-        return finished
-
-    def _best(self) -> optuna.trial.FrozenTrial:
-        best = best_trial(list(self._finished().values()), self.baseline, self.criterion)
-        if best is None:
-            raise AutoquantError(
-                "No candidate could be built or evaluated, so there is no result: see the warnings above "
-                "for each trial's error."
-            )
-        return best
-
-    def _kept_message(self) -> str:
-        n = len(self._finished())
-        where = f"study '{self.study.study_name}'" if self.tuner.storage else "the in-memory study"
-        return f"The {n} finished trial(s) are kept in {where} and in this error's partial_result."
+    def _interrupted(self, how: str, running: int | None = None) -> TuneInterrupted:
+        partial = self.result() if measured_by_key(study_records(self.study)) else None
+        where = f"study '{self.study.study_name}'" if self.tuner.storage else "the in-memory study (lost on exit)"
+        was = f"trial {running} was running and is recorded FAIL; " if running is not None else ""
+        return TuneInterrupted(
+            f"Stopped by {how}: {was}the finished trials are kept in {where} and in this error's "
+            "partial_result. Run the same job again to continue it.", partial)
 
     def result(self) -> TuneResult:
-        best = self._best()
-        config = self.space.resolve(self.space.validate(QuantConfig.from_dict(best.user_attrs["config"])))
-        met = self._passes(best)
-        elapsed = time.perf_counter() - self.start
-        trials = self.study.get_trials(deepcopy=False)
+        trials = study_records(self.study)
+        best = best_trial(trials, self.baseline, self.criterion)
+        if best is None or best.config is None or best.measurement is None:
+            failed = "; ".join(f"trial {t.number}: {t.error}" for t in trials if t.error)[:2000]
+            raise AutoquantError(f"No candidate could be built or evaluated, so there is no result ({failed}).")
+        config = self.space.resolve(self.space.validate(best.config))
+        m = best.measurement
+        met = self.criterion.passes(self.baseline, m.accuracy)
         if not met:
             log.warning(
                 "The goal (%s) was NOT met in %d trial(s). Returning the most accurate candidate (trial %d, "
                 "loss %+.4g). Try more trials, another strategy, or a looser tolerance.",
-                self.criterion.describe(), len(self.study.trials), best.number, best.user_attrs["loss"],
+                self.criterion.describe(), counted(trials), best.number, m.loss,
             )
+        elif m.latency_ratio >= 1.0:
+            log.warning("No passing candidate is faster than FP32: the best, trial %d, runs at x%.2f the FP32 "
+                        "latency. The FP32 model is the faster choice on this backend.", best.number, m.latency_ratio)
         return TuneResult(
             model=self.backend.result_model(self.backend.build(config)),
             config=config,
             met=met,
-            accuracy=best.user_attrs["accuracy"],
+            accuracy=m.accuracy,
             baseline_accuracy=self.baseline,
-            loss=self.criterion.loss(self.baseline, best.user_attrs["accuracy"]),
-            latency_ratio=best.user_attrs["latency_ratio"],
+            loss=self.criterion.loss(self.baseline, m.accuracy),
+            latency_ratio=m.latency_ratio,
             fp32_ops=sorted(config.fp32_ops),
             quantizable_ops=len(self.space.ops),
-            trials=len(trials),
-            evaluations=sum(1 for t in trials if "accuracy" in t.user_attrs and "duplicate_of" not in t.user_attrs),
-            elapsed_s=elapsed,
+            trials=counted(trials),
+            evaluations=sum(1 for t in trials if t.evaluated),
+            elapsed_s=time.perf_counter() - self.start,
             criterion=self.criterion,
             adapter=self.backend,
-            history=history_frame(trials),
+            history=history_frame(self.study.get_trials(deepcopy=False)),
             best_trial=best.number,
             sensitivity=self.tuner.strategy.sensitivity,
             probe_cost=self._probe_cost(),
+            failed_trials={t.number: t.error or "" for t in trials if t.outcome == "FAILED" and t.counts},
         )
 
     def _probe_cost(self) -> str:
@@ -336,17 +431,16 @@ class _Run:
         return cost
 
 
-def best_trial(trials: Iterable[optuna.trial.FrozenTrial], baseline: float | None,
-               criterion: AccuracyCriterion) -> optuna.trial.FrozenTrial | None:
+def best_trial(trials: Iterable[TrialRecord], baseline: float | None,
+               criterion: AccuracyCriterion) -> TrialRecord | None:
     """The result among measured trials: the fastest that passes, else the most accurate (None if none)."""
-    trials = list(trials)
-    if not trials or baseline is None:
+    rated = [(t.measurement, t) for t in trials if t.measured and t.measurement is not None]
+    if not rated or baseline is None:
         return None
-    passing = [t for t in trials if criterion.passes(baseline, t.user_attrs["accuracy"])]
+    passing = [(m, t) for m, t in rated if criterion.passes(baseline, m.accuracy)]
     if passing:
-        return min(passing, key=lambda t: (t.user_attrs["latency_ratio"], t.number))
-    return min(trials, key=lambda t: (criterion.loss(baseline, t.user_attrs["accuracy"]),
-                                      t.user_attrs["latency_ratio"], t.number))
+        return min(passing, key=lambda mt: (mt[0].latency_ratio, mt[1].number))[1]
+    return min(rated, key=lambda mt: (criterion.loss(baseline, mt[0].accuracy), mt[0].latency_ratio, mt[1].number))[1]
 
 
 OBJECTIVES = ("accuracy", "latency")
@@ -356,24 +450,3 @@ def _check_objective(objective: str) -> str:
     if objective not in OBJECTIVES:
         raise unknown_choice("objective", objective, OBJECTIVES)
     return objective
-
-
-def _evaluate(eval_fn: EvalFn, model: Any, what: str) -> float:
-    """Call the user's eval_fn and insist on one finite number."""
-    try:
-        value = eval_fn(model)
-    except Exception as exc:
-        raise EvalFunctionError(
-            f"eval_fn raised {type(exc).__name__}: {exc} (evaluating {what}). Fix eval_fn.") from exc
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise EvalFunctionError(
-            f"eval_fn must return one number, got {type(value).__name__} (evaluating {what})."
-        ) from None
-    if not math.isfinite(value):
-        raise EvalFunctionError(
-            f"eval_fn returned {value} for {what}; it must return a finite number (check for an empty "
-            "evaluation set or a division by zero)."
-        )
-    return value

@@ -31,6 +31,7 @@ from rich.console import Console  # noqa: E402
 from autoquant.cli import run_job  # noqa: E402
 from autoquant.config import CriterionSpec, LoadedJob, StrategySpec, load_job  # noqa: E402
 from autoquant.errors import AutoquantError, ConfigError  # noqa: E402
+from autoquant.trials import records  # noqa: E402
 
 ROW_FILE = "sweep-row.json"
 log = logging.getLogger("autoquant")
@@ -92,8 +93,8 @@ def run_one(keys: dict[str, Any], job: LoadedJob, console: Console) -> dict[str,
         return {**keys, "error": f"{type(exc).__name__}: {exc}"}
     study = optuna.load_study(study_name=job.name, storage=job.storage())
     trials = study.get_trials(deepcopy=False)
-    counted = [t for t in trials if not t.user_attrs.get("stale") and "collision_of" not in t.user_attrs]
-    first_pass = next((i + 1 for i, t in enumerate(counted) if t.user_attrs.get("passed")), None)
+    counted = [t for t in records(trials) if t.counts]
+    first_pass = next((i + 1 for i, t in enumerate(counted) if t.passed), None)
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     row = {

@@ -11,6 +11,8 @@ import optuna
 from autoquant.criterion import AccuracyCriterion
 from autoquant.probe import OutputProbe
 from autoquant.space import QuantConfig, Space
+from autoquant.trials import records
+from autoquant.trials import tried_keys as _tried_keys
 
 
 class SearchExhausted(Exception):
@@ -56,4 +58,4 @@ class Strategy(ABC):
 
 def tried_keys(trials: Sequence[optuna.trial.FrozenTrial]) -> set[str]:
     """Config keys of trials that ran or are running (finished, failed or in flight)."""
-    return {t.user_attrs["config_key"] for t in trials if "config_key" in t.user_attrs}
+    return _tried_keys(records(trials))

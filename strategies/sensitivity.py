@@ -39,6 +39,7 @@ from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, unknown_choice
 from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
+from autoquant.trials import measured_by_key, records
 
 from .base import SearchExhausted, Strategy, tried_keys
 from .evidence import LossModel, Observation, Prediction
@@ -130,8 +131,7 @@ class SensitivityStrategy(Strategy):
             return None
         try:
             return self._probe.error(config)
-        except AutoquantError as exc:
-            log.warning("sensitivity: the probe could not build %s: %s", config.describe(), exc)
+        except AutoquantError:  # the probe logged why
             self._unbuildable.add(key)
             return None
 
@@ -285,11 +285,5 @@ class SensitivityStrategy(Strategy):
 
 def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, float, bool]]:
     """(config, loss, passed) of every evaluated trial, duplicates once."""
-    seen, measured = set(), []
-    for t in trials:
-        attrs = t.user_attrs
-        if "loss" not in attrs or attrs["config_key"] in seen:
-            continue
-        seen.add(attrs["config_key"])
-        measured.append((QuantConfig.from_dict(attrs["config"]), attrs["loss"], bool(attrs.get("passed"))))
-    return measured
+    return [(t.config, t.measurement.loss, t.passed) for t in measured_by_key(records(trials)).values()
+            if t.config is not None and t.measurement is not None]

@@ -21,7 +21,7 @@ class FakeModel:
     baseline: float = 0.9
     calibration_helps: tuple[str, ...] = ()
     config: QuantConfig | None = None  # None: the FP32 model
-    calibrations: list[int] = field(default_factory=list)
+    calibrations: list[int] = field(default_factory=list, repr=False)  # not part of the model
 
     def accuracy(self) -> float:
         if self.config is None:

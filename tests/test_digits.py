@@ -39,8 +39,9 @@ def test_tune_meets_one_percent_and_is_faster(digits, tmp_path):
     assert result.baseline_accuracy == eval_fn(model)
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in result.model.modules())
     assert len(result.history) == result.trials
-    # the first batch for tracing, then one calibration pass: no candidate re-reads the data
-    assert loader.served == 1 + len(loader.batches)
+    # the first batch for tracing, one pass for the data's fingerprint (tying the study to it), then
+    # one calibration pass: no candidate re-reads the data
+    assert loader.served == 1 + 2 * len(loader.batches)
 
     result.save(tmp_path)
     assert eval_fn(autoquant.load(tmp_path)) == result.accuracy

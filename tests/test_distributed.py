@@ -10,12 +10,16 @@ machine) always runs.
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import optuna
 import pytest
+
+from autoquant.space import KNOBS, OP_PARAM_PREFIX
+from autoquant.trials import records
 
 URL = os.environ.get("AUTOQUANT_TEST_PG_URL")
 JOBS = Path(__file__).parent / "jobs"
@@ -56,16 +60,38 @@ def job_file(tmp_path: Path, name: str, criterion: str, storage: str = "${AUTOQU
     return path
 
 
-def run_workers(job: Path, tmp_path: Path, n: int = 2) -> list[str]:
-    env = {**os.environ, "AQ_TEST_EVAL_SLEEP": "0.3"}
+def start_workers(job: Path, tmp_path: Path, n: int = 2, sleep: float = 0.3) -> list[subprocess.Popen]:
+    env = {**os.environ, "AQ_TEST_EVAL_SLEEP": str(sleep)}
     commands = [[sys.executable, "-m", "autoquant.cli", "tune", str(job), "--out", str(tmp_path / f"w{i}")]
                 for i in range(n)]
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for command in commands]
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for command in commands]
+
+
+def run_workers(job: Path, tmp_path: Path, n: int = 2) -> list[str]:
+    procs = start_workers(job, tmp_path, n)
     logs = [p.communicate(timeout=300)[0] for p in procs]
     for p, log in zip(procs, logs, strict=False):
         assert p.returncode == 0, log
     return logs
+
+
+def check_grid(trials: list[optuna.trial.FrozenTrial], workers: int) -> None:
+    """The union of the workers' trials is the whole grid, nothing evaluated twice, each trial's
+    Optuna parameters its own config's (not another worker's proposal), nothing left RUNNING."""
+    evaluated = [(t, r) for t, r in zip(trials, records(trials), strict=True) if r.evaluated]
+    keys = [r.config_key for _, r in evaluated]
+    assert len(keys) == len(set(keys)) == 8
+    for trial, record in evaluated:
+        config = record.config
+        assert config is not None
+        assert {k: trial.params[k] for k in KNOBS if getattr(config, k) is not None} == \
+            {k: getattr(config, k) for k in KNOBS if getattr(config, k) is not None}
+        ops = {name[len(OP_PARAM_PREFIX):]: value for name, value in trial.params.items()
+               if name.startswith(OP_PARAM_PREFIX)}
+        assert {op for op, value in ops.items() if value == "fp32"} == set(config.fp32_ops)
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    assert len({r.worker for _, r in evaluated}) >= min(workers, 2)  # the work was shared
 
 
 @pytest.fixture
@@ -81,13 +107,7 @@ def study_name():
 @needs_pg
 def test_two_workers_split_the_grid(tmp_path, study_name):
     logs = run_workers(job_file(tmp_path, study_name, "criterion: {absolute: 0.0}"), tmp_path)
-    trials = optuna.load_study(study_name=study_name, storage=URL).get_trials()
-    evaluated = [t for t in trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
-    keys = [t.user_attrs["config_key"] for t in evaluated]
-    assert len(keys) == len(set(keys)) == 8  # the union is the whole grid, nothing evaluated twice
-    assert not [t for t in trials if t.state.name == "RUNNING"]
-    workers = {t.user_attrs["worker"] for t in evaluated}
-    assert len(workers) == 2  # both did part of the work
+    check_grid(optuna.load_study(study_name=study_name, storage=URL).get_trials(), workers=2)
     password = urlsplit(URL).password
     assert password
     for log in logs:
@@ -101,19 +121,51 @@ def test_all_workers_stop_once_the_goal_is_met(tmp_path, study_name):
     # Met by the first candidate with one op in FP32 (trial 3 or so of the grid's order).
     logs = run_workers(job_file(tmp_path, study_name, "criterion: {absolute: 0.00002}"), tmp_path)
     trials = optuna.load_study(study_name=study_name, storage=URL).get_trials()
-    passed = [t for t in trials if t.user_attrs.get("passed")]
-    assert passed and len(trials) < 8
+    assert any(r.passed for r in records(trials)) and len(trials) < 8
     assert not [t for t in trials if t.state.name == "RUNNING"]
-    assert any("Stopping: another worker met the goal." in log or "goal MET" in log for log in logs)
+    for log in logs:  # each stopped for the right reason: its own pass, or another worker's
+        assert " PASS " in log or "Stopping: another worker met the goal." in log, log
+
+
+@needs_pg
+def test_postgresql_restarted_under_two_workers(tmp_path, study_name):
+    """The workers reconnect, or stop with a clear message; 'tune' then finishes the study."""
+    restart = os.environ.get("AUTOQUANT_TEST_PG_RESTART")
+    if not restart:
+        pytest.skip("no PostgreSQL restart command: set AUTOQUANT_TEST_PG_RESTART (.ci/run does)")
+    job = job_file(tmp_path, study_name, "criterion: {absolute: 0.0}")
+    procs = start_workers(job, tmp_path, sleep=0.6)
+    assert URL
+
+    def measured() -> int:
+        try:
+            return sum(r.measured for r in records(optuna.load_study(study_name=study_name, storage=URL).trials))
+        except KeyError:  # the workers have not created the study yet
+            return 0
+
+    deadline = time.time() + 240
+    while measured() < 2:
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            logs = "\n".join(p.communicate()[0][-2000:] for p in procs)
+            raise AssertionError("the workers did not get going:\n" + logs)
+        time.sleep(0.5)
+    subprocess.run(restart, shell=True, check=True, timeout=60)
+    for p in procs:
+        log = " ".join(p.communicate(timeout=300)[0].split())
+        assert p.returncode == 0 or "The study's storage failed" in log and "run the same job again" in log, log
+    again = subprocess.run([sys.executable, "-m", "autoquant.cli", "tune", str(job), "--out", str(tmp_path / "w9")],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials = optuna.load_study(study_name=study_name, storage=URL).get_trials()
+    keys = [r.config_key for r in records(trials) if r.evaluated]
+    assert len(keys) == len(set(keys)) == 8 and not [t for t in trials if t.state.name == "RUNNING"]
 
 
 def test_two_workers_on_a_journal_file(tmp_path):
     from autoquant.config import load_job
 
     job = job_file(tmp_path, "journal", "criterion: {absolute: 0.0}", storage="journal:study.journal")
-    run_workers(job, tmp_path)
-    trials = optuna.load_study(study_name="journal", storage=load_job(job).storage()).get_trials()
-    evaluated = [t for t in trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
-    keys = [t.user_attrs["config_key"] for t in evaluated]
-    assert len(keys) == len(set(keys)) == 8
-    assert len({t.user_attrs["worker"] for t in evaluated}) == 2
+    run_workers(job, tmp_path, n=3)
+    check_grid(optuna.load_study(study_name="journal", storage=load_job(job).storage()).get_trials(), workers=3)
