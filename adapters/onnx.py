@@ -41,7 +41,10 @@ from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantizationMode
 
-from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
+from autoquant.calibration import (
+    OVERCLIP_FACTOR, OVERCLIP_SHARE, CalibrationMethod, TensorStats, compute_range, overclipping, read_stats,
+    write_stats,
+)
 from autoquant.data import first_batch, iterate_batches
 from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean, first_line
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
@@ -123,6 +126,7 @@ class ONNXAdapter(Adapter):
         self._calib_data = calib_data
         self._feeds = self._to_feeds(first_batch(calib_data), 0)
         self._stats: dict[str, TensorStats] | None = None
+        self._ranges: dict[tuple[str, str, bool], tuple[float, float]] = {}
         self._weight_params: dict[tuple[str, int | None], Any] = {}
         ops, unsupported, self._tensors = _discover(self._inferred)
         if not ops:
@@ -220,8 +224,21 @@ class ONNXAdapter(Adapter):
         if nonfinite:
             log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
         self._stats = stats
-        self._ranges: dict[tuple[str, str, bool], tuple[float, float]] = {}
+        self._ranges = {}
         log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
+        self._warn_overclipping()
+
+    def _warn_overclipping(self) -> None:
+        """One log line naming the tensors where a method's range clips far more than the others'."""
+        lines = []
+        for scheme in self.space.schemes:
+            symmetric = scheme == "symmetric"
+            flagged = overclipping(self._stats, list(self.space.calibrations),
+                                   ranges=lambda t, m, sym=symmetric: self._range(t, m, sym))
+            lines += [f"{method}/{scheme} on {len(ts)}: {', '.join(ts)}" for method, ts in sorted(flagged.items())]
+        if lines:
+            log.warning("Calibration methods clipping far more values than the others (over %.1f%% and %gx any "
+                        "other method) on these tensors: %s.", 100 * OVERCLIP_SHARE, OVERCLIP_FACTOR, "; ".join(lines))
 
     def _range(self, tensor: str, calibration: str, symmetric: bool) -> tuple[float, float]:
         key = (tensor, calibration, symmetric)
@@ -239,6 +256,7 @@ class ONNXAdapter(Adapter):
     def load_stats(self, path: Path) -> bool:
         self._stats = read_stats(path, set(self._tensors))
         self._ranges = {}
+        self._warn_overclipping()
         return True
 
     # --- candidates ------------------------------------------------------------------------------
