@@ -21,11 +21,19 @@ def adapter_class(name: str) -> type[Adapter]:
     return getattr(importlib.import_module(module), cls)
 
 
+def is_onnx_path(model: Any) -> bool:
+    """Whether ``model`` is a path to an ONNX file (``.onnx``, any case).
+
+    >>> is_onnx_path("nets/model.ONNX"), is_onnx_path("mypkg.jobs:make_model")
+    (True, False)
+    """
+    return isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".onnx")
+
+
 def adapter_for(model: Any) -> type[Adapter]:
     """The adapter class that handles this model's type."""
     # An ONNX model (or .onnx path) is recognised without importing the other backends (torch).
-    looks_onnx = type(model).__module__.startswith("onnx") or (
-        isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".onnx"))
+    looks_onnx = type(model).__module__.startswith("onnx") or is_onnx_path(model)
     for name in sorted(ADAPTERS, key=lambda n: n != "onnx") if looks_onnx else ADAPTERS:
         cls = adapter_class(name)
         if cls.accepts(model):
@@ -36,4 +44,4 @@ def adapter_for(model: Any) -> type[Adapter]:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_class", "adapter_for"]
+__all__ = ["ADAPTERS", "Adapter", "adapter_class", "adapter_for", "is_onnx_path"]

@@ -50,6 +50,7 @@ from autoquant.data import first_batch, iterate_batches
 from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean, first_line
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
+from . import is_onnx_path
 from .base import Adapter
 
 log = logging.getLogger("autoquant")
@@ -115,9 +116,7 @@ class ONNXAdapter(Adapter):
 
     @classmethod
     def accepts(cls, model: Any) -> bool:
-        if isinstance(model, onnx.ModelProto):
-            return True
-        return isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx")
+        return isinstance(model, onnx.ModelProto) or is_onnx_path(model)
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike, calib_data: Iterable[Any]) -> None:
         proto = _load(model)

@@ -2,7 +2,7 @@
 
 ``TensorStats`` keeps, for one tensor, the exact min/max and a fixed-size histogram over all
 calibration batches; ``compute_range`` turns those into the (lo, hi) range a quantizer uses, by
-one of ``METHODS``. Numpy only, so the PyTorch FX and ONNX Runtime adapters share it. Modelled on
+one of ``METHODS`` (name -> range function: the one table of method names). Numpy only, so the PyTorch FX and ONNX Runtime adapters share it. Modelled on
 ONNX Runtime's ``calibrate.py``, but vectorised.
 
 The histogram covers [-R, R] with an even number of bins, so 0 is an edge and folding it gives the
@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,11 @@ from numpy.typing import ArrayLike
 
 from autoquant.errors import CalibrationDataError, ConfigError
 
-__all__ = ["METHODS", "CalibrationMethod", "TensorStats", "clipped_fraction", "compute_range", "overclipping",
-           "read_stats", "write_stats"]
+__all__ = ["METHODS", "SEARCHED", "CalibrationMethod", "TensorStats", "clipped_fraction", "compute_range",
+           "overclipping", "read_stats", "write_stats"]
 
-METHODS = ("minmax", "entropy", "percentile", "mse")
-
-_EXAMPLES = ("minmax", "entropy", "mse", "percentile-99.99", "percentile-99.999")
-_VALID_FORMS = "'minmax', 'entropy', 'mse', or 'percentile-<p>' with 50 < p <= 100 (e.g. 'percentile-99.99')"
+# The calibration values a search tries by default (autoquant.space.CALIBRATIONS), best-first.
+SEARCHED = ("minmax", "entropy", "percentile-99.99", "percentile-99.999", "mse")
 # Other tools' names for our methods: used for the "did you mean" hint only, never accepted.
 _ALIASES = {"kl": "entropy", "kl-divergence": "entropy", "max": "minmax", "min-max": "minmax"}
 
@@ -61,10 +60,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _valid_forms() -> str:
+    plain = ", ".join(repr(name) for name in METHODS if name != "percentile")
+    return f"{plain}, or 'percentile-<p>' with 50 < p <= 100 (e.g. 'percentile-99.99')"
+
+
 def _unknown_method(text: object) -> str:
     key = str(text).strip().lower()
-    hint = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, _EXAMPLES, n=1)), None)
-    message = f"Unknown calibration method {text!r}; valid forms: {_VALID_FORMS}."
+    names = [*SEARCHED, *METHODS]
+    hint = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, names, n=1)), None)
+    message = f"Unknown calibration method {text!r}; valid forms: {_valid_forms()}."
     return message + (f" Did you mean {hint!r}?" if hint else "")
 
 
@@ -82,12 +87,12 @@ class CalibrationMethod:
             if self.percentile is not None:
                 raise ConfigError(
                     f"Calibration method {self.name!r} takes no percentile (got {self.percentile!r}); "
-                    f"valid forms: {_VALID_FORMS}."
+                    f"valid forms: {_valid_forms()}."
                 )
             return
         if self.percentile is None:
             raise ConfigError(
-                f"Calibration method 'percentile' needs a value, e.g. 'percentile-99.99'; valid forms: {_VALID_FORMS}."
+                f"Calibration method 'percentile' needs a value, e.g. 'percentile-99.99'; valid forms: {_valid_forms()}."
             )
         p = float(self.percentile)
         if not 50.0 < p <= 100.0:  # also rejects nan
@@ -103,7 +108,7 @@ class CalibrationMethod:
             return text
         if not isinstance(text, str):
             raise ConfigError(
-                f"A calibration method must be a string, got {type(text).__name__}; valid forms: {_VALID_FORMS}."
+                f"A calibration method must be a string, got {type(text).__name__}; valid forms: {_valid_forms()}."
             )
         name, dash, arg = text.strip().lower().partition("-")
         if name not in METHODS:
@@ -112,12 +117,12 @@ class CalibrationMethod:
             return cls(name)  # "percentile" alone fails in __post_init__ with the fix
         if name != "percentile":
             raise ConfigError(
-                f"Calibration method {name!r} takes no parameter, got {text!r}; valid forms: {_VALID_FORMS}."
+                f"Calibration method {name!r} takes no parameter, got {text!r}; valid forms: {_valid_forms()}."
             )
         try:
             p = float(arg)
         except ValueError:
-            raise ConfigError(f"In {text!r}, {arg!r} is not a number; valid forms: {_VALID_FORMS}.") from None
+            raise ConfigError(f"In {text!r}, {arg!r} is not a number; valid forms: {_valid_forms()}.") from None
         return cls(name, p)
 
     def __str__(self) -> str:
@@ -259,39 +264,59 @@ def compute_range(
             f"({stats.nonfinite} non-finite values were skipped). Check that the calibration data "
             "reaches it and that the model produces finite activations."
         )
-    lo0, hi0 = min(stats.min, 0.0), max(stats.max, 0.0)  # 0 must be exactly representable
-    t0 = max(-lo0, hi0)
+    t0 = max(-stats.min, stats.max, 0.0)
     if t0 == 0.0:
         return 0.0, 0.0
-    counts, edges = stats.histogram
-    h = counts.size // 2
-
-    if method.name == "minmax":
-        lo, hi, t = lo0, hi0, t0
-    elif method.name == "percentile":
-        assert method.percentile is not None  # guaranteed by CalibrationMethod
-        q = method.percentile / 100.0
-        if symmetric:
-            t = _quantile(_fold(counts), edges[h:], q)
-        else:
-            lo, hi = _quantile(counts, edges, 1.0 - q), _quantile(counts, edges, q)
-    elif method.name == "entropy":
-        # A one-signed tensor under an asymmetric scheme has every level on its side of 0.
-        one_sided = not symmetric and (stats.min >= 0.0 or stats.max <= 0.0)
-        levels = 2**num_bits if one_sided else 2 ** (num_bits - 1)
-        t = _entropy_threshold(_fold(counts), levels) * edges[h + 1]  # edges[h + 1] = bin width
-        lo, hi = -t, t
-    else:  # mse
-        lo, hi = (-t0, t0) if symmetric else (lo0, hi0)
-        a = _mse_scale(counts, edges, lo, hi, stats.min, stats.max, num_bits)
-        lo, hi, t = a * lo, a * hi, a * t0
-
+    lo, hi = METHODS[method.name](stats, method.percentile, symmetric, num_bits)
     if symmetric:
-        t = float(min(t, t0))
+        t = float(min(max(-lo, hi), t0))
         return -t, t
     lo = min(float(np.clip(lo, stats.min, stats.max)), 0.0)
     hi = max(float(np.clip(hi, stats.min, stats.max)), 0.0)
     return lo, hi
+
+
+# A range function: (stats, parameter or None, symmetric, num_bits) -> (lo, hi). Under
+# ``symmetric`` compute_range uses max(-lo, hi); it clips to the data and keeps 0 inside.
+RangeFunction = Callable[[TensorStats, float | None, bool, int], tuple[float, float]]
+
+
+def _minmax_range(stats: TensorStats, _: float | None, symmetric: bool, num_bits: int) -> tuple[float, float]:
+    return min(stats.min, 0.0), max(stats.max, 0.0)
+
+
+def _percentile_range(stats: TensorStats, percentile: float | None, symmetric: bool,
+                      num_bits: int) -> tuple[float, float]:
+    assert percentile is not None  # guaranteed by CalibrationMethod
+    counts, edges = stats.histogram
+    q = percentile / 100.0
+    if symmetric:
+        t = _quantile(_fold(counts), edges[counts.size // 2:], q)
+        return -t, t
+    return _quantile(counts, edges, 1.0 - q), _quantile(counts, edges, q)
+
+
+def _entropy_range(stats: TensorStats, _: float | None, symmetric: bool, num_bits: int) -> tuple[float, float]:
+    counts, edges = stats.histogram
+    # A one-signed tensor under an asymmetric scheme has every level on its side of 0.
+    one_sided = not symmetric and (stats.min >= 0.0 or stats.max <= 0.0)
+    levels = 2**num_bits if one_sided else 2 ** (num_bits - 1)
+    t = _entropy_threshold(_fold(counts), levels) * edges[counts.size // 2 + 1]  # times the bin width
+    return -t, t
+
+
+def _mse_range(stats: TensorStats, _: float | None, symmetric: bool, num_bits: int) -> tuple[float, float]:
+    counts, edges = stats.histogram
+    lo, hi = _minmax_range(stats, None, symmetric, num_bits)
+    if symmetric:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
+    a = _mse_scale(counts, edges, lo, hi, stats.min, stats.max, num_bits)
+    return a * lo, a * hi
+
+
+METHODS: dict[str, RangeFunction] = {
+    "minmax": _minmax_range, "entropy": _entropy_range, "percentile": _percentile_range, "mse": _mse_range,
+}
 
 
 def clipped_fraction(stats: TensorStats, lo: float, hi: float) -> float:

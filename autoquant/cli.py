@@ -5,6 +5,7 @@
     autoquant tune configs/digits-fx.yaml        # runs; continues the job's study if it exists
     autoquant resume configs/digits-fx.yaml      # continues, and fails if there is nothing to continue
     autoquant report autoquant-out/digits-fx     # table, history.csv and plots from the study
+    autoquant schema                             # every YAML key, its type, default and meaning (Markdown)
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from autoquant.config import JOB_COPY, STATS_FILE, LoadedJob, load_job, mask_url
+from autoquant import __version__, storage
+from autoquant.config import JOB_COPY, STATS_FILE, LoadedJob, load_job, mask_url, parse_job
 from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError
 from autoquant.plots import plot_history
-from autoquant.report import describe_space, history_frame, print_summary
+from autoquant.report import history_frame, print_summary
 from autoquant.result import HISTORY_FILE, TuneResult
 from autoquant.tuner import Tuner, best_trial
+from autoquant.yaml_reference import yaml_reference
 
 log = logging.getLogger("autoquant")
 CONFIG_FILE = "config.yaml"
@@ -38,7 +41,7 @@ CONFIG_FILE = "config.yaml"
 def make_tuner(job: LoadedJob, *, on_trial: Any = None, stats_cache: Path | None = None) -> Tuner:
     spec = job.spec
     return Tuner(
-        spec.criterion.criterion(), strategy=spec.strategy.name, max_trials=spec.strategy.max_trials,
+        spec.criterion.criterion(), strategy=spec.strategy.strategy(), max_trials=spec.strategy.max_trials,
         timeout=spec.strategy.timeout, seed=spec.strategy.seed, restrict=spec.space.restriction(),
         storage=job.storage(), study_name=job.name, latency_budget_s=spec.latency_budget_s,
         stats_cache=stats_cache or job.output / STATS_FILE, on_trial=on_trial, objective=spec.strategy.objective,
@@ -47,10 +50,7 @@ def make_tuner(job: LoadedJob, *, on_trial: Any = None, stats_cache: Path | None
 
 def study_trials(job: LoadedJob) -> int | None:
     """Trials in the job's study, or None when it has no study yet (creates nothing)."""
-    url = job.storage_url
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        return None
-    if url.startswith("journal:") and not Path(url[len("journal:"):]).exists():
+    if not storage.exists(job.storage_url):
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -173,11 +173,21 @@ def _fmt(value: Any) -> str:
 
 
 # --- verbs --------------------------------------------------------------------------------------
-def _tune(args: argparse.Namespace, console: Console, *, resume: bool) -> None:
-    job = load_job(args.job)
+def _with_overrides(job: LoadedJob, args: argparse.Namespace) -> LoadedJob:
+    """The job with the command line's overrides, validated like the YAML they replace."""
+    data = job.spec.model_dump()
+    if args.strategy is not None and args.strategy != job.spec.strategy.name:
+        data["strategy"] |= {"name": args.strategy, "options": {}}  # the job's options are for its strategy
     if args.max_trials is not None:
-        job = LoadedJob(job.spec.model_copy(update={"strategy": job.spec.strategy.model_copy(
-            update={"max_trials": args.max_trials})}), job.path)
+        data["strategy"]["max_trials"] = args.max_trials
+    for kind in ("relative", "absolute"):
+        if getattr(args, kind) is not None:
+            data["criterion"] |= {"relative": None, "absolute": None, kind: getattr(args, kind)}
+    return LoadedJob(parse_job(data, source="command line"), job.path)
+
+
+def _tune(args: argparse.Namespace, console: Console, *, resume: bool) -> None:
+    job = _with_overrides(load_job(args.job), args)
     if args.out:  # relative to the current folder, like any command-line path
         job.output = Path(args.out).resolve()
     if resume and not study_trials(job):
@@ -202,13 +212,12 @@ def _space(args: argparse.Namespace, console: Console) -> None:
     job = load_job(args.job)
     tuner = make_tuner(job)
     space = tuner.space(job.load_model(), job.load_calibration(), adapter=job.adapter)
-    table = Table(title=f"{len(space.ops)} quantizable op(s)")
-    for column in ("op", "type", "approaches", "searched"):
-        table.add_column(column)
-    for op in space.ops:
-        table.add_row(op.name, op.op_type, ", ".join(op.approaches), "no (FP32)" if op.name in space.fixed_fp32 else "yes")
-    console.print(table)
-    console.print(describe_space(space, job.spec.adapter))
+    console.print(f"adapter: {job.spec.adapter}", highlight=False)
+    console.print(str(space), markup=False, highlight=False, soft_wrap=True)  # the same text as print(space)
+
+
+def _schema(args: argparse.Namespace, console: Console) -> None:
+    sys.stdout.write(yaml_reference())
 
 
 def _report(args: argparse.Namespace, console: Console) -> None:
@@ -218,6 +227,7 @@ def _report(args: argparse.Namespace, console: Console) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoquant", description="Accuracy-driven INT8 tuning from YAML jobs.",
                                      epilog="Run 'autoquant VERB --help' for a verb's options.")
+    parser.add_argument("--version", action="version", version=f"autoquant {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def job_verb(name: str, text: str) -> argparse.ArgumentParser:
@@ -232,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = job_verb(name, text)
         p.add_argument("--max-trials", type=int, help="override strategy.max_trials (the total for the study)")
+        p.add_argument("--strategy", help="override strategy.name (its options are then dropped)")
+        goal = p.add_mutually_exclusive_group()
+        goal.add_argument("--relative", type=float, help="override the criterion: tolerated relative loss (0.01: 1%%)")
+        goal.add_argument("--absolute", type=float, help="override the criterion: tolerated absolute loss")
         p.add_argument("--out", help="override the output folder")
     job_verb("validate", "Check a job without running it: the schema, and that its callables import.")
     job_verb("space", "Load the model and list the ops and knobs the adapter exposes, after the job's "
@@ -240,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Print the trial table and write history.csv, trials.png and tradeoff.png "
                                      "from the study of an output folder of 'autoquant tune' or of a job file.")
     p.add_argument("target", metavar="OUTDIR_or_JOB.yaml")
+    verbs.add_parser("schema", help="Print the YAML job reference (every key, type, default, meaning) as Markdown.",
+                     description="Print the YAML job reference, generated from the schema, as Markdown.")
     return parser
 
 
@@ -249,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     handlers = {"tune": lambda: _tune(args, console, resume=False), "resume": lambda: _tune(args, console, resume=True),
                 "validate": lambda: _validate(args, console), "space": lambda: _space(args, console),
-                "report": lambda: _report(args, console)}
+                "report": lambda: _report(args, console), "schema": lambda: _schema(args, console)}
     try:
         handlers[args.verb]()
     except AutoquantError as exc:

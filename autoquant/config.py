@@ -8,29 +8,42 @@ are errors; relative paths are relative to the YAML file's folder. YAML is read 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
+import inspect
 import os
-import re
 import sys
-import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from autoquant.adapters import ADAPTERS
-from autoquant.criterion import AccuracyCriterion
-from autoquant.errors import ConfigError, did_you_mean
+from autoquant.adapters import ADAPTERS, is_onnx_path
+from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
+from autoquant.errors import ConfigError, unknown_choice
 from autoquant.space import APPROACHES, CALIBRATIONS, GRANULARITIES, SCHEMES, Restriction
-from autoquant.strategies import STRATEGIES
+from autoquant.storage import mask_url, open_storage, resolve_url
+from autoquant.strategies import STRATEGIES, Strategy
+from autoquant.tuner import OBJECTIVES, Tuner
 
 STUDY_FILE = "study.db"
 STATS_FILE = "calibration-stats.json"
 JOB_COPY = "job.yaml"
+
+# The Tuner's defaults are the YAML defaults: defined once, in Tuner.__init__.
+_TUNER = {name: p.default for name, p in inspect.signature(Tuner.__init__).parameters.items()}
+
+
+def _choice(what: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise unknown_choice(what, value, list(allowed))
+    return value
 
 
 class _Strict(BaseModel):
@@ -38,10 +51,10 @@ class _Strict(BaseModel):
 
 
 class CallableRef(_Strict):
-    """``module:function`` (or ``file.py:function``) and keyword arguments for it."""
+    """A callable given as a mapping: `module:function` (or `file.py:function`) and keyword arguments for it."""
 
-    call: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    call: str = Field(description="`module:function`, or `path/to/file.py:function` relative to the job file")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments the function is called with")
 
     @field_validator("call")
     @classmethod
@@ -52,15 +65,20 @@ class CallableRef(_Strict):
         return value
 
 
+_KNOB = "search only this value, or this list of values (default: every value the adapter offers): "
+
+
 class SpaceSpec(_Strict):
     """Restrictions of the search space (autoquant.space.Restriction)."""
 
-    approach: str | list[str] | None = None
-    calibration: str | list[str] | None = None
-    granularity: str | list[str] | None = None
-    scheme: str | list[str] | None = None
-    fp32_ops: list[str] = Field(default_factory=list)
-    fp32_op_types: list[str] = Field(default_factory=list)
+    approach: str | list[str] | None = Field(None, description=_KNOB + ", ".join(APPROACHES))
+    calibration: str | list[str] | None = Field(None, description=_KNOB + ", ".join(CALIBRATIONS))
+    granularity: str | list[str] | None = Field(None, description=_KNOB + ", ".join(GRANULARITIES))
+    scheme: str | list[str] | None = Field(None, description=_KNOB + ", ".join(SCHEMES))
+    fp32_ops: list[str] = Field(default_factory=list, description=(
+        "ops that stay FP32, by name or glob pattern (`bert.encoder.layer.*.output.dense`); "
+        "a pattern that matches no op is an error"))
+    fp32_op_types: list[str] = Field(default_factory=list, description="op types that stay FP32 (`Linear`, `Conv`)")
 
     @model_validator(mode="after")
     def _known_values(self) -> SpaceSpec:
@@ -68,9 +86,7 @@ class SpaceSpec(_Strict):
                               ("granularity", GRANULARITIES), ("scheme", SCHEMES)):
             value = getattr(self, knob)
             for v in [value] if isinstance(value, str) else value or []:
-                if v not in allowed:
-                    raise ValueError(f"space.{knob}: unknown value '{v}'.{did_you_mean(v, allowed)} "
-                                     f"Allowed: {', '.join(allowed)}")
+                _choice(f"space.{knob} value", v, allowed)
         return self
 
     def restriction(self) -> Restriction:
@@ -78,9 +94,13 @@ class SpaceSpec(_Strict):
 
 
 class CriterionSpec(_Strict):
-    relative: float | None = None
-    absolute: float | None = None
-    higher_is_better: bool = True
+    """The accuracy goal (autoquant.AccuracyCriterion): exactly one of relative or absolute."""
+
+    relative: float | None = Field(None, description="tolerated loss as a fraction of the FP32 metric (0.01: 1%)")
+    absolute: float | None = Field(None, description="tolerated loss in the metric's units")
+    higher_is_better: bool = Field(True, description="false for a loss or an error rate (a rise is then a loss)")
+    allow_large_relative: bool = Field(False, description=(
+        "accept relative >= 1 for a higher-is-better metric (refused by default: a percent typed as a fraction)"))
 
     @model_validator(mode="after")
     def _one_of(self) -> CriterionSpec:
@@ -88,49 +108,66 @@ class CriterionSpec(_Strict):
         return self
 
     def criterion(self) -> AccuracyCriterion:
-        return AccuracyCriterion(relative=self.relative, absolute=self.absolute, higher_is_better=self.higher_is_better)
+        return AccuracyCriterion(**self.model_dump())
 
 
 class StrategySpec(_Strict):
-    name: str = "sensitivity" if "sensitivity" in STRATEGIES else "bayesian"
-    max_trials: int = Field(50, ge=1)
-    timeout: float | None = Field(None, gt=0)
-    seed: int | None = 0
-    objective: str = "accuracy"  # "accuracy": stop at the first pass; "latency": fastest pass in the budget
+    """How to search, and when to stop."""
+
+    name: str = Field(_TUNER["strategy"], description="the search strategy: " + ", ".join(STRATEGIES))
+    max_trials: int = Field(_TUNER["max_trials"], ge=1, description="most candidates the study evaluates in all")
+    timeout: float | None = Field(_TUNER["timeout"], gt=0, description="seconds; stop starting trials after it")
+    seed: int | None = Field(_TUNER["seed"], description="the strategy's random seed (null: a different run each time)")
+    objective: str = Field(_TUNER["objective"], description=(
+        "`accuracy`: stop at the first candidate that meets the goal; `latency`: go on within the budget "
+        "and return the fastest that meets it"))
+    options: dict[str, Any] = Field(default_factory=dict, description=(
+        "keyword arguments of the strategy's class, e.g. `{n_startup_trials: 10}` for bayesian, "
+        "`{measure: fp32, calibrate_top: 5}` for sensitivity"))
 
     @field_validator("objective")
     @classmethod
     def _objective(cls, value: str) -> str:
-        from autoquant.tuner import OBJECTIVES
-
-        if value not in OBJECTIVES:
-            raise ValueError(f"unknown objective '{value}'.{did_you_mean(value, OBJECTIVES)} "
-                             f"Allowed: {', '.join(OBJECTIVES)}")
-        return value
+        return _choice("objective", value, OBJECTIVES)
 
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"unknown strategy '{value}'.{did_you_mean(value, STRATEGIES)} "
-                             f"Known strategies: {', '.join(STRATEGIES)}")
-        return value
+        return _choice("strategy", value, list(STRATEGIES))
+
+    @model_validator(mode="after")
+    def _options(self) -> StrategySpec:
+        params = inspect.signature(STRATEGIES[self.name]).parameters
+        allowed = [n for n, p in params.items() if n != "seed" and p.kind is not p.VAR_KEYWORD]
+        for key in self.options:
+            if key not in allowed:
+                raise unknown_choice("option", key, allowed, where=f" of strategy '{self.name}'")
+        self.strategy()  # the strategy's own checks of the values
+        return self
+
+    def strategy(self) -> Strategy:
+        return STRATEGIES[self.name](seed=self.seed, **self.options)
 
 
 class Job(_Strict):
     """One tuning job, as written in YAML."""
 
-    name: str | None = None
-    model: str | CallableRef
-    calibration: str | CallableRef
-    eval: str | CallableRef
-    adapter: str = "auto"
-    space: SpaceSpec = Field(default_factory=SpaceSpec)
-    criterion: CriterionSpec = Field(default_factory=lambda: CriterionSpec(relative=0.01))
-    strategy: StrategySpec = Field(default_factory=StrategySpec)
-    storage: str | None = None
-    output: str | None = None
-    latency_budget_s: float = Field(0.25, gt=0)
+    name: str | None = Field(None, description="the study's name (default: the job file's name without .yaml)")
+    model: str | CallableRef = Field(description="a path to an `.onnx` file, or a callable that returns the model")
+    calibration: str | CallableRef = Field(description="a callable that returns the calibration batches (iterable)")
+    eval: str | CallableRef = Field(description="a callable `eval_fn(model) -> float`: the metric of a candidate")
+    adapter: str = Field("auto", description="the backend: auto (from the model's type), " + ", ".join(ADAPTERS))
+    space: SpaceSpec = Field(default_factory=SpaceSpec, description="restrictions of the search space")
+    criterion: CriterionSpec = Field(default_factory=lambda: CriterionSpec(**dataclasses.asdict(DEFAULT_CRITERION)),
+                                     description="the accuracy goal")
+    strategy: StrategySpec = Field(default_factory=StrategySpec, description="the search, or just its name (`strategy: bayesian`)")
+    storage: str | None = Field(None, description=(
+        "where the study lives (default: a SQLite file in the output folder): `sqlite:///PATH`, `journal:PATH` "
+        "(several processes), `postgresql://user:${PGPASSWORD}@host/db` (several machines); "
+        "environment variables are expanded"))
+    output: str | None = Field(None, description="the output folder (default: `autoquant-out/NAME`)")
+    latency_budget_s: float = Field(_TUNER["latency_budget_s"], gt=0,
+                                    description="seconds of timing per latency measurement")
 
     @field_validator("calibration", "eval")
     @classmethod
@@ -140,17 +177,12 @@ class Job(_Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str | CallableRef) -> str | CallableRef:
-        if isinstance(value, str) and not value.endswith(".onnx"):
-            return CallableRef(call=value)
-        return value
+        return CallableRef(call=value) if isinstance(value, str) and not is_onnx_path(value) else value
 
     @field_validator("adapter")
     @classmethod
     def _adapter(cls, value: str) -> str:
-        allowed = ["auto", *ADAPTERS]
-        if value not in allowed:
-            raise ValueError(f"unknown adapter '{value}'.{did_you_mean(value, allowed)} Known: {', '.join(allowed)}")
-        return value
+        return _choice("adapter", value, ["auto", *ADAPTERS])
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -175,29 +207,11 @@ class LoadedJob:
     @property
     def storage_url(self) -> str:
         """The storage as given (environment variables expanded) or the default SQLite file."""
-        if not self.spec.storage:
-            return f"sqlite:///{self.output / STUDY_FILE}"
-        url = os.path.expandvars(self.spec.storage)
-        if url.startswith("journal:"):
-            return "journal:" + str(self._resolve(url[len("journal:"):]))
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-            return "sqlite:///" + str(self._resolve(url[len("sqlite:///"):]))
-        return url
+        return resolve_url(self.spec.storage, base=self.base, default_file=self.output / STUDY_FILE)
 
-    def storage(self) -> Any:
+    def storage(self) -> str | optuna.storages.BaseStorage:
         """What Tuner(storage=...) takes: a URL, or a JournalStorage for ``journal:PATH``."""
-        url = self.storage_url
-        if url.startswith("journal:"):
-            import optuna
-
-            path = Path(url[len("journal:"):])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            backend = optuna.storages.journal.JournalFileBackend(str(path))
-            return optuna.storages.JournalStorage(backend)
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            return url
-        return _rdb_storage(url)
+        return open_storage(self.storage_url)
 
     # --- callables ----------------------------------------------------------------------------
     def resolve_callable(self, ref: CallableRef, key: str) -> Callable[..., Any]:
@@ -240,7 +254,8 @@ class LoadedJob:
 
     def masked_dict(self) -> dict[str, Any]:
         """The job as plain data with any storage password masked (for job.yaml in the output)."""
-        data = self.spec.model_dump(mode="json", exclude_none=True)
+        # The name is written even when the job had none: the output folder must know its study.
+        data = {"name": self.name, **self.spec.model_dump(mode="json", exclude_none=True)}
         if "storage" in data:
             data["storage"] = mask_url(data["storage"])
         return data
@@ -277,13 +292,13 @@ def _explain(error: dict[str, Any]) -> str:
     key = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         parent, name = _model_at(loc[:-1]), loc[-1]
-        allowed = list(parent.model_fields) if parent else []
-        return f"unknown key '{key}'.{did_you_mean(name, allowed)} Allowed keys here: {', '.join(allowed)}"
+        where = f" under '{'.'.join(loc[:-1])}'" if loc[:-1] else ""
+        return str(unknown_choice("key", name, list(parent.model_fields) if parent else [], where=where))
     if error["type"] == "missing":
         return f"missing required key '{key}'"
     message = str(error["msg"]).removeprefix("Value error, ")
     value = error.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) or repr(value) in message else f" (got {value!r})"
     return f"{key}: {message}{shown}"
 
 
@@ -323,34 +338,12 @@ def load_callable(spec: str, *, base: Path, key: str = "callable") -> Callable[.
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"{key}: cannot import '{module_name}' ({type(exc).__name__}: {exc}).") from None
+        # Where in the user's code it failed: the last frame of the traceback (kept as __cause__ too).
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ConfigError(f"{key}: cannot import '{module_name}' ({type(exc).__name__}: {exc}; "
+                          f"at {frame.filename}:{frame.lineno}).") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise ConfigError(f"{key}: '{module_name}' has no callable '{name}'.{did_you_mean(name, public)} "
-                          f"Callables there: {', '.join(public[:12])}")
+        raise ConfigError(f"{key}: {unknown_choice('callable', name, public, where=f' in {module_name!r}')}")
     return fn
-
-
-def _rdb_storage(url: str) -> Any:
-    """Optuna's RDB storage, tolerating workers that create the schema of a new database at once."""
-    import optuna
-    import sqlalchemy.exc
-
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(url)
-        except sqlalchemy.exc.IntegrityError:  # another worker created the same table a moment earlier
-            time.sleep(0.5 * (attempt + 1))
-        except ImportError as exc:
-            raise ConfigError(f"storage {mask_url(url)}: no database driver ({exc}); for PostgreSQL "
-                              "pip install 'psycopg[binary]'.") from None
-    return optuna.storages.RDBStorage(url)
-
-
-_PASSWORD = re.compile(r"(://[^:/@]+:)([^@]+)(@)")
-
-
-def mask_url(url: str) -> str:
-    """A storage URL safe to print: ``postgresql://user:***@host/db``."""
-    return _PASSWORD.sub(r"\1***\3", url)

@@ -16,6 +16,10 @@ class AccuracyCriterion:
     Spearman) a drop; for a lower-is-better metric (a loss, WER) a rise. A relative loss is the
     change divided by ``|baseline|``, so negative metrics work; it is undefined for a zero baseline.
 
+    A relative tolerance of 1 or more for a higher-is-better metric (losing all of it) is almost
+    surely a percent typed as a fraction (1.5 for 1.5%), so it is refused unless
+    ``allow_large_relative=True``.
+
     >>> AccuracyCriterion(relative=0.01).passes(0.90, 0.892)
     True
     >>> AccuracyCriterion(absolute=0.5, higher_is_better=False).passes(10.0, 10.6)
@@ -25,6 +29,7 @@ class AccuracyCriterion:
     relative: float | None = None
     absolute: float | None = None
     higher_is_better: bool = True
+    allow_large_relative: bool = False
 
     def __post_init__(self) -> None:
         if (self.relative is None) == (self.absolute is None):
@@ -34,6 +39,12 @@ class AccuracyCriterion:
             )
         if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
             raise ConfigError(f"AccuracyCriterion tolerance must be a finite number >= 0, got {self.tolerance!r}.")
+        if self.relative is not None and self.relative >= 1 and self.higher_is_better and not self.allow_large_relative:
+            raise ConfigError(
+                f"relative={self.relative:g} allows losing {self.relative:.0%} of a higher-is-better metric: "
+                f"a tolerance is a fraction, so write {self.relative / 100:g} for {self.relative:g}%. "
+                "If you mean it, set allow_large_relative=True (YAML: allow_large_relative: true)."
+            )
 
     @property
     def kind(self) -> str:
@@ -41,7 +52,9 @@ class AccuracyCriterion:
 
     @property
     def tolerance(self) -> float:
-        return self.relative if self.relative is not None else self.absolute  # type: ignore[return-value]
+        value = self.relative if self.relative is not None else self.absolute
+        assert value is not None  # __post_init__ insists on one of them
+        return value
 
     def loss(self, baseline: float, value: float) -> float:
         """How much worse ``value`` is than ``baseline`` (negative when it is better)."""
@@ -62,3 +75,7 @@ class AccuracyCriterion:
         direction = "higher is better" if self.higher_is_better else "lower is better"
         amount = f"{self.relative:.4g} relative" if self.relative is not None else f"{self.absolute:.4g} absolute"
         return f"lose at most {amount} ({direction})"
+
+
+# The goal when none is given, in the Python API and in YAML alike.
+DEFAULT_CRITERION = AccuracyCriterion(relative=0.01)

@@ -44,10 +44,15 @@ def did_you_mean(value: object, allowed: Iterable[str]) -> str:
     return f" Did you mean '{hint[0]}'?" if hint else ""
 
 
-def unknown_choice(what: str, value: object, allowed: Sequence[str]) -> ConfigError:
-    """The error for a name that is not one of ``allowed``: the name, a hint, the choices."""
+def unknown_choice(what: str, value: object, allowed: Sequence[str], *, where: str = "") -> ConfigError:
+    """The error for a name that is not one of ``allowed``: the name, a hint, the choices.
+
+    >>> print(unknown_choice("key", "max_trails", ["name", "max_trials"], where=" under 'strategy'"))
+    Unknown key 'max_trails' under 'strategy'. Did you mean 'max_trials'? Allowed: name, max_trials.
+    """
+    allowed = list(allowed)
     shown = ", ".join(allowed[:12]) + (", ..." if len(allowed) > 12 else "")
-    return ConfigError(f"Unknown {what} '{value}'.{did_you_mean(value, allowed)} Allowed: {shown}.")
+    return ConfigError(f"Unknown {what} '{value}'{where}.{did_you_mean(value, allowed)} Allowed: {shown}.")
 
 
 def first_line(exc: BaseException, limit: int = 400) -> str:

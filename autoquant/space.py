@@ -6,16 +6,18 @@ points; the user may restrict the space (pin a knob, force ops to FP32) before t
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from autoquant.calibration import SEARCHED
 from autoquant.errors import ConfigError, unknown_choice
 
 APPROACHES = ("static", "dynamic")
-CALIBRATIONS = ("minmax", "entropy", "percentile-99.99", "percentile-99.999", "mse")
+CALIBRATIONS = SEARCHED  # the names and the math live in autoquant.calibration
 GRANULARITIES = ("per_channel", "per_tensor")
 SCHEMES = ("asymmetric", "symmetric")
 KNOBS = ("approach", "calibration", "granularity", "scheme")
@@ -176,6 +178,25 @@ class Space:
     def size(self) -> int:
         return sum(2 ** len(self.tunable_ops(c.approach)) for c in self.knob_configs())
 
+    def __str__(self) -> str:
+        """What can be quantized, what cannot and why: the table ``autoquant space`` prints."""
+        by_type: dict[str, int] = {}
+        for op in self.ops:
+            by_type[op.op_type] = by_type.get(op.op_type, 0) + 1
+        kinds = ", ".join(f"{n} {t}" for t, n in by_type.items()) or "none"
+        rows = [("op", "type", "approaches", "searched")] + [
+            (op.name, op.op_type, ", ".join(op.approaches), "no (FP32 by request)" if op.name in self.fixed_fp32
+             else "yes") for op in self.ops]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = [f"{len(self.ops)} quantizable op(s) ({kinds}); {self.size():,} candidates"]
+        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                  for row in rows]
+        lines.append("knobs: " + "; ".join(f"{k}={'|'.join(self.choices(k))}" for k in KNOBS))
+        if self.unsupported:
+            lines.append("stays FP32 whatever the search does:")
+            lines += [f"  {op.name} ({op.op_type}): {op.reason}" for op in self.unsupported]
+        return "\n".join(lines)
+
     # --- restriction --------------------------------------------------------------------------
     def restrict(self, restriction: Restriction) -> Space:
         """A copy with knobs pinned and ops forced to FP32; unknown values are errors."""
@@ -189,14 +210,25 @@ class Space:
                 _check_choice(knob, value, self.choices(knob))
             pinned[_FIELD_OF_KNOB[knob]] = tuple(v for v in self.choices(knob) if v in wanted)
         fixed = set(self.fixed_fp32)
-        for name in restriction.fp32_ops:
-            _check_choice("op", name, self.op_names)
-            fixed.add(name)
+        for pattern in restriction.fp32_ops:
+            fixed |= self.matching_ops(pattern)
         types = sorted({op.op_type for op in self.ops})
         for op_type in restriction.fp32_op_types:
             _check_choice("op type", op_type, types)
             fixed |= {op.name for op in self.ops if op.op_type == op_type}
         return replace(self, fixed_fp32=frozenset(fixed), **pinned)
+
+    def matching_ops(self, pattern: str) -> set[str]:
+        """Op names matching ``pattern``, a name or a glob (``*``, ``?``, ``[...]``); none is an error.
+
+        >>> space = Space((OpInfo("layer.0.fc", "Linear"), OpInfo("layer.1.fc", "Linear"), OpInfo("head", "Linear")))
+        >>> sorted(space.matching_ops("layer.*.fc"))
+        ['layer.0.fc', 'layer.1.fc']
+        """
+        matched = {name for name in self.op_names if fnmatch.fnmatchcase(name, pattern)}
+        if not matched:
+            raise unknown_choice("op pattern" if set(pattern) & set("*?[") else "op", pattern, self.op_names)
+        return matched
 
     # --- the Optuna encoding -------------------------------------------------------------------
     def suggest(self, trial: Any) -> QuantConfig:

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from autoquant.adapters import Adapter, adapter_class, adapter_for
-from autoquant.criterion import AccuracyCriterion
+from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, EvalFunctionError, unknown_choice
 from autoquant.latency import measure_latency
 from autoquant.probe import OutputProbe
@@ -63,7 +63,7 @@ class Tuner:
             raise ConfigError(f"max_trials must be at least 1, got {max_trials}.")
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout must be a positive number of seconds or None, got {timeout}.")
-        self.criterion = criterion or AccuracyCriterion(relative=0.01)
+        self.criterion = criterion or DEFAULT_CRITERION
         self.strategy = get_strategy(strategy, seed=seed)
         # "accuracy": stop at the first passing candidate; "latency": go on within the budget and
         # return the fastest passing one.

@@ -98,3 +98,57 @@ def test_sweep_runs_resumes_and_summarises(tmp_path, capsys):
     assert sweep.main([str(config)]) == 0  # again: every run is already done
     assert capsys.readouterr().out.count("autoquant: goal") == 0
     assert pd.read_csv(out / "sweep.csv").equals(table)
+
+
+def test_version(capsys):
+    import autoquant
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"autoquant {autoquant.__version__}"
+
+
+def test_bad_overrides_are_refused_like_yaml(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o")]
+    assert main(["tune", str(JOB), "--relative", "1.5", *out]) == 2
+    assert "write 0.015 for 1.5%" in " ".join(capsys.readouterr().out.split())
+    assert main(["tune", str(JOB), "--strategy", "exhaustiv", *out]) == 2
+    assert "Did you mean 'exhaustive'?" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):  # one goal at a time
+        build_parser().parse_args(["tune", str(JOB), "--relative", "0.1", "--absolute", "0.1"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_overrides_apply_and_report_finds_a_study_without_name(tmp_path, capsys):
+    import yaml
+
+    job = tmp_path / "unnamed.yaml"
+    job.write_text(JOB.read_text().replace("name: tiny\n", "").replace("tiny_job:", f"{JOB.parent / 'tiny_job.py'}:"))
+    out = tmp_path / "out"
+    argv = ["tune", str(job), "--out", str(out), "--strategy", "random", "--absolute", "0.5", "--max-trials", "2"]
+    assert main(argv) == 0
+    written = yaml.safe_load((out / "job.yaml").read_text())
+    assert written["name"] == "unnamed"
+    assert written["strategy"]["name"] == "random" and written["strategy"]["max_trials"] == 2
+    assert written["criterion"] == {"absolute": 0.5, "higher_is_better": True, "allow_large_relative": False}
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert "study 'unnamed': 1 trial(s)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_space_prints_what_print_space_prints(capsys):
+    from autoquant.cli import make_tuner
+    from autoquant.config import load_job
+
+    assert main(["space", str(JOB)]) == 0
+    out = capsys.readouterr().out
+    job = load_job(JOB)
+    space = make_tuner(job).space(job.load_model(), job.load_calibration(), adapter=job.adapter)
+    assert str(space) in out
+    assert "op    type" in str(space) and "knobs: approach=static;" in str(space)
+
+
+def test_committed_yaml_reference_is_current(capsys):
+    committed = Path(__file__).parent.parent / "docs" / "yaml-reference.md"
+    assert main(["schema"]) == 0
+    assert committed.read_text() == capsys.readouterr().out, "stale: run autoquant schema > docs/yaml-reference.md"

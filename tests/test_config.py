@@ -15,18 +15,23 @@ eval: tiny_job:eval_fn
 """
 
 BAD = [
-    # (extra YAML, expected fragments of the message)
-    ("strategy: {name: bayesain}", ["strategy.name", "unknown strategy 'bayesain'", "Did you mean 'bayesian'?",
-                                    "exhaustive, random, bayesian"]),
+    # (extra YAML, expected fragments of the message): every unknown name through errors.unknown_choice
+    ("strategy: {name: bayesain}", ["strategy.name", "Unknown strategy 'bayesain'. Did you mean 'bayesian'?",
+                                    "Allowed: exhaustive, random, bayesian"]),
     ("strategy: {objective: latncy}", ["strategy.objective", "Did you mean 'latency'?"]),
-    ("strategy: {name: random, max_trails: 5}", ["unknown key 'strategy.max_trails'", "Did you mean 'max_trials'?",
-                                                 "Allowed keys here: name, max_trials, timeout, seed, objective"]),
-    ("critrion: {relative: 0.01}", ["unknown key 'critrion'", "Did you mean 'criterion'?"]),
-    ("adapter: onnxx", ["adapter", "unknown adapter 'onnxx'", "Known: auto, fx"]),
+    ("strategy: {name: random, max_trails: 5}", ["Unknown key 'max_trails' under 'strategy'",
+                                                 "Did you mean 'max_trials'?",
+                                                 "Allowed: name, max_trials, timeout, seed, objective, options"]),
+    ("strategy: {name: bayesian, options: {n_startup_trial: 3}}",
+     ["Unknown option 'n_startup_trial' of strategy 'bayesian'", "Did you mean 'n_startup_trials'?"]),
+    ("strategy: {name: sensitivity, options: {measure: int4}}", ["Unknown sensitivity measure 'int4'"]),
+    ("critrion: {relative: 0.01}", ["Unknown key 'critrion'. Did you mean 'criterion'?"]),
+    ("adapter: onnxx", ["adapter", "Unknown adapter 'onnxx'", "Allowed: auto, fx"]),
     ("criterion: {relative: 0.01, absolute: 0.1}", ["criterion", "exactly one of relative= or absolute="]),
     ("criterion: {relative: -0.5}", ["tolerance must be a finite number >= 0", "-0.5"]),
+    ("criterion: {relative: 1.5}", ["write 0.015 for 1.5%", "allow_large_relative: true"]),
     ("strategy: {max_trials: 0}", ["strategy.max_trials", "greater than or equal to 1", "got 0"]),
-    ("space: {calibration: [minmax, kl]}", ["space.calibration: unknown value 'kl'", "entropy"]),
+    ("space: {calibration: [minmax, kl]}", ["Unknown space.calibration value 'kl'", "entropy"]),
     ("space: {granularity: per_chanel}", ["Did you mean 'per_channel'?"]),
 ]
 
@@ -67,7 +72,7 @@ def test_callables_are_checked_with_did_you_mean():
     assert job.check_callables()[0] == "model: tiny_job:model"
     broken = job.spec.model_copy(update={"eval": job.spec.eval.model_copy(update={"call": "tiny_job:eval_fun"})})
     job.spec = broken
-    with pytest.raises(ConfigError, match="eval: 'tiny_job' has no callable 'eval_fun'. Did you mean 'eval_fn'"):
+    with pytest.raises(ConfigError, match="eval: Unknown callable 'eval_fun' in 'tiny_job'. Did you mean 'eval_fn'"):
         job.check_callables()
 
 
@@ -103,3 +108,51 @@ def test_every_shipped_config_validates():
     for path in configs:
         job = load_job(path)
         assert job.name and job.spec.strategy.max_trials >= 1
+
+
+def test_large_relative_passes_with_the_explicit_override(tmp_path):
+    job = load_job(write(tmp_path, GOOD + "criterion: {relative: 1.5, allow_large_relative: true}\n"))
+    assert job.spec.criterion.criterion().relative == 1.5
+
+
+def test_defaults_are_the_tuners(tmp_path):
+    import inspect
+
+    from autoquant import Tuner
+
+    spec = load_job(write(tmp_path, GOOD)).spec
+    defaults = inspect.signature(Tuner.__init__).parameters
+    for key in ("max_trials", "timeout", "seed", "objective"):
+        assert getattr(spec.strategy, key) == defaults[key].default
+    assert spec.strategy.name == defaults["strategy"].default == "sensitivity"
+    assert spec.latency_budget_s == defaults["latency_budget_s"].default
+    assert spec.criterion.criterion() == Tuner().criterion
+
+
+def test_strategy_options_reach_the_strategy(tmp_path):
+    text = GOOD + "strategy: {name: bayesian, seed: 3, options: {n_startup_trials: 2}}\n"
+    strategy = load_job(write(tmp_path, text)).spec.strategy.strategy()
+    assert type(strategy).__name__ == "BayesianStrategy" and strategy.n_startup_trials == 2 and strategy.seed == 3
+    text = GOOD + "strategy: {options: {measure: fp32, calibrate_top: 0}}\n"
+    strategy = load_job(write(tmp_path, text)).spec.strategy.strategy()
+    assert (strategy.name, strategy.measure, strategy.calibrate_top) == ("sensitivity", "fp32", 0)
+
+
+def test_an_onnx_path_in_any_case_is_a_file_not_a_callable(tmp_path):
+    job = load_job(write(tmp_path, GOOD.replace("model: tiny_job:model", "model: nets/net.ONNX")))
+    assert job.spec.model == "nets/net.ONNX"
+    with pytest.raises(ConfigError, match="net.ONNX does not exist"):
+        job.load_model()
+
+
+def test_an_import_error_in_the_users_module_keeps_its_place(tmp_path):
+    (tmp_path / "broken_job.py").write_text("import os\n\nraise RuntimeError('typo in my job')\n")
+    job = load_job(write(tmp_path, GOOD.replace("tiny_job:model", "broken_job.py:model")))
+    with pytest.raises(ConfigError, match=r"RuntimeError: typo in my job; at .*broken_job.py:3") as info:
+        job.check_callables()
+    assert isinstance(info.value.__cause__, RuntimeError)  # the traceback is kept
+
+
+def test_the_output_folder_knows_the_study_name_of_a_job_without_one(tmp_path):
+    job = load_job(write(tmp_path, GOOD))
+    assert job.spec.name is None and job.masked_dict()["name"] == "job"

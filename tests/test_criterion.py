@@ -54,3 +54,14 @@ def test_invalid_criteria(kwargs):
 def test_describe_says_kind_and_direction():
     assert AccuracyCriterion(relative=0.01).describe() == "lose at most 0.01 relative (higher is better)"
     assert "lower is better" in AccuracyCriterion(absolute=0.2, higher_is_better=False).describe()
+
+
+def test_a_percent_typed_as_a_fraction_is_refused_with_the_hint():
+    with pytest.raises(ConfigError, match=r"write 0.015 for 1.5%.*allow_large_relative=True"):
+        AccuracyCriterion(relative=1.5)
+    with pytest.raises(ConfigError, match="write 0.01 for 1%"):
+        AccuracyCriterion(relative=1.0)
+    # meant: an explicit override; and a lower-is-better metric may well double
+    assert AccuracyCriterion(relative=1.5, allow_large_relative=True).passes(1.0, -0.4)
+    assert AccuracyCriterion(relative=1.5, higher_is_better=False).passes(0.2, 0.49)
+    assert AccuracyCriterion(relative=0.99).tolerance == 0.99

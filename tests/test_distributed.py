@@ -2,7 +2,9 @@
 
 PostgreSQL (several machines) needs a database: set AUTOQUANT_TEST_PG_URL (e.g.
 postgresql://autoquant:PASSWORD@127.0.0.1:5432/autoquant_test; .ci/run sets it up), else those
-tests are skipped. Optuna's journal file (several processes on one machine) always runs.
+tests are skipped. With AUTOQUANT_REQUIRE_PG=1 (set by .ci/run once its database is up) an
+unreachable database fails them instead. Optuna's journal file (several processes on one
+machine) always runs.
 """
 
 import os
@@ -19,19 +21,28 @@ URL = os.environ.get("AUTOQUANT_TEST_PG_URL")
 JOBS = Path(__file__).parent / "jobs"
 
 
-def _reachable() -> bool:
+REQUIRED = os.environ.get("AUTOQUANT_REQUIRE_PG") == "1"
+
+
+def _unreachable() -> str | None:
+    """Why the database cannot be used, or None when it can."""
     if not URL:
-        return False
+        return "AUTOQUANT_TEST_PG_URL is not set"
     try:
-        import psycopg2
+        import psycopg  # psycopg 3, the driver the project installs ("postgres" extra)
 
-        psycopg2.connect(URL.replace("postgresql+psycopg2://", "postgresql://"), connect_timeout=3).close()
-    except Exception:
-        return False
-    return True
+        scheme, rest = URL.split("://", 1)
+        psycopg.connect(scheme.split("+")[0] + "://" + rest, connect_timeout=3).close()  # no SQLAlchemy "+driver"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
-needs_pg = pytest.mark.skipif(not _reachable(), reason="no PostgreSQL: set AUTOQUANT_TEST_PG_URL to a reachable database")
+WHY_NOT = _unreachable()
+if WHY_NOT and REQUIRED:
+    raise RuntimeError(f"AUTOQUANT_REQUIRE_PG=1 but PostgreSQL is not usable ({WHY_NOT}): the PostgreSQL tests "
+                       "would skip. Start the database (.ci/run does) or unset AUTOQUANT_REQUIRE_PG.")
+needs_pg = pytest.mark.skipif(WHY_NOT is not None, reason=f"no PostgreSQL: {WHY_NOT}")
 
 
 def job_file(tmp_path: Path, name: str, criterion: str, storage: str = "${AUTOQUANT_TEST_PG_URL}") -> Path:
