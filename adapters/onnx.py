@@ -28,6 +28,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,7 @@ class ONNXAdapter(Adapter):
                 + "".join(f" {u.name}: {u.reason}." for u in unsupported)
             )
         self._op_types = {op.name: op.op_type for op in ops}
-        types = {n.name: n.op_type for n in self._inferred.graph.node}
-        self._static_types = sorted({types[n] for n in [*self._op_types, *self._followers]})
+        self._node_types = {n.name: n.op_type for n in self._inferred.graph.node}
         opset = _default_opset(proto)
         granularities = ("per_channel", "per_tensor") if opset >= PER_CHANNEL_OPSET else ("per_tensor",)
         if opset < PER_CHANNEL_OPSET:
@@ -281,10 +281,12 @@ class ONNXAdapter(Adapter):
                 )
             else:
                 symmetric = config.scheme == "symmetric"
+                # An all-FP32 candidate leaves no follower INT8: it is the FP32 model.
+                nodes = [*self._op_types, *_int8_followers(self._followers, config.fp32_ops)]
                 quantizer = _WeightCachingQDQQuantizer(
                     model, per_channel, False, QuantType.QInt8, QuantType.QUInt8,
                     self._tensor_ranges(config, symmetric),  # a fresh object: the quantizer adjusts it in place
-                    [*self._op_types, *self._followers], sorted(config.fp32_ops), self._static_types,
+                    nodes, sorted(config.fp32_ops), sorted({self._node_types[n] for n in nodes}),
                     {"ActivationSymmetric": symmetric, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
                     weight_params=self._weight_params,
                 )
@@ -403,12 +405,34 @@ def _default_opset(proto: onnx.ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+@dataclass(frozen=True)
+class _Follower:
+    """A node that runs INT8 when every activation it reads (``inputs``) is INT8; for a searched
+    op ``inputs`` is empty: it runs INT8 unless the candidate puts it in FP32."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def _int8_followers(followers: list[_Follower], fp32_ops: frozenset[str]) -> list[str]:
+    """The followers that run INT8 in a candidate (in graph order, so producers come first)."""
+    int8, names = set(), []
+    for node in followers:
+        searched = not node.inputs
+        if (searched and node.name not in fp32_ops) or (not searched and all(t in int8 for t in node.inputs)):
+            int8.update(node.outputs)
+            if not searched:
+                names.append(node.name)
+    return names
+
+
 def _discover(
     model: onnx.ModelProto,
-) -> tuple[list[OpInfo], list[UnsupportedOp], dict[str, list[str]], list[str]]:
+) -> tuple[list[OpInfo], list[UnsupportedOp], dict[str, list[str]], list[_Follower]]:
     """Searchable nodes (named if unnamed), unsupported heavy nodes, the activation tensors the
     quantizer needs ranges for (each with the searched ops that read it), and the follower nodes
-    (see FOLLOWERS) that run INT8 because every activation they read is INT8."""
+    (see FOLLOWERS) that can run INT8, when every activation they read is INT8."""
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     float_types = {vi.name for vi in [*graph.value_info, *graph.input, *graph.output]
@@ -427,7 +451,7 @@ def _discover(
         if node.op_type in FOLLOWERS:
             acts = [t for t in node.input if t and t not in initializers]
             if acts and all(t in int8 for t in acts) and all(t in float_types for t in node.output):
-                followers.append(node.name)
+                followers.append(_Follower(node.name, tuple(acts), tuple(node.output)))
                 int8.update(node.output)
                 for t in [*acts, *node.output]:
                     tensors.setdefault(t, [])
@@ -459,6 +483,7 @@ def _discover(
         for t in outputs:
             tensors.setdefault(t, [])
         int8.update(outputs)
+        followers.append(_Follower(node.name, (), tuple(outputs)))  # a searched op: INT8 unless FP32
     return ops, unsupported, tensors, followers
 
 
