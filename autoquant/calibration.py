@@ -135,7 +135,7 @@ class CalibrationMethod:
 class TensorStats:
     """Streaming statistics of one tensor over calibration batches, in O(num_bins) memory."""
 
-    def __init__(self, num_bins: int = 8192) -> None:
+    def __init__(self, num_bins: int = 2048) -> None:
         if not _is_int(num_bins) or num_bins < 2 or num_bins % 2:
             raise ConfigError(f"num_bins must be an even integer >= 2 (0 must be a bin edge), got {num_bins!r}.")
         self.num_bins = int(num_bins)
