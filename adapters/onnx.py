@@ -448,7 +448,7 @@ def _discover(
             node.name = name
             used.add(name)
         if node.op_type in FOLLOWERS:
-            acts = [t for t in node.input if t and t not in initializers]
+            acts = [t for t in node.input if t in float_types and t not in initializers]  # not shapes or pads
             if acts and all(t in int8 for t in acts) and all(t in float_types for t in node.output):
                 followers.append(_Follower(node.name, tuple(acts), tuple(node.output)))
                 int8.update(node.output)
