@@ -198,8 +198,8 @@ class FXAdapter(Adapter):
                 try:
                     units.append(self._unit(child_path, child, examples[child_path]))
                 except _TraceError as exc:
-                    untraceable.append(UnsupportedOp(child_path, type(child).__name__,
-                                                     f"FX cannot trace it ({exc}); its submodules are searched instead"))
+                    reason = f"FX cannot trace it ({exc}); its submodules are searched instead"
+                    untraceable.append(UnsupportedOp(child_path, type(child).__name__, reason))
                     visit(child_path, child)
 
         visit("", model)

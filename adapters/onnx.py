@@ -181,7 +181,7 @@ class ONNXAdapter(Adapter):
                     f"Calibration batch {index} is a sequence of {len(batch)} item(s) but the model has "
                     f"{len(names)} input(s) ({', '.join(names)}): give them in that order, or a dict by name."
                 )
-            values = dict(zip(names, batch))
+            values = dict(zip(names, batch, strict=False))
         else:
             if len(names) != 1:
                 raise CalibrationDataError(
@@ -224,7 +224,7 @@ class ONNXAdapter(Adapter):
                     f"ONNX Runtime failed on calibration batch {batches}: {first_line(exc)}. Check the batch's "
                     "shapes and dtypes against the model inputs."
                 ) from exc
-            for name, value in zip(names, outputs):
+            for name, value in zip(names, outputs, strict=False):
                 stats[name].update(value)  # one batch at a time: memory stays O(tensors x bins)
             batches += 1
         nonfinite = {k: s.nonfinite for k, s in stats.items() if s.nonfinite}
@@ -504,7 +504,7 @@ def _as_array(value: Any, name: str, type_text: str, shape: list, index: int) ->
             f"Calibration batch {index}: input '{name}' has shape {list(array.shape)} but the model expects "
             f"rank {len(shape)} ({shape})."
         )
-    for axis, (want, got) in enumerate(zip(shape, array.shape)):
+    for axis, (want, got) in enumerate(zip(shape, array.shape, strict=False)):
         if isinstance(want, int) and want != got:
             raise CalibrationDataError(
                 f"Calibration batch {index}: input '{name}' has size {got} on axis {axis}, the model expects {want} "

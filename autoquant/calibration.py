@@ -2,7 +2,8 @@
 
 ``TensorStats`` keeps, for one tensor, the exact min/max and a fixed-size histogram over all
 calibration batches; ``compute_range`` turns those into the (lo, hi) range a quantizer uses, by
-one of ``METHODS`` (name -> range function: the one table of method names). Numpy only, so the PyTorch FX and ONNX Runtime adapters share it. Modelled on
+one of ``METHODS`` (name -> range function: the one table of method names). Numpy only, so the
+PyTorch FX and ONNX Runtime adapters share it. Modelled on
 ONNX Runtime's ``calibrate.py``, but vectorised.
 
 The histogram covers [-R, R] with an even number of bins, so 0 is an edge and folding it gives the
@@ -92,7 +93,8 @@ class CalibrationMethod:
             return
         if self.percentile is None:
             raise ConfigError(
-                f"Calibration method 'percentile' needs a value, e.g. 'percentile-99.99'; valid forms: {_valid_forms()}."
+                "Calibration method 'percentile' needs a value, e.g. 'percentile-99.99'; "
+                f"valid forms: {_valid_forms()}."
             )
         p = float(self.percentile)
         if not 50.0 < p <= 100.0:  # also rejects nan
@@ -146,7 +148,7 @@ class TensorStats:
         self._range = 0.0  # R; 0 until the first finite value
         # Signed bin k (-h..h-1) lives at k + h. The extra last slot holds values that land exactly
         # on +R: they belong to the last bin now but to an inner bin once R doubles.
-        self._counts = np.zeros(self.num_bins + 1)
+        self._counts: np.ndarray = np.zeros(self.num_bins + 1)
 
     def update(self, values: ArrayLike) -> None:
         """Add a batch (any shape, any real dtype); nan and +-inf are skipped and counted."""

@@ -99,7 +99,7 @@ class Progress:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.done_here += 1
-        baseline = study.user_attrs.get("baseline")
+        baseline = study.user_attrs["baseline"]  # set before the first trial
         trials = study.get_trials(deepcopy=False)
         rated = _rated(trials)
         best = best_trial(rated, baseline, self.criterion)
@@ -159,7 +159,7 @@ def report(target: Path, console: Console) -> pd.DataFrame:
                          if _fmt(getattr(row, k)))
         table.add_row(*[_fmt(getattr(row, c)) + (mark if c == "trial" else "") for c in columns], knobs)
     console.print(table)
-    if best is not None:
+    if best is not None and baseline is not None:
         met = criterion.passes(baseline, best.user_attrs["accuracy"])
         console.print(f"chosen (*): trial {best.number}, goal {'MET' if met else 'NOT met'}")
     console.print(f"Wrote {HISTORY_FILE}, trials.png and tradeoff.png to {job.output}/")

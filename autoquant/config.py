@@ -22,12 +22,26 @@ from typing import Any
 
 import optuna
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 from autoquant.adapters import ADAPTERS, is_onnx_path
 from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
 from autoquant.errors import ConfigError, unknown_choice
-from autoquant.space import APPROACHES, CALIBRATIONS, GRANULARITIES, SCHEMES, Restriction
+from autoquant.space import (
+    APPROACHES,
+    CALIBRATIONS,
+    GRANULARITIES,
+    SCHEMES,
+    Restriction,
+)
 from autoquant.storage import mask_url, open_storage, resolve_url
 from autoquant.strategies import STRATEGIES, Strategy
 from autoquant.tuner import OBJECTIVES, Tuner
@@ -154,13 +168,14 @@ class Job(_Strict):
 
     name: str | None = Field(None, description="the study's name (default: the job file's name without .yaml)")
     model: str | CallableRef = Field(description="a path to an `.onnx` file, or a callable that returns the model")
-    calibration: str | CallableRef = Field(description="a callable that returns the calibration batches (iterable)")
-    eval: str | CallableRef = Field(description="a callable `eval_fn(model) -> float`: the metric of a candidate")
+    calibration: CallableRef = Field(description="a callable that returns the calibration batches (iterable)")
+    eval: CallableRef = Field(description="a callable `eval_fn(model) -> float`: the metric of a candidate")
     adapter: str = Field("auto", description="the backend: auto (from the model's type), " + ", ".join(ADAPTERS))
-    space: SpaceSpec = Field(default_factory=SpaceSpec, description="restrictions of the search space")
+    space: SpaceSpec = Field(default_factory=lambda: SpaceSpec(), description="restrictions of the search space")
     criterion: CriterionSpec = Field(default_factory=lambda: CriterionSpec(**dataclasses.asdict(DEFAULT_CRITERION)),
                                      description="the accuracy goal")
-    strategy: StrategySpec = Field(default_factory=StrategySpec, description="the search, or just its name (`strategy: bayesian`)")
+    strategy: StrategySpec = Field(default_factory=lambda: StrategySpec(),
+                                   description="the search, or just its name (`strategy: bayesian`)")
     storage: str | None = Field(None, description=(
         "where the study lives (default: a SQLite file in the output folder): `sqlite:///PATH`, `journal:PATH` "
         "(several processes), `postgresql://user:${PGPASSWORD}@host/db` (several machines); "
@@ -169,10 +184,10 @@ class Job(_Strict):
     latency_budget_s: float = Field(_TUNER["latency_budget_s"], gt=0,
                                     description="seconds of timing per latency measurement")
 
-    @field_validator("calibration", "eval")
+    @field_validator("calibration", "eval", mode="before")
     @classmethod
-    def _callable(cls, value: str | CallableRef) -> CallableRef:
-        return CallableRef(call=value) if isinstance(value, str) else value
+    def _callable(cls, value: Any) -> Any:
+        return {"call": value} if isinstance(value, str) else value
 
     @field_validator("model")
     @classmethod
@@ -271,7 +286,8 @@ def load_job(path: str | Path, **overrides: Any) -> LoadedJob:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a job is a mapping of keys (model, calibration, eval, ...), got {type(data).__name__}.")
+        raise ConfigError(f"{path}: a job is a mapping of keys (model, calibration, eval, ...), "
+                          f"got {type(data).__name__}.")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return LoadedJob(parse_job(data, source=str(path)), path)
 
@@ -285,7 +301,7 @@ def parse_job(data: dict[str, Any], *, source: str = "job") -> Job:
         raise ConfigError(f"{source}: " + "; ".join(_explain(e) for e in errors or exc.errors())) from None
 
 
-def _explain(error: dict[str, Any]) -> str:
+def _explain(error: ErrorDetails) -> str:
     """One pydantic error as 'key: problem (value): what is allowed'."""
     # Drop the union-member tags pydantic puts in locations ("str", "CallableRef", "function-after[...]").
     loc = [str(p) for p in error["loc"] if str(p) not in ("str", "CallableRef") and not str(p).startswith("function-")]
@@ -328,6 +344,8 @@ def load_callable(spec: str, *, base: Path, key: str = "callable") -> Callable[.
             module = sys.modules.get(mod_name)
             if module is None:
                 loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+                if loader_spec is None or loader_spec.loader is None:
+                    raise ConfigError(f"{key}: {path} cannot be loaded as a Python module.")
                 module = importlib.util.module_from_spec(loader_spec)
                 sys.modules[mod_name] = module
                 loader_spec.loader.exec_module(module)

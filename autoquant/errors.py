@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from autoquant.result import TuneResult
+from typing import Any
 
 
 class AutoquantError(Exception):
@@ -33,7 +30,7 @@ class EvalFunctionError(AutoquantError):
     failure (None when the failure was on the FP32 baseline), so no finished work is lost.
     """
 
-    def __init__(self, message: str, partial_result: TuneResult | None = None) -> None:
+    def __init__(self, message: str, partial_result: Any = None) -> None:  # a TuneResult (errors imports none of ours)
         super().__init__(message)
         self.partial_result = partial_result
 

@@ -43,7 +43,8 @@ def measure_latency(
         candidate()
     one = _time(baseline) + _time(candidate)
     repeats = max(min_repeats, min(max_repeats, int(budget_s / max(one, 1e-9))))
-    base_times, cand_times = [], []
+    base_times: list[float] = []
+    cand_times: list[float] = []
     for i in range(repeats):
         pair = ((baseline, base_times), (candidate, cand_times))
         for fn, times in pair if i % 2 == 0 else reversed(pair):

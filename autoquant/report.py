@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
@@ -34,8 +33,8 @@ def describe_space(space: Space, adapter: str) -> str:
     ]
     if space.fixed_fp32:
         lines.append(f"  kept FP32 by request: {', '.join(sorted(space.fixed_fp32))}")
-    for op in space.unsupported:
-        lines.append(f"  stays FP32: {op.name} ({op.op_type}): {op.reason}")
+    for unsupported in space.unsupported:
+        lines.append(f"  stays FP32: {unsupported.name} ({unsupported.op_type}): {unsupported.reason}")
     return "\n".join(lines)
 
 
@@ -51,7 +50,8 @@ def history_frame(trials: Sequence[optuna.trial.FrozenTrial]) -> pd.DataFrame:
             **{k: attrs.get(k) for k in ("accuracy", "loss", "passed", "latency_ratio", "n_fp32")},
             **{k: config.get(k) for k in KNOBS},
             "fp32_ops": " ".join(config.get("fp32_ops", [])),
-            **{k: attrs.get(k) for k in ("latency_ms", "fp32_latency_ms", "build_s", "eval_s", "duplicate_of", "error")},
+            **{k: attrs.get(k)
+               for k in ("latency_ms", "fp32_latency_ms", "build_s", "eval_s", "duplicate_of", "error")},
         })
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
 
@@ -66,8 +66,9 @@ def summary_table(result: TuneResult) -> Table:
         ("INT8 accuracy", f"{result.accuracy:.6g}"),
         ("relative loss", f"{result.relative_loss:+.3%}"),
         ("latency ratio (INT8/FP32)", f"{result.latency_ratio:.3f}"),
-        ("ops left in FP32", f"{len(result.fp32_ops)} of {result.quantizable_ops}"
-         + (f": {', '.join(result.fp32_ops[:6])}{' ...' if len(result.fp32_ops) > 6 else ''}" if result.fp32_ops else "")),
+        ("ops left in FP32", f"{len(result.fp32_ops)} of {result.quantizable_ops}" + (
+            f": {', '.join(result.fp32_ops[:6])}{' ...' if len(result.fp32_ops) > 6 else ''}"
+            if result.fp32_ops else "")),
         ("config", result.config.describe()),
         ("trials (eval_fn calls)", f"{result.trials} ({result.evaluations})"),
         ("time", f"{result.elapsed_s:.1f} s"),
@@ -84,9 +85,8 @@ def print_summary(result: TuneResult, console: Console | None = None) -> None:
 def sensitivity_table(ranking: pd.DataFrame, fp32_ops: Sequence[str] = (), limit: int = 15) -> Table:
     """The per-op sensitivity ranking, most sensitive first; ``fp32_ops`` are marked."""
     table = Table(title=f"op sensitivity ({ranking['measure'].iloc[0]} measure: relative output error on one batch)")
-    for column, justify in (("rank", "right"), ("op", "left"), ("type", "left"), ("sensitivity", "right"),
-                            ("calibration", "left"), ("in result", "left")):
-        table.add_column(column, justify=justify)
+    for column in ("rank", "op", "type", "sensitivity", "calibration", "in result"):
+        table.add_column(column, justify="right" if column in ("rank", "sensitivity") else "left")
     for row in ranking.head(limit).itertuples(index=False):
         table.add_row(str(row.rank), row.op, row.op_type, f"{row.sensitivity:.3g}", row.calibration or "-",
                       "FP32" if row.op in fp32_ops else "INT8")
@@ -94,21 +94,3 @@ def sensitivity_table(ranking: pd.DataFrame, fp32_ops: Sequence[str] = (), limit
         table.caption = f"{len(ranking) - limit} more op(s) in sensitivity.csv"
     return table
 
-
-def plot_sensitivity(ranking: pd.DataFrame, path: Path, *, fp32_ops: Sequence[str] = ()) -> Path:
-    """A horizontal bar per op (log scale), most sensitive on top; ops left in FP32 in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = ranking.head(40).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.25 * len(shown)))
-    colors = ["tab:red" if op in fp32_ops else "tab:blue" for op in shown["op"]]
-    ax.barh(shown["op"], shown["sensitivity"].clip(lower=1e-12), color=colors)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"sensitivity ({ranking['measure'].iloc[0]} measure; red: left in FP32)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

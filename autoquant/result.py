@@ -79,7 +79,7 @@ class TuneResult:
         (directory / RESULT_FILE).write_text(json.dumps(record, indent=2))
         self.history.to_csv(directory / HISTORY_FILE, index=False)
         if self.sensitivity is not None:
-            from autoquant.report import plot_sensitivity
+            from autoquant.plots import plot_sensitivity
 
             self.sensitivity.to_csv(directory / SENSITIVITY_FILE, index=False)
             plot_sensitivity(self.sensitivity, directory / SENSITIVITY_PLOT, fp32_ops=self.fp32_ops)

@@ -21,7 +21,8 @@ CALIBRATIONS = SEARCHED  # the names and the math live in autoquant.calibration
 GRANULARITIES = ("per_channel", "per_tensor")
 SCHEMES = ("asymmetric", "symmetric")
 KNOBS = ("approach", "calibration", "granularity", "scheme")
-_FIELD_OF_KNOB = {"approach": "approaches", "calibration": "calibrations", "granularity": "granularities", "scheme": "schemes"}
+_FIELD_OF_KNOB = {"approach": "approaches", "calibration": "calibrations", "granularity": "granularities",
+                  "scheme": "schemes"}
 OP_PARAM_PREFIX = "op:"
 
 
@@ -97,7 +98,7 @@ class QuantConfig:
         """The knob values, e.g. "static/entropy/asymmetric/per_channel"."""
         knobs = [self.approach, self.granularity]
         if self.approach == "static":
-            knobs[1:1] = [self.calibration, self.scheme]
+            knobs[1:1] = [str(self.calibration), str(self.scheme)]
         return "/".join(knobs)
 
 
@@ -200,7 +201,7 @@ class Space:
     # --- restriction --------------------------------------------------------------------------
     def restrict(self, restriction: Restriction) -> Space:
         """A copy with knobs pinned and ops forced to FP32; unknown values are errors."""
-        pinned = {}
+        pinned: dict[str, Any] = {}
         for knob in KNOBS:
             wanted = getattr(restriction, knob)
             if wanted is None:

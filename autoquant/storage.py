@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 
 from autoquant.errors import ConfigError
 
@@ -53,7 +54,7 @@ def open_storage(url: str) -> str | optuna.storages.BaseStorage:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     if url.startswith(JOURNAL):
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith(SQLITE):
         return url
     return _rdb_storage(url)

@@ -19,7 +19,7 @@ from autoquant.probe import OutputProbe
 from autoquant.report import describe_space, history_frame
 from autoquant.result import TuneResult
 from autoquant.space import QuantConfig, Restriction, Space
-from autoquant.strategies import SearchExhausted, get_strategy
+from autoquant.strategies import SearchExhausted, Strategy, get_strategy
 from autoquant.workers import DEFAULT_GRACE_S, STALE_ATTR, Heartbeat, claimed_by_earlier, fail_stale_trials
 
 log = logging.getLogger("autoquant")
@@ -46,7 +46,7 @@ class Tuner:
         self,
         criterion: AccuracyCriterion | None = None,
         *,
-        strategy: str = "sensitivity",
+        strategy: str | Strategy = "sensitivity",
         max_trials: int = 50,
         timeout: float | None = None,
         seed: int | None = 0,
@@ -198,7 +198,8 @@ class _Run:
             return self.space.default_config()
         return self.tuner.strategy.propose(self.space, self.study.get_trials(deepcopy=False))
 
-    def _run_trial(self, trial: optuna.Trial, config: QuantConfig, finished: dict[str, optuna.trial.FrozenTrial]) -> bool:
+    def _run_trial(self, trial: optuna.Trial, config: QuantConfig,
+                   finished: dict[str, optuna.trial.FrozenTrial]) -> bool:
         key = config.key()
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("config_key", key)
@@ -210,9 +211,9 @@ class _Run:
             trial.set_user_attr("duplicate_of", earlier.number)
             self.study.tell(trial, earlier.value)
             return False
-        earlier = claimed_by_earlier(self.study, trial.number, key)
-        if earlier is not None:  # another worker picked the same config a moment earlier: leave it to that one
-            trial.set_user_attr("collision_of", earlier)
+        claimant = claimed_by_earlier(self.study, trial.number, key)
+        if claimant is not None:  # another worker picked the same config a moment earlier: leave it to that one
+            trial.set_user_attr("collision_of", claimant)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return False
 
@@ -355,7 +356,8 @@ def _evaluate(eval_fn: EvalFn, model: Any, what: str) -> float:
     try:
         value = eval_fn(model)
     except Exception as exc:
-        raise EvalFunctionError(f"eval_fn raised {type(exc).__name__}: {exc} (evaluating {what}). Fix eval_fn.") from exc
+        raise EvalFunctionError(
+            f"eval_fn raised {type(exc).__name__}: {exc} (evaluating {what}). Fix eval_fn.") from exc
     try:
         value = float(value)
     except (TypeError, ValueError):

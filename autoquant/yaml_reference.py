@@ -38,6 +38,8 @@ def yaml_reference() -> str:
 
 
 def _type(annotation: Any) -> str:
+    if annotation is CallableRef:
+        return "callable: `module:function`, or a mapping (call, args)"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return f"mapping ({annotation.__name__})"
     args = typing.get_args(annotation)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import importlib
 import logging
 import os
@@ -39,8 +40,10 @@ from autoquant.examples.digits import BATCH_SIZE, accuracy_fn, load_data, make_f
 from autoquant.latency import measure_latency
 from autoquant.strategies import STRATEGIES
 
-NC_INSTALL = 'pip install "setuptools<81" six pycocotools opencv-python-headless Deprecated prettytable psutil schema ' \
-             '&& pip install --no-deps neural-compressor==2.6'
+STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
+
+NC_INSTALL = ('pip install "setuptools<81" six pycocotools opencv-python-headless Deprecated prettytable psutil '
+              'schema && pip install --no-deps neural-compressor==2.6')
 log = logging.getLogger("benchmark")
 
 
@@ -80,11 +83,11 @@ def minilm_case(seed: int, dev_pairs: int | None) -> Case | None:
     try:
         import onnx
 
-        from autoquant import text
+        from autoquant.examples import text
 
         model = onnx.load_from_string(text.export_minilm())
-        calibration = text.encode(text.train_sentences(256, seed=seed), 32)
-        dev = text.read_sts("dev", limit=dev_pairs)
+        calibration = text.encode(text.train_sentences(STS_DIR, 256, seed=seed), 32)
+        dev = text.read_sts(STS_DIR, "dev", limit=dev_pairs)
     except Exception as exc:  # missing extra, weights or data: the benchmark runs without it
         log.warning("Skipping MiniLM: %s: %s", type(exc).__name__, exc)
         return None
@@ -97,7 +100,8 @@ class Counting:
     """eval_fn that remembers every score, so "evaluations until met" is counted the same for all."""
 
     def __init__(self, eval_fn: Callable[[Any], float]) -> None:
-        self.eval_fn, self.scores = eval_fn, []
+        self.eval_fn = eval_fn
+        self.scores: list[float] = []
 
     def __call__(self, model: Any) -> float:
         self.scores.append(float(self.eval_fn(model)))
@@ -232,7 +236,7 @@ def _quiet():
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=False):
             logger.setLevel(level)
 
 
@@ -249,7 +253,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     markers = "osD^vP*X"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(criteria), figsize=(6 * len(criteria), 4.8), squeeze=False, sharey=True)
-    for ax, criterion in zip(axes[0], criteria):
+    for ax, criterion in zip(axes[0], criteria, strict=False):
         for _, row in table[table["criterion"] == criterion].iterrows():
             if pd.isna(row["evaluations"]):
                 continue  # the run failed: its error is in the table
@@ -265,7 +269,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("latency ratio INT8/FP32 (lower is faster)")
-    handles = [plt.Line2D([], [], ls="", marker="o", color=colors[i % len(colors)], label=t) for i, t in enumerate(tuners)]
+    handles = [plt.Line2D([], [], ls="", marker="o", color=colors[i % len(colors)], label=t)
+               for i, t in enumerate(tuners)]
     handles += [plt.Line2D([], [], ls="", marker=markers[i % 8], color="gray", label=m) for i, m in enumerate(models)]
     fig.legend(handles=handles, loc="center right", fontsize=8, title="hollow: not met\nx: no model (FP32)")
     fig.tight_layout(rect=(0, 0, 0.8, 1))
@@ -277,7 +282,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--criteria", type=float, nargs="+", default=[0.01, 0.001], help="relative tolerated losses")
     parser.add_argument("--strategies", nargs="+", default=sorted(STRATEGIES), choices=sorted(STRATEGIES))
-    parser.add_argument("--models", nargs="+", default=["digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile"],
+    parser.add_argument("--models", nargs="+",
+                        default=["digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile"],
                         help="also: minilm-sts (needs the text extra and ../shared/data/stsbenchmark)")
     parser.add_argument("--max-trials", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -297,19 +303,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
 
-    cases = digits_cases(args.seed, onnx=any("onnx" in m for m in args.models))
+    cases: list[Case | None] = [*digits_cases(args.seed, onnx=any("onnx" in m for m in args.models))]
     if "minilm-sts" in args.models:
         cases.append(minilm_case(args.seed, args.dev_pairs))
-    cases = [c for c in cases if c is not None and c.name in args.models]
-    use_nc = not args.no_nc and any(c.torch_model for c in cases) and nc_available()
+    chosen = [c for c in cases if c is not None and c.name in args.models]
+    use_nc = not args.no_nc and any(c.torch_model for c in chosen) and nc_available()
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     full_int8: dict[str, float] = {}
-    for case in cases:
+    for case in chosen:
         for relative in args.criteria:
-            runs = [(s, lambda s=s: run_autoquant(case, s, relative, args, full_int8)) for s in args.strategies]
+            runs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+                (s, functools.partial(run_autoquant, case, s, relative, args, full_int8)) for s in args.strategies]
             if use_nc and case.torch_model:
-                runs.append(("neural-compressor", lambda: run_neural_compressor(case, relative, args, full_int8)))
+                nc = functools.partial(run_neural_compressor, case, relative, args, full_int8)
+                runs.append(("neural-compressor", nc))
             for tuner, run in runs:
                 log.info("%s, %.2f%% relative: %s ...", case.name, 100 * relative, tuner)
                 try:

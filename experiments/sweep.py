@@ -121,7 +121,8 @@ def summarise(table: pd.DataFrame) -> str:
         median_trials=("trials", "median"), median_latency_ratio=("latency_ratio", "median"),
         median_search_s=("search_s", "median"))
     by_model = ok.groupby("model").agg(
-        runs=("met", "size"), met=("met", "sum"), baseline=("baseline", "first"), median_accuracy=("accuracy", "median"),
+        runs=("met", "size"), met=("met", "sum"), baseline=("baseline", "first"),
+        median_accuracy=("accuracy", "median"),
         median_latency_ratio=("latency_ratio", "median"), best_latency_ratio=("latency_ratio", "min"))
     text = ["# Sweep summary", "", "## By strategy", "", by_strategy.to_markdown(floatfmt=".4g"), "",
             "## By model", "", by_model.to_markdown(floatfmt=".4g"), "", "## All runs", "",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 from autoquant.errors import unknown_choice
+
 from .base import SearchExhausted, Strategy
 from .bayesian import BayesianStrategy
 from .exhaustive import ExhaustiveStrategy

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import optuna
 
 from autoquant.space import QuantConfig, Space
+
 from .base import SearchExhausted, Strategy, tried_keys
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 from autoquant.errors import ConfigError, unknown_choice
 from autoquant.probe import OutputProbe
 from autoquant.space import QuantConfig, Space
+
 from .base import SearchExhausted, Strategy
 from .exhaustive import grid
 

@@ -65,6 +65,7 @@ class FakeAdapter(Adapter):
 
     def save_model(self, model: FakeModel, directory: Path) -> Path:
         path = Path(directory) / "fake.json"
+        assert model.config is not None, "only quantized candidates are saved"
         path.write_text(json.dumps(model.config.to_dict()))
         return path
 

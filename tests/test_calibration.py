@@ -116,7 +116,7 @@ def test_to_dict_from_dict_round_trip(outliers, via):
     assert (restored.min, restored.max, restored.count, restored.nonfinite) == (
         outliers.min, outliers.max, outliers.count, outliers.nonfinite
     )
-    for got, want in zip(restored.histogram, outliers.histogram):
+    for got, want in zip(restored.histogram, outliers.histogram, strict=False):
         np.testing.assert_array_equal(got, want)
     for method in ("minmax", "entropy", "percentile-99.99", "mse"):
         assert compute_range(restored, method) == compute_range(outliers, method)

@@ -45,7 +45,8 @@ def test_relative_with_zero_baseline_is_an_error():
         AccuracyCriterion(relative=0.01).passes(0.0, 0.1)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"relative": 0.1, "absolute": 0.1}, {"relative": -0.01}, {"absolute": float("nan")}])
+@pytest.mark.parametrize("kwargs", [{}, {"relative": 0.1, "absolute": 0.1}, {"relative": -0.01},
+                                    {"absolute": float("nan")}])
 def test_invalid_criteria(kwargs):
     with pytest.raises(ConfigError):
         AccuracyCriterion(**kwargs)

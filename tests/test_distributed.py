@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 import uuid
-from urllib.parse import urlsplit
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 import pytest
@@ -58,10 +58,12 @@ def job_file(tmp_path: Path, name: str, criterion: str, storage: str = "${AUTOQU
 
 def run_workers(job: Path, tmp_path: Path, n: int = 2) -> list[str]:
     env = {**os.environ, "AQ_TEST_EVAL_SLEEP": "0.3"}
-    procs = [subprocess.Popen([sys.executable, "-m", "autoquant.cli", "tune", str(job), "--out", str(tmp_path / f"w{i}")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(n)]
+    commands = [[sys.executable, "-m", "autoquant.cli", "tune", str(job), "--out", str(tmp_path / f"w{i}")]
+                for i in range(n)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for command in commands]
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=False):
         assert p.returncode == 0, log
     return logs
 

@@ -112,7 +112,8 @@ def test_scheme_and_calibration_set_the_activation_qparams(adapter):
 
 def test_injected_ranges_equal_normal_calibration():
     model, data = ResNetLet().eval(), batches()
-    ours = FXAdapter(model, data).build(QuantConfig(calibration="minmax", scheme="asymmetric", granularity="per_channel"))
+    config = QuantConfig(calibration="minmax", scheme="asymmetric", granularity="per_channel")
+    ours = FXAdapter(model, data).build(config)
     qconfig = QConfig(MinMaxObserver.with_args(dtype=torch.quint8),
                       PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
     prepared = prepare_fx(copy.deepcopy(model), QConfigMapping().set_global(qconfig), (data[0][0],),

@@ -234,8 +234,8 @@ def test_tune_meets_a_loose_criterion_and_saves_a_model_ort_loads(tmp_path) -> N
     def eval_fn(session: ort.InferenceSession) -> float:
         """Mean cosine similarity of all outputs with FP32's (1.0 for the FP32 model)."""
         sims = []
-        for feeds, want in zip(evaluation, expected):
-            for got, ref in zip(session.run(None, feeds), want):
+        for feeds, want in zip(evaluation, expected, strict=False):
+            for got, ref in zip(session.run(None, feeds), want, strict=False):
                 sims.append(float(np.sum(got * ref) / (np.linalg.norm(got) * np.linalg.norm(ref))))
         return float(np.mean(sims))
 

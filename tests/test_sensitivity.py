@@ -29,6 +29,7 @@ def fp32_sequence(result):
 
 # --- the real backend: a model with one fragile layer -----------------------------------------
 class OutlierNet(nn.Module):
+    scale: torch.Tensor  # a buffer
     """Four Linears; the input of ``fc2`` has one channel 1000x larger than the rest, made by an
     elementwise scale that is not searched (a method call). FP32 is unchanged (fc2 divides it back),
     but an INT8 range stretched by the outlier crushes fc2's other input channels."""
@@ -36,7 +37,8 @@ class OutlierNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.fc0, self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+        self.fc0, self.fc1 = nn.Linear(16, 32), nn.Linear(32, 32)
+        self.fc2, self.fc3 = nn.Linear(32, 32), nn.Linear(32, 10)
         scale = torch.ones(32)
         scale[3] = 1000.0
         self.register_buffer("scale", scale)
@@ -222,7 +224,7 @@ def test_unmeetable_goal_spends_the_budget_on_the_rest_of_the_space():
     # the plan (default, then 1, 2, 3 ops by rank) first, then other knobs
     assert fp32_sequence(result)[:4] == ["", "op0", "op0 op1", "op0 op1 op2"]
     assert len(set(zip(fp32_sequence(result), result.history["calibration"], result.history["scheme"],
-                       result.history["granularity"]))) == 9
+                       result.history["granularity"], strict=False))) == 9
 
 
 def test_probe_error_tracks_the_fake_accuracy():

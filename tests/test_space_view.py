@@ -5,7 +5,8 @@ import pytest
 from autoquant import ConfigError, OpInfo, Restriction, Space, UnsupportedOp
 
 LAYERS = [f"bert.encoder.layer.{i}.{part}" for i in range(2) for part in ("attention.self.query", "output.dense")]
-SPACE = Space(tuple(OpInfo(name, "Linear", ("static", "dynamic")) for name in LAYERS) + (OpInfo("classifier", "Linear"),),
+OPS = tuple(OpInfo(name, "Linear", ("static", "dynamic")) for name in LAYERS) + (OpInfo("classifier", "Linear"),)
+SPACE = Space(OPS,
               approaches=("static", "dynamic"),
               unsupported=(UnsupportedOp("bert.embeddings", "Embedding", "no INT8 kernel for embeddings"),))
 
@@ -23,12 +24,14 @@ def test_a_pattern_matching_nothing_is_an_error_with_a_hint():
 
 
 def test_print_space_says_what_is_searched_what_is_not_and_why():
-    text = str(SPACE.restrict(Restriction(fp32_ops=["classifier"])))
+    space = SPACE.restrict(Restriction(fp32_ops=["classifier"]))
+    text = str(space)
     lines = text.splitlines()
-    assert lines[0] == f"5 quantizable op(s) (5 Linear); {SPACE.restrict(Restriction(fp32_ops=['classifier'])).size():,} candidates"
+    assert lines[0] == f"5 quantizable op(s) (5 Linear); {space.size():,} candidates"
     assert lines[1].split() == ["op", "type", "approaches", "searched"]
     assert lines[2].split() == ["bert.encoder.layer.0.attention.self.query", "Linear", "static,", "dynamic", "yes"]
     assert lines[6].split() == ["classifier", "Linear", "static", "no", "(FP32", "by", "request)"]
     assert text.count("no (FP32 by request)") == 1
     assert "knobs: approach=static|dynamic;" in text
-    assert text.endswith("stays FP32 whatever the search does:\n  bert.embeddings (Embedding): no INT8 kernel for embeddings")
+    assert text.endswith("stays FP32 whatever the search does:\n"
+                         "  bert.embeddings (Embedding): no INT8 kernel for embeddings")

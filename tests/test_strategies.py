@@ -86,7 +86,8 @@ def test_same_seed_same_sequence(strategy):
     def configs(seed):
         model = fake_model(n_ops=5, sensitive={1: 0.02, 3: 0.02})
         result = tune(model, strategy, max_trials=12, seed=seed, criterion=AccuracyCriterion(absolute=0.0))
-        return list(result.history[["approach", "calibration", "granularity", "scheme", "fp32_ops"]].itertuples(index=False))
+        columns = ["approach", "calibration", "granularity", "scheme", "fp32_ops"]
+        return list(result.history[columns].itertuples(index=False))
 
     assert configs(1) == configs(1)
     assert configs(1) != configs(2)

@@ -32,7 +32,7 @@ def test_entry_builds_runs_and_exports(name: str) -> None:
     assert np.isfinite(reference).all() and reference.std() > 1e-3  # activations neither vanish nor blow up
     session = ort.InferenceSession(export_onnx(case), providers=["CPUExecutionProvider"])
     batches = case.calib_batches[:1] + [_smaller(case.example)]  # the export is not tied to one batch shape
-    for batch, feeds in zip(batches, case.feeds(batches)):
+    for batch, feeds in zip(batches, case.feeds(batches), strict=False):
         np.testing.assert_allclose(session.run(None, feeds)[0].ravel(), fp32_outputs(case.model, batch),
                                    rtol=1e-3, atol=1e-4)
 

