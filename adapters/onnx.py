@@ -7,10 +7,15 @@ candidate is then written by onnxruntime.quantization's quantizer (``QDQQuantize
 ``ONNXQuantizer`` in IntegerOps mode for dynamic) from ranges computed from those statistics:
 no data pass and no ORT calibrator per candidate.
 
+The model first goes through ORT's basic graph optimisations (constants folded, Pad and
+BatchNorm fused into Conv), so the quantizer sees the graph ORT would run.
+
 Searched: every MatMul (weight MatMuls, and activation-by-activation ones listed as
 "MatMul(act x act)"), Gemm and Conv. MatMul outputs stay float (ORT fuses DQ->MatMul into
-MatMulIntegerToFloat); Conv and Gemm outputs are quantized, and Relu/MaxPool/... after them
-follow in INT8. Dynamic quantization covers weight MatMuls only, and is tried first on models
+MatMulIntegerToFloat); Conv and Gemm outputs are quantized, and the FOLLOWERS (Relu, pools, Add,
+Mul, Sigmoid, Concat, ...) whose float inputs are all INT8 in a candidate run INT8 too, so that ORT
+fuses them into QLinear kernels instead of running them in float between DequantizeLinear and
+QuantizeLinear. Dynamic quantization covers weight MatMuls only, and is tried first on models
 whose INT8 ops are all MatMuls, where it is the faster kernel on CPU.
 
 What eval_fn receives is an ``ORTSession``: a plain ``onnxruntime.InferenceSession`` (CPU, graph
