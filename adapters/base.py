@@ -44,6 +44,12 @@ class Adapter(ABC):
         """A zero-argument callable running ``model`` once on a fixed calibration batch and
         returning its outputs (for latency, and for the output probe)."""
 
+    def batch_runners(self, model: Any, limit: int) -> list[Callable[[], object]]:
+        """One zero-argument callable per calibration batch (the first ``limit``), each running
+        ``model`` on it and returning its outputs (for the output probe). The default offers the
+        latency batch only; the probe reports how many batches it used."""
+        return [self.runner(model)]
+
     def result_model(self, model: Any) -> Any:
         """The form a built model takes in ``TuneResult.model`` (ONNX: the ModelProto of a session)."""
         return model

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +377,10 @@ class FXAdapter(Adapter):
                 return model(*args, **kwargs)
 
         return run
+
+    def batch_runners(self, model: nn.Module, limit: int) -> list[Callable[[], object]]:
+        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
+        return [partial(_run, model, model_inputs(batch)) for _, batch in batches]
 
     # --- files ----------------------------------------------------------------------------------
     def save_model(self, model: nn.Module, directory: Path) -> Path:

@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,11 @@ class ONNXAdapter(Adapter):
             return model.run(None, feeds)
 
         return run
+
+    def batch_runners(self, model: ort.InferenceSession, limit: int) -> list[Callable[[], object]]:
+        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
+        feeds = [self._to_feeds(batch, i) for i, batch in batches]
+        return [partial(model.run, None, f) for f in feeds]
 
     def result_model(self, model: ORTSession) -> onnx.ModelProto:
         """What ``TuneResult.model`` holds: the quantized ModelProto (plain ORT runs it)."""

@@ -137,7 +137,7 @@ class StrategySpec(_Strict):
         "and return the fastest that meets it"))
     options: dict[str, Any] = Field(default_factory=dict, description=(
         "keyword arguments of the strategy's class, e.g. `{n_startup_trials: 10}` for bayesian, "
-        "`{measure: fp32, calibrate_top: 5}` for sensitivity"))
+        "`{measure: fp32, confidence: 0.7}` for sensitivity"))
 
     @field_validator("objective")
     @classmethod

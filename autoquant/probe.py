@@ -1,51 +1,191 @@
-"""A cheap, eval_fn-free signal for strategies: how far a candidate's outputs are from FP32."""
+"""A cheap, eval_fn-free signal for strategies: how far a candidate's outputs are from FP32.
+
+The probe runs a candidate on a bounded sample of the calibration batches (the first
+``max_batches``, 4 unless set: 256 samples at batch size 64) and compares its outputs with
+FP32's with an error that fits the output:
+
+- ``logits`` (one 2-D output, a row per sample): mean KL divergence of the softmax from FP32's, in
+  nats; top-1 agreement with FP32 is reported alongside;
+- ``embedding`` (outputs of 3 or more dimensions, or named so): mean cosine distance of the
+  vectors along the last axis;
+- ``relative``: relative squared error ||y - y_fp32||^2 / ||y_fp32||^2 over every output.
+
+``kind="auto"`` picks by shape as listed. Every candidate is built and run once (cached by its
+canonical key); ``cost`` says how many builds and model runs the probe made and how long they took.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autoquant.errors import ConfigError, unknown_choice
+from autoquant.latency import measure_latency
 from autoquant.space import QuantConfig, Space
 
 if TYPE_CHECKING:
     from autoquant.adapters import Adapter
 
+KINDS = ("auto", "logits", "embedding", "relative")
+DEFAULT_MAX_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    """One candidate against FP32: ``error`` is the kind's measure (0 = identical outputs)."""
+
+    error: float
+    kind: str
+    top1_agreement: float | None = None  # logits only: share of samples whose argmax matches FP32
+
+
+@dataclass
+class ProbeCost:
+    """What the probe spent: candidates built, model runs (batches), latency measurements, seconds."""
+
+    builds: int = 0
+    runs: int = 0
+    latency_measurements: int = 0
+    seconds: float = 0.0
+    batches: int = 0  # calibration batches each candidate runs on
+    samples: int = 0  # samples in those batches
+
+    def describe(self) -> str:
+        return (f"{self.builds} candidates built, {self.runs} model runs on {self.batches} calibration batch(es) "
+                f"({self.samples} samples), {self.latency_measurements} latency measurements, {self.seconds:.1f} s")
+
 
 class OutputProbe:
-    """Runs candidates on the adapter's fixed calibration batch and compares outputs with FP32.
+    """Scores candidates by their outputs on calibration batches, without the user's eval_fn."""
 
-    ``error`` is the relative squared error ||y - y_fp32||^2 / ||y_fp32||^2 over all outputs.
-    Strategies use it to rank ops by sensitivity without calling the user's eval_fn.
-    """
-
-    def __init__(self, adapter: Adapter, space: Space) -> None:
+    def __init__(self, adapter: Adapter, space: Space, *, kind: str = "auto",
+                 max_batches: int = DEFAULT_MAX_BATCHES) -> None:
+        if kind not in KINDS:
+            raise unknown_choice("probe output kind", kind, KINDS)
+        if max_batches < 1:
+            raise ConfigError(f"The probe needs at least one calibration batch, got max_batches={max_batches}.")
         self._adapter, self._space = adapter, space
-        self._reference: np.ndarray | None = None
-        self.calls = 0
+        self.kind, self.max_batches = kind, max_batches
+        self._reference: list[list[np.ndarray]] | None = None
+        self._scores: dict[str, ProbeScore] = {}
+        self._last: tuple[str, Any] | None = None
+        self.cost = ProbeCost()
 
-    def outputs(self, config: QuantConfig) -> np.ndarray:
-        model = self._adapter.build(self._space.resolve(self._space.canonical(config)))
-        return flatten_outputs(self._adapter.runner(model)())
+    @property
+    def calls(self) -> int:
+        """Candidates scored (each built and run once)."""
+        return len(self._scores)
+
+    # --- outputs ---------------------------------------------------------------------------------
+    def _outputs(self, model: Any) -> list[list[np.ndarray]]:
+        """Per calibration batch, the model's output arrays (shapes kept)."""
+        runs = self._adapter.batch_runners(model, self.max_batches)
+        self.cost.runs += len(runs)
+        return [output_arrays(run()) for run in runs]
+
+    def reference(self) -> list[list[np.ndarray]]:
+        if self._reference is None:
+            start = time.perf_counter()
+            self._reference = self._outputs(self._adapter.fp32_model)
+            if self.kind == "auto":
+                self.kind = detect_kind(self._reference[0])
+            self.cost.batches = len(self._reference)
+            self.cost.samples = sum(len(batch[0]) if batch[0].ndim else 1 for batch in self._reference)
+            self.cost.seconds += time.perf_counter() - start
+        return self._reference
+
+    # --- scores ----------------------------------------------------------------------------------
+    def score(self, config: QuantConfig) -> ProbeScore:
+        """The candidate's distance from FP32 (built and run once per distinct candidate)."""
+        config = self._space.canonical(config)
+        key = config.key()
+        if key not in self._scores:
+            reference = self.reference()
+            start = time.perf_counter()
+            self._scores[key] = compare(self.kind, reference, self._outputs(self._build(config)))
+            self.cost.seconds += time.perf_counter() - start
+        return self._scores[key]
+
+    def _build(self, config: QuantConfig) -> Any:
+        """Builds a canonical candidate; the last one is kept, so its latency needs no second build."""
+        key = config.key()
+        if self._last is None or self._last[0] != key:
+            self._last = None  # free the previous model first
+            self._last = (key, self._adapter.build(self._space.resolve(config)))
+            self.cost.builds += 1
+        return self._last[1]
+
+    def known(self, config: QuantConfig) -> ProbeScore | None:
+        """The score if this candidate was probed already (nothing is built)."""
+        return self._scores.get(self._space.canonical(config).key())
 
     def error(self, config: QuantConfig) -> float:
-        if self._reference is None:
-            self._reference = flatten_outputs(self._adapter.runner(self._adapter.fp32_model)())
-        self.calls += 1
-        difference = self.outputs(config) - self._reference
-        return float(np.sum(difference**2) / max(float(np.sum(self._reference**2)), 1e-30))
+        return self.score(config).error
+
+    def latency_ratio(self, config: QuantConfig, budget_s: float) -> float:
+        """Latency of the candidate over FP32's, interleaved on the adapter's latency batch."""
+        start = time.perf_counter()
+        model, adapter = self._build(self._space.canonical(config)), self._adapter
+        ratio = measure_latency(adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
+                                min_repeats=3).ratio
+        self.cost.latency_measurements += 1
+        self.cost.seconds += time.perf_counter() - start
+        return ratio
 
 
-def flatten_outputs(outputs: Any) -> np.ndarray:
-    """Every float in a model's outputs (tensors, arrays, and nested lists, tuples or dicts of them)."""
+# --- errors by output kind ------------------------------------------------------------------------
+def detect_kind(arrays: list[np.ndarray]) -> str:
+    """logits for one 2-D output with two or more columns; embedding for outputs of 3+ dimensions."""
+    if len(arrays) == 1 and arrays[0].ndim == 2 and arrays[0].shape[1] >= 2:
+        return "logits"
+    if arrays and all(a.ndim >= 3 for a in arrays):
+        return "embedding"
+    return "relative"
+
+
+def compare(kind: str, reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> ProbeScore:
+    """``kind``'s error of ``outputs`` against ``reference`` (both: per batch, a list of arrays)."""
+    if kind == "logits":
+        ref = np.concatenate([batch[0] for batch in reference]).astype(np.float64)
+        out = np.concatenate([batch[0] for batch in outputs]).astype(np.float64)
+        p_log, q_log = _log_softmax(ref), _log_softmax(out)
+        kl = float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=1)))
+        agreement = float(np.mean(ref.argmax(1) == out.argmax(1)))
+        return ProbeScore(max(kl, 0.0), kind, agreement)
+    ref = np.concatenate([a.astype(np.float64).ravel() for batch in reference for a in batch])
+    out = np.concatenate([a.astype(np.float64).ravel() for batch in outputs for a in batch])
+    if kind == "embedding":
+        rows = [(r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1]))
+                for rb, ob in zip(reference, outputs, strict=False) for r, o in zip(rb, ob, strict=False)]
+        ref_rows = np.concatenate([r for r, _ in rows]).astype(np.float64)
+        out_rows = np.concatenate([o for _, o in rows]).astype(np.float64)
+        norms = np.linalg.norm(ref_rows, axis=1) * np.linalg.norm(out_rows, axis=1)
+        cosine = np.sum(ref_rows * out_rows, axis=1) / np.maximum(norms, 1e-30)
+        return ProbeScore(float(np.mean(1.0 - cosine)), kind)
+    return ProbeScore(float(np.sum((out - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30)), kind)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+# --- outputs as arrays ------------------------------------------------------------------------------
+def output_arrays(outputs: Any) -> list[np.ndarray]:
+    """Every tensor or array in a model's outputs (nested lists, tuples or dicts), shapes kept."""
     parts: list[np.ndarray] = []
 
     def visit(value: Any) -> None:
         if hasattr(value, "detach"):  # a torch tensor; core code does not import torch
-            parts.append(value.detach().float().cpu().numpy().ravel())
+            if value.is_floating_point():
+                parts.append(value.detach().float().cpu().numpy())
         elif isinstance(value, np.ndarray):
-            parts.append(value.astype(np.float64, copy=False).ravel())
+            if np.issubdtype(value.dtype, np.floating):
+                parts.append(value)
         elif isinstance(value, Mapping):
             for item in value.values():
                 visit(item)
@@ -55,5 +195,10 @@ def flatten_outputs(outputs: Any) -> np.ndarray:
 
     visit(outputs)
     if not parts:
-        raise TypeError(f"The model's outputs hold no tensor or array (got {type(outputs).__name__}).")
-    return np.concatenate([p.astype(np.float64, copy=False) for p in parts])
+        raise TypeError(f"The model's outputs hold no float tensor or array (got {type(outputs).__name__}).")
+    return parts
+
+
+def flatten_outputs(outputs: Any) -> np.ndarray:
+    """Every float in a model's outputs, as one vector."""
+    return np.concatenate([a.astype(np.float64, copy=False).ravel() for a in output_arrays(outputs)])

@@ -84,7 +84,7 @@ def print_summary(result: TuneResult, console: Console | None = None) -> None:
 
 def sensitivity_table(ranking: pd.DataFrame, fp32_ops: Sequence[str] = (), limit: int = 15) -> Table:
     """The per-op sensitivity ranking, most sensitive first; ``fp32_ops`` are marked."""
-    table = Table(title=f"op sensitivity ({ranking['measure'].iloc[0]} measure: relative output error on one batch)")
+    table = Table(title=f"op sensitivity ({ranking['measure'].iloc[0]} measure: share of the probe's output error)")
     for column in ("rank", "op", "type", "sensitivity", "calibration", "in result"):
         table.add_column(column, justify="right" if column in ("rank", "sensitivity") else "left")
     for row in ranking.head(limit).itertuples(index=False):

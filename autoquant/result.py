@@ -40,6 +40,7 @@ class TuneResult:
     best_trial: int = -1
     # Per-op sensitivity ranking (rank, op, op_type, sensitivity, ...), when the strategy made one.
     sensitivity: pd.DataFrame | None = field(default=None, repr=False)
+    probe_cost: str = ""  # what the strategy's output probe spent (builds, model runs, seconds), if anything
 
     @property
     def relative_loss(self) -> float:
@@ -62,6 +63,7 @@ class TuneResult:
             "evaluations": self.evaluations,
             "best_trial": self.best_trial,
             "elapsed_s": self.elapsed_s,
+            "probe_cost": self.probe_cost,
         }
 
     def save(self, directory: str | Path) -> Path:

@@ -110,7 +110,7 @@ class Tuner:
             study.set_user_attr("baseline", baseline)
         log.info("FP32 baseline: %.6g; goal: %s", baseline, self.criterion.describe())
         self._calibrate(backend)
-        self.strategy.setup(space, OutputProbe(backend, space))
+        self.strategy.setup(space, OutputProbe(backend, space), self.criterion)
         run = _Run(self, backend, space, study, eval_fn, baseline, start)
         run.search()
         return run.result()
@@ -326,7 +326,14 @@ class _Run:
             history=history_frame(trials),
             best_trial=best.number,
             sensitivity=self.tuner.strategy.sensitivity,
+            probe_cost=self._probe_cost(),
         )
+
+    def _probe_cost(self) -> str:
+        cost = self.tuner.strategy.probe_cost
+        if cost:
+            log.info("Output probe (no eval_fn): %s.", cost)
+        return cost
 
 
 def best_trial(trials: Iterable[optuna.trial.FrozenTrial], baseline: float | None,

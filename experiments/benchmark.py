@@ -1,18 +1,26 @@
-"""Every strategy on every shipped example at two criteria, and Neural Compressor's ``basic``, in one run.
+"""The benchmark suite: every strategy on seven models at three criteria, against an exhaustive oracle.
 
-    python experiments/benchmark.py --criteria 0.01 0.001 --max-trials 40 --out experiments/results
+    python experiments/benchmark.py --out experiments/results                      # the whole suite
+    python experiments/benchmark.py --models digits-fragile dwcnn --criteria 0.01 0.001 \
+        --strategies sensitivity bayesian --oracle-trials 60 --name benchmark-reduced   # a reduced run
 
-Models: the digits CNN plain and fragile (PyTorch FX); the same two exported to ONNX when the ONNX
-example imports; MiniLM on STS-B when named with ``--models`` and its data and weights are here.
-Neural Compressor 2.6 runs where it imports (a benchmark-only install, never a project
-dependency; see the module's ``NC_INSTALL``), on the FX models, with the same model, calibration
-data, eval_fn and criterion, in a temporary folder (it writes ``nc_workspace/`` into the cwd).
+Cases (``--models``): the digits CNN plain and fragile on PyTorch FX (``digits``, ``digits-fragile``)
+and exported to ONNX (``digits-onnx``, ``digits-onnx-fragile``); all-MiniLM-L6-v2 on STS-B dev
+through ONNX Runtime, static approach only (``minilm-sts``; needs the text extra and
+../shared/data/stsbenchmark); and two architectures trained here, held out of the strategy's design
+(``dwcnn``: a MobileNet-style depthwise CNN; ``transformer``: a patch transformer-encoder classifier;
+see experiments/benchmark_models.py). Criteria: relative losses (default 1%, 0.5%, 0.1%).
 
-Per (model, criterion, tuner) it records: met, evaluations of eval_fn until met (all of them when
-not met), wall time, final accuracy, the final model's latency ratio (re-measured here, interleaved
-against FP32, median, the same input batch for every tuner), the latency ratio of full INT8 (all
-ops INT8, min-max) for reference, and the ops left in FP32. Writes benchmark.csv, benchmark.md and
-benchmark.png (latency ratio against evaluations, one point per tuner x model x criterion).
+The oracle of a case is an exhaustive search (``--oracle-trials`` candidates in the exhaustive
+strategy's order: every all-INT8 knob setting, then single-op fallbacks, ...) run once and cached
+in ``<out>/oracle/``; for each criterion its fastest passing candidate is the reference. Neural
+Compressor 2.6 ``basic`` runs on the FX cases where it imports (a benchmark-only install, see
+``NC_INSTALL``; it is not installed in the project's environment).
+
+Per (case, criterion, tuner): met, eval_fn calls (the FP32 baseline included), the final model's
+latency ratio to FP32 and to the oracle's fastest passing candidate (each measured here as one
+interleaved ratio on the same batch), ops in FP32, wall time. Writes <name>.csv, <name>.md (with a
+summary per tuner, design cases and held-out cases apart) and <name>.png.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import contextlib
 import copy
 import functools
 import importlib
+import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,15 +45,21 @@ import pandas as pd
 import torch
 from torch import nn
 
-from autoquant import AccuracyCriterion, Tuner
+from autoquant import AccuracyCriterion, QuantConfig, Restriction, Tuner
 from autoquant.examples.digits import BATCH_SIZE, accuracy_fn, load_data, make_fragile, train_model
 from autoquant.latency import measure_latency
 from autoquant.strategies import STRATEGIES
 
-STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
+sys.path.insert(0, str(Path(__file__).parent))
+import benchmark_models  # noqa: E402  (experiments/ is not a package)
 
 NC_INSTALL = ('pip install "setuptools<81" six pycocotools opencv-python-headless Deprecated prettytable psutil '
               'schema && pip install --no-deps neural-compressor==2.6')
+CASES = ("digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile", "minilm-sts", "dwcnn",
+         "transformer")
+HELD_OUT = ("dwcnn", "transformer")
+# never run while the default strategy was designed
+STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
 log = logging.getLogger("benchmark")
 
 
@@ -56,30 +72,50 @@ class Case:
     calibration: list
     eval_fn: Callable[[Any], float]
     torch_model: bool  # Neural Compressor's PyTorch FX path applies
+    restrict: Restriction | None = None
+
+    @property
+    def held_out(self) -> bool:
+        return self.name in HELD_OUT
 
 
 # --- the models -----------------------------------------------------------------------------------
-def digits_cases(seed: int, onnx: bool) -> list[Case]:
+def build_cases(names: list[str], seed: int, cache: Path) -> list[Case]:
     data = load_data(seed)
-    plain = train_model(data, seed=seed)
-    fragile = make_fragile(copy.deepcopy(plain), data.train[0][:512])
-    eval_fn = accuracy_fn(data)
-    cases = [Case("digits", plain, data.calibration_batches(), eval_fn, True),
-             Case("digits-fragile", fragile, data.calibration_batches(), eval_fn, True)]
-    if onnx:
-        try:
-            digits_onnx = importlib.import_module("autoquant.examples.digits_onnx")
-        except ImportError as exc:
-            log.warning("Skipping the ONNX digits models: %s", exc)
-        else:
-            feeds, onnx_eval = digits_onnx.calibration_batches(data), digits_onnx.accuracy_fn(data)
-            cases += [Case("digits-onnx", digits_onnx.export(plain), feeds, onnx_eval, False),
-                      Case("digits-onnx-fragile", digits_onnx.export(fragile), feeds, onnx_eval, False)]
-    return cases
+    eval_fn, calibration = accuracy_fn(data), data.calibration_batches()
+    plain = _cached(cache / f"digits-{seed}.pt", lambda: train_model(data, seed=seed))
+    fragile = make_fragile(copy.deepcopy(plain), data.train[0][:512])  # type: ignore[arg-type]
+    cases = {"digits": lambda: Case("digits", plain, calibration, eval_fn, True),
+             "digits-fragile": lambda: Case("digits-fragile", fragile, calibration, eval_fn, True),
+             "dwcnn": lambda: Case("dwcnn", _cached(cache / f"dwcnn-{seed}.pt",
+                                                    lambda: benchmark_models.depthwise_net(data, seed)),
+                                   calibration, eval_fn, True),
+             "transformer": lambda: Case("transformer", _cached(cache / f"transformer-{seed}.pt",
+                                                                lambda: benchmark_models.patch_transformer(data, seed)),
+                                         calibration, eval_fn, True),
+             "minilm-sts": lambda: minilm_case(seed)}
+    if any("onnx" in n for n in names):
+        digits_onnx = importlib.import_module("autoquant.examples.digits_onnx")
+        feeds, onnx_eval = digits_onnx.calibration_batches(data), digits_onnx.accuracy_fn(data)
+        cases["digits-onnx"] = lambda: Case("digits-onnx", digits_onnx.export(plain), feeds, onnx_eval, False)
+        cases["digits-onnx-fragile"] = lambda: Case("digits-onnx-fragile", digits_onnx.export(fragile), feeds,
+                                                    onnx_eval, False)
+    built = [cases[n]() for n in names]
+    return [c for c in built if c is not None]
 
 
-def minilm_case(seed: int, dev_pairs: int | None) -> Case | None:
-    """all-MiniLM-L6-v2 on STS-B dev (Spearman), as experiments/minilm_sts.py tunes it."""
+def _cached(path: Path, train: Callable[[], nn.Module]) -> nn.Module:
+    """A model trained once per seed; later runs load the same weights (training is deterministic anyway)."""
+    if path.exists():
+        return torch.load(path, weights_only=False).eval()
+    model = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, path)
+    return model
+
+
+def minilm_case(seed: int) -> Case | None:
+    """all-MiniLM-L6-v2 on STS-B dev (Spearman) through ONNX Runtime, static approach only."""
     try:
         import onnx
 
@@ -87,33 +123,25 @@ def minilm_case(seed: int, dev_pairs: int | None) -> Case | None:
 
         model = onnx.load_from_string(text.export_minilm())
         calibration = text.encode(text.train_sentences(STS_DIR, 256, seed=seed), 32)
-        dev = text.read_sts(STS_DIR, "dev", limit=dev_pairs)
+        dev = text.read_sts(STS_DIR, "dev")
     except Exception as exc:  # missing extra, weights or data: the benchmark runs without it
         log.warning("Skipping MiniLM: %s: %s", type(exc).__name__, exc)
         return None
     batches = dev.batches()
-    return Case("minilm-sts", model, calibration, lambda session: dev.spearman(session, batches), False)
+    return Case("minilm-sts", model, calibration, lambda session: dev.spearman(session, batches), False,
+                Restriction(approach="static"))
 
 
 # --- measurements ----------------------------------------------------------------------------------
 class Counting:
-    """eval_fn that remembers every score, so "evaluations until met" is counted the same for all."""
+    """eval_fn that counts its calls (the FP32 baseline is the first)."""
 
     def __init__(self, eval_fn: Callable[[Any], float]) -> None:
-        self.eval_fn = eval_fn
-        self.scores: list[float] = []
+        self.eval_fn, self.scores = eval_fn, list[float]()
 
     def __call__(self, model: Any) -> float:
         self.scores.append(float(self.eval_fn(model)))
         return self.scores[-1]
-
-    def evaluations_until_met(self, criterion: AccuracyCriterion) -> tuple[bool, int]:
-        """scores[0] is the FP32 baseline; the rest are candidates, in order."""
-        baseline, candidates = self.scores[0], self.scores[1:]
-        for i, score in enumerate(candidates, start=1):
-            if criterion.passes(baseline, score):
-                return True, i
-        return False, len(candidates)
 
 
 def weight_layers(model: nn.Module) -> tuple[int, int]:
@@ -138,34 +166,72 @@ def torch_runner(model: nn.Module, inputs: torch.Tensor) -> Callable[[], object]
     return run
 
 
+# --- the oracle -------------------------------------------------------------------------------------
+def oracle_trials(case: Case, args: argparse.Namespace) -> tuple[float, pd.DataFrame]:
+    """The FP32 baseline and every candidate of an exhaustive search (cached in <out>/oracle/)."""
+    path = Path(args.out) / "oracle" / f"{case.name}-seed{args.seed}-{args.oracle_trials}.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return data["baseline"], pd.DataFrame(data["trials"])
+    log.info("%s: oracle (exhaustive, %d candidates) ...", case.name, args.oracle_trials)
+    result = Tuner(AccuracyCriterion(relative=0.5, allow_large_relative=True), strategy="exhaustive",
+                   objective="latency", max_trials=args.oracle_trials, restrict=case.restrict,
+                   latency_budget_s=0.1).tune(case.model, case.calibration, case.eval_fn)
+    history = result.history.dropna(subset=["accuracy"])
+    trials = [{"config": _config_of(row).to_dict(), "accuracy": row["accuracy"], "latency_ratio": row["latency_ratio"]}
+              for _, row in history.iterrows()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"baseline": result.baseline_accuracy, "trials": trials}, indent=1))
+    return result.baseline_accuracy, pd.DataFrame(trials)
+
+
+def _config_of(row: pd.Series) -> QuantConfig:
+    def value(knob: str) -> Any:  # None for the activation knobs of a dynamic candidate
+        return None if pd.isna(row[knob]) else row[knob]
+
+    fp32 = row["fp32_ops"].split() if isinstance(row["fp32_ops"], str) else []
+    return QuantConfig(value("approach"), value("calibration"), value("granularity"), value("scheme"), frozenset(fp32))
+
+
+def oracle_config(baseline: float, trials: pd.DataFrame, criterion: AccuracyCriterion) -> QuantConfig | None:
+    """The fastest passing candidate of the oracle's search (None when none passes)."""
+    passing = trials[[criterion.passes(baseline, a) for a in trials["accuracy"]]]
+    if passing.empty:
+        return None
+    return QuantConfig.from_dict(passing.sort_values("latency_ratio").iloc[0]["config"])
+
+
 # --- the tuners -------------------------------------------------------------------------------------
-def run_autoquant(case: Case, strategy: str, relative: float, args: argparse.Namespace,
-                  full_int8: dict[str, float]) -> dict[str, Any]:
-    criterion = AccuracyCriterion(relative=relative)
+def run_autoquant(case: Case, strategy: str, criterion: AccuracyCriterion, args: argparse.Namespace) -> dict[str, Any]:
     counting = Counting(case.eval_fn)
     start = time.perf_counter()
-    result = Tuner(criterion, strategy=strategy, max_trials=args.max_trials, seed=args.seed).tune(
-        case.model, case.calibration, counting)
+    result = Tuner(criterion, strategy=strategy, max_trials=args.max_trials, seed=args.seed,
+                   restrict=case.restrict).tune(case.model, case.calibration, counting)
     wall = time.perf_counter() - start
-    met, until = counting.evaluations_until_met(criterion)
-    adapter = result.adapter
-    fp32_run = adapter.runner(adapter.fp32_model)
-    # result.model is what the user saves (an ONNX adapter gives a ModelProto); build gives what runs.
-    latency = measure_latency(fp32_run, adapter.runner(adapter.build(result.config)), budget_s=args.latency_budget)
-    if case.name not in full_int8:  # the reference: every op INT8 with the default knobs
-        default = adapter.build(adapter.space.resolve(adapter.space.default_config()))
-        full_int8[case.name] = measure_latency(fp32_run, adapter.runner(default), budget_s=args.latency_budget).ratio
     layers = weight_layers(result.model) if case.torch_model else None
-    return {
-        "tuner": strategy, "met": met and result.met, "evaluations": until, "wall_s": wall,
-        "fp32_accuracy": result.baseline_accuracy, "final_accuracy": result.accuracy,
-        "relative_loss": result.relative_loss, "latency_ratio": latency.ratio,
-        "full_int8_latency_ratio": full_int8[case.name],
-        "ops_fp32": f"{len(result.fp32_ops)}/{result.quantizable_ops}",
-        "conv_linear_fp32": f"{layers[0]}/{layers[1]}" if layers else "",
-        "config": result.config.describe() + (f" +{len(result.config.op_calibration)} op calib."
-                                              if result.config.op_calibration else ""),
-    }
+    return {"tuner": strategy, "met": result.met, "evaluations": len(counting.scores), "wall_s": wall,
+            "fp32_accuracy": result.baseline_accuracy, "final_accuracy": result.accuracy,
+            "relative_loss": result.relative_loss, "ops_fp32": f"{len(result.fp32_ops)}/{result.quantizable_ops}",
+            "conv_linear_fp32": f"{layers[0]}/{layers[1]}" if layers else "",
+            "config": result.config.describe() + (f" +{len(result.config.op_calibration)} op calib."
+                                                  if result.config.op_calibration else ""),
+            "_adapter": result.adapter, "_config": result.config}
+
+
+def add_latencies(row: dict[str, Any], oracle: QuantConfig | None, args: argparse.Namespace) -> dict[str, Any]:
+    """The final model's latency against FP32 and against the oracle's fastest passing candidate: each a
+    ratio measured here, interleaved, on the same batch (absolute times are meaningless on a shared machine)."""
+    adapter, config = row.pop("_adapter", None), row.pop("_config", None)
+    if adapter is None:
+        return row
+    row["final_config"] = json.dumps(config.to_dict())
+    final = adapter.runner(adapter.build(adapter.space.resolve(config)))
+    fp32 = adapter.runner(adapter.fp32_model)
+    row["latency_ratio"] = measure_latency(fp32, final, budget_s=args.latency_budget).ratio
+    if oracle is not None:
+        reference = adapter.runner(adapter.build(adapter.space.resolve(oracle)))
+        row["vs_oracle"] = measure_latency(reference, final, budget_s=args.latency_budget).ratio
+    return row
 
 
 def nc_available() -> bool:
@@ -179,8 +245,7 @@ def nc_available() -> bool:
     return True
 
 
-def run_neural_compressor(case: Case, relative: float, args: argparse.Namespace,
-                          full_int8: dict[str, float]) -> dict[str, Any]:
+def run_neural_compressor(case: Case, relative: float, args: argparse.Namespace) -> dict[str, Any]:
     """Neural Compressor 2.6 ``basic`` on the PyTorch FX backend, as its documentation sets it up."""
     from neural_compressor.config import AccuracyCriterion as NCCriterion
     from neural_compressor.config import PostTrainingQuantConfig, TuningCriterion
@@ -200,9 +265,9 @@ def run_neural_compressor(case: Case, relative: float, args: argparse.Namespace,
     with tempfile.TemporaryDirectory() as workdir, _cwd(workdir), _quiet():
         quantized = fit(copy.deepcopy(case.model), config, calib_dataloader=loader, eval_func=counting)
     wall = time.perf_counter() - start
-    met, until = counting.evaluations_until_met(criterion)
-    row = {"tuner": "neural-compressor basic", "met": met and quantized is not None, "evaluations": until,
-           "wall_s": wall, "fp32_accuracy": counting.scores[0], "full_int8_latency_ratio": full_int8.get(case.name)}
+    met = any(criterion.passes(counting.scores[0], score) for score in counting.scores[1:])
+    row = {"tuner": "neural-compressor basic", "met": met and quantized is not None,
+           "evaluations": len(counting.scores), "wall_s": wall, "fp32_accuracy": counting.scores[0]}
     if quantized is None:  # NC returns None when nothing met the goal
         return {**row, "final_accuracy": None, "relative_loss": None, "latency_ratio": None, "ops_fp32": "",
                 "conv_linear_fp32": "", "config": "None (no model returned)"}
@@ -241,6 +306,20 @@ def _quiet():
 
 
 # --- tables and the plot -------------------------------------------------------------------------------
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per tuner, design and held-out cases apart: goals met of those the oracle can meet, median and
+    worst eval_fn calls and latency against the oracle."""
+    rows = []
+    for (held_out, tuner), group in table.groupby(["held_out", "tuner"], sort=False):
+        meetable = group[group["oracle_met"]]
+        rows.append({"cases": "held out" if held_out else "design", "tuner": tuner,
+                     "met / meetable": f"{int(meetable['met'].sum())}/{len(meetable)}",
+                     "median evaluations": group["evaluations"].median(), "max evaluations": group["evaluations"].max(),
+                     "median vs oracle": meetable["vs_oracle"].median(),
+                     "worst vs oracle": meetable["vs_oracle"].max()})
+    return pd.DataFrame(rows)
+
+
 def plot(table: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -255,40 +334,48 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(criteria), figsize=(6 * len(criteria), 4.8), squeeze=False, sharey=True)
     for ax, criterion in zip(axes[0], criteria, strict=False):
         for _, row in table[table["criterion"] == criterion].iterrows():
-            if pd.isna(row["evaluations"]):
-                continue  # the run failed: its error is in the table
+            if pd.isna(row.get("evaluations")) or pd.isna(row.get("vs_oracle")):
+                continue  # the run failed (its error is in the table) or the oracle found no pass
             color = colors[tuners.index(row["tuner"]) % len(colors)]
-            marker = markers[models.index(row["model"]) % 8]
-            if pd.isna(row["latency_ratio"]):  # no model returned: the user is left with FP32
-                ax.scatter(row["evaluations"], 1.0, s=60, marker="x", color=color)
-                continue
-            ax.scatter(row["evaluations"], row["latency_ratio"], s=60, marker=marker,
+            ax.scatter(row["evaluations"], row["vs_oracle"], s=60, marker=markers[models.index(row["model"]) % 8],
                        facecolors=color if row["met"] else "none", edgecolors=color)
         ax.set_title(f"criterion: {criterion}")
-        ax.set_xlabel("evaluations of eval_fn (until met, or all when not met)")
+        ax.set_xlabel("eval_fn calls (FP32 baseline included)")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("latency ratio INT8/FP32 (lower is faster)")
+    axes[0][0].set_ylabel("latency / oracle's fastest passing latency")
     handles = [plt.Line2D([], [], ls="", marker="o", color=colors[i % len(colors)], label=t)
                for i, t in enumerate(tuners)]
     handles += [plt.Line2D([], [], ls="", marker=markers[i % 8], color="gray", label=m) for i, m in enumerate(models)]
-    fig.legend(handles=handles, loc="center right", fontsize=8, title="hollow: not met\nx: no model (FP32)")
+    fig.legend(handles=handles, loc="center right", fontsize=8, title="hollow: not met")
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def write(rows: list[dict[str, Any]], out: Path, name: str, command: str) -> pd.DataFrame:
+    table = pd.DataFrame(rows)
+    for column in ("evaluations", "latency_ratio", "vs_oracle"):  # absent while no run measured them
+        if column not in table:
+            table[column] = float("nan")
+    table.to_csv(out / f"{name}.csv", index=False)
+    text = [f"Command: `{command}`", "", "## Summary", "", summary(table).to_markdown(index=False, floatfmt=".3g"), "",
+            "## Every run", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
+    (out / f"{name}.md").write_text("\n".join(text))
+    plot(table, out / f"{name}.png")
+    return table
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--criteria", type=float, nargs="+", default=[0.01, 0.001], help="relative tolerated losses")
+    parser.add_argument("--criteria", type=float, nargs="+", default=[0.01, 0.005, 0.001],
+                        help="relative tolerated losses")
     parser.add_argument("--strategies", nargs="+", default=sorted(STRATEGIES), choices=sorted(STRATEGIES))
-    parser.add_argument("--models", nargs="+",
-                        default=["digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile"],
-                        help="also: minilm-sts (needs the text extra and ../shared/data/stsbenchmark)")
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--max-trials", type=int, default=40)
+    parser.add_argument("--oracle-trials", type=int, default=300, help="candidates the exhaustive oracle evaluates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-budget", type=float, default=1.0, help="seconds per final latency measurement")
-    parser.add_argument("--dev-pairs", type=int, default=None, help="MiniLM: first N STS-B dev pairs (default all)")
     parser.add_argument("--no-nc", action="store_true", help="skip Neural Compressor even where it imports")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: latency ratios stay stable on a shared, loaded machine)")
@@ -296,52 +383,47 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--name", default="benchmark", help="file name stem of the outputs")
     parser.add_argument("--replot", action="store_true", help="only redraw the .md and .png from the .csv")
     args = parser.parse_args(argv)
+    command = "python experiments/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     if args.replot:
-        return write(pd.read_csv(out / f"{args.name}.csv").to_dict("records"), out, args.name)
+        return write(pd.read_csv(out / f"{args.name}.csv").to_dict("records"), out, args.name, command)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
-
-    cases: list[Case | None] = [*digits_cases(args.seed, onnx=any("onnx" in m for m in args.models))]
-    if "minilm-sts" in args.models:
-        cases.append(minilm_case(args.seed, args.dev_pairs))
-    chosen = [c for c in cases if c is not None and c.name in args.models]
-    use_nc = not args.no_nc and any(c.torch_model for c in chosen) and nc_available()
     out.mkdir(parents=True, exist_ok=True)
+
+    cases = build_cases(args.models, args.seed, out / "cache")
+    use_nc = not args.no_nc and any(c.torch_model for c in cases) and nc_available()
     rows: list[dict[str, Any]] = []
-    full_int8: dict[str, float] = {}
-    for case in chosen:
+    for case in cases:
+        baseline, trials = oracle_trials(case, args)
         for relative in args.criteria:
-            runs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-                (s, functools.partial(run_autoquant, case, s, relative, args, full_int8)) for s in args.strategies]
+            criterion = AccuracyCriterion(relative=relative)
+            oracle = oracle_config(baseline, trials, criterion)
+            runs = [(s, functools.partial(run_autoquant, case, s, criterion, args)) for s in args.strategies]
             if use_nc and case.torch_model:
-                nc = functools.partial(run_neural_compressor, case, relative, args, full_int8)
-                runs.append(("neural-compressor", nc))
+                runs.append(("neural-compressor", functools.partial(run_neural_compressor, case, relative, args)))
             for tuner, run in runs:
                 log.info("%s, %.2f%% relative: %s ...", case.name, 100 * relative, tuner)
+                row = {"model": case.name, "held_out": case.held_out, "criterion": f"{relative:.2%} relative",
+                       "oracle_met": oracle is not None, "oracle_config": _describe(oracle)}
                 try:
-                    row = {"model": case.name, "criterion": f"{relative:.2%} relative", **run()}
+                    row |= add_latencies(run(), oracle, args)
                 except Exception as exc:  # one broken tuner or backend must not lose the other rows
                     log.exception("%s on %s failed", tuner, case.name)
-                    row = {"model": case.name, "criterion": f"{relative:.2%} relative", "tuner": tuner, "met": False,
-                           "latency_ratio": None, "config": f"error: {type(exc).__name__}: {exc}"[:200]}
+                    row |= {"tuner": tuner, "met": False, "config": f"error: {type(exc).__name__}: {exc}"[:200]}
                 rows.append(row)
-                log.info("  met %s in %s evaluation(s), latency ratio %s, %.1f s", row["met"], row.get("evaluations"),
-                         row["latency_ratio"], row.get("wall_s", float("nan")))
-                table = write(rows, out, args.name)  # after every run: a long benchmark keeps what it did
-    print(table.to_markdown(index=False, floatfmt=".4g"))
+                log.info("  met %s in %s eval_fn calls, latency x%.3g of the oracle's, %.1f s", row["met"],
+                         row.get("evaluations"), row.get("vs_oracle", float("nan")), row.get("wall_s", float("nan")))
+                table = write(rows, out, args.name, command)  # after every run: a long benchmark keeps what it did
+    print(summary(table).to_markdown(index=False, floatfmt=".3g"))
     return table
 
 
-def write(rows: list[dict[str, Any]], out: Path, name: str) -> pd.DataFrame:
-    table = pd.DataFrame(rows)
-    table["latency_vs_full_int8"] = (pd.to_numeric(table["latency_ratio"], errors="coerce")
-                                     / pd.to_numeric(table.get("full_int8_latency_ratio"), errors="coerce"))
-    table.to_csv(out / f"{name}.csv", index=False)
-    (out / f"{name}.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
-    plot(table, out / f"{name}.png")
-    return table
+def _describe(config: QuantConfig | None) -> str:
+    if config is None:
+        return "none passes"
+    return f"{config.describe()} FP32: {' '.join(sorted(config.fp32_ops)) or '-'}"
 
 
 if __name__ == "__main__":

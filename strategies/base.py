@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import optuna
 
+from autoquant.criterion import AccuracyCriterion
 from autoquant.probe import OutputProbe
 from autoquant.space import QuantConfig, Space
 
@@ -19,7 +20,7 @@ class SearchExhausted(Exception):
 class Strategy(ABC):
     """A search strategy over a :class:`~autoquant.space.Space`.
 
-    Before the search the tuner calls ``setup`` once with the space and an
+    Before the search the tuner calls ``setup`` once with the space, the criterion and an
     :class:`~autoquant.probe.OutputProbe` (a cheap output-error measure that needs no eval_fn).
     Then, each trial, ``propose``: a strategy that plans its own candidates returns one (the
     tuner enqueues it in the Optuna study, so it is recorded like any other trial); one that
@@ -38,8 +39,13 @@ class Strategy(ABC):
     def create_sampler(self) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=self.seed)
 
-    def setup(self, space: Space, probe: OutputProbe) -> None:
-        """Called once before the search; the default needs nothing."""
+    def setup(self, space: Space, probe: OutputProbe, criterion: AccuracyCriterion | None = None) -> None:
+        """Called once before the search with the goal; the default needs nothing."""
+
+    @property
+    def probe_cost(self) -> str:
+        """What the output probe spent (builds, model runs, seconds), for the result; "" if nothing."""
+        return ""
 
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig | None:
         return None

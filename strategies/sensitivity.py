@@ -1,230 +1,295 @@
-"""Sensitivity-guided search: rank ops by their output error, then fall back as few as possible.
+"""The default strategy: the fastest candidate a loss model, refitted on every trial, says will pass.
 
-Quantization loss usually sits in a few ops. When the default candidate fails, ``rank`` measures
-with the :class:`~autoquant.probe.OutputProbe` (one calibration batch, no eval_fn) which
-calibration suits the model, how much each op costs, and which calibration suits the costliest
-ops. ``propose`` then
-replays a fixed plan against the study's trials: every step reads its outcome from a finished
-trial, and the first step without one is the next proposal. The plan is therefore a function of
-the study alone, so a resumed job or a second worker continues it instead of starting over.
+How it decides (each proposal is logged with its prediction):
 
-The plan, cheapest-to-lose-speed first:
+1. The probe (:mod:`autoquant.probe`, no eval_fn) scores every whole-model knob setting with all
+   ops INT8 by its output error against FP32 (KL divergence for logits).
+2. A loss model (:mod:`strategies.evidence`) maps probe error to the user's loss; it is refitted
+   to every measured trial (the default candidate, the tuner's first trial, is the first point),
+   with a per-knob-setting correction and a spread, so it gives each candidate a chance to pass.
+3. The next candidate is the fastest untried one whose chance to pass is at least ``confidence``
+   (ties: fewer FP32 ops, then the higher chance). All-INT8 knob settings are the fastest, so
+   they come first while the model says one can pass.
+4. Otherwise ops fall back. Per op, once: its share of the probe error with only it INT8 (or, with
+   ``measure="fp32"``, the error it removes in FP32) and its latency cost (the speed-up it gives
+   alone, measured against FP32). A candidate's error is predicted as the knob setting's error
+   times the share of ops still INT8; its latency as the sum of its FP32 ops' costs. Candidates
+   are the ranked prefixes and the one-op changes of every measured trial, so a near miss leads
+   to the cheapest op that the model says closes the gap. The chosen candidate is probed exactly
+   before it is proposed (and another chosen if that changes the verdict).
 
-1. the default candidate (the tuner's first trial), then all INT8 with the calibration and scheme
-   the probe prefers, then that with per-op calibration overrides for the top-ranked ops;
-2. fall back the ranked prefix in growing groups (1, 2, 4, ... ops) until a candidate passes;
-3. with the ``latency`` objective (the tuner keeps searching after a pass): binary search for the
-   shortest passing prefix, then try to re-quantize each fallen-back op, least sensitive first.
-
-If nothing passes, not even with every op in FP32, the rest of the budget goes to the remaining
-space in the exhaustive strategy's order.
+With ``objective="latency"`` it goes on while an untried candidate is predicted faster than the
+fastest pass and likely to pass. The proposal is a function of the study's trials (and the
+probe, which is deterministic), so resumed runs and several workers continue one search. The
+latency costs are measured once per run and rounded; on a noisy machine two runs may still order
+two ops of near-equal cost differently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import optuna
 import pandas as pd
 
-from autoquant.errors import ConfigError, unknown_choice
-from autoquant.probe import OutputProbe
+from autoquant.criterion import AccuracyCriterion
+from autoquant.errors import AutoquantError, ConfigError, unknown_choice
+from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
 
-from .base import SearchExhausted, Strategy
+from .base import SearchExhausted, Strategy, tried_keys
+from .evidence import LossModel, Observation, Prediction
 from .exhaustive import grid
 
-# "int8": output error with only that op INT8 (all others FP32): the op's own damage, in isolation.
-# "fp32": how much the output error of the all-INT8 candidate drops with only that op in FP32.
+log = logging.getLogger("autoquant")
+
+# "int8": the probe error with only that op INT8 (all others FP32): the op's own damage, in isolation.
+# "fp32": how much the all-INT8 error drops with only that op in FP32.
 MEASURES = ("int8", "fp32")
+COST_RESOLUTION = 0.005  # latency costs are rounded to this share of FP32 latency: noise must not reorder
+MIN_SAVING = 0.05  # below this share of FP32 latency, all INT8 is taken as no faster than FP32
+EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
+TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 
 
 @dataclass(frozen=True)
 class OpSensitivity:
-    """One op's cost: ``score`` is a relative squared output error (higher hurts more)."""
+    """One op: ``score`` is its share of the probe error; ``latency_cost`` the FP32 latency share its
+    INT8 saves (what falling it back costs)."""
 
     op: str
     op_type: str
     score: float
-    calibration: str | None = None  # a per-op calibration override the probe preferred, if any
+    latency_cost: float = 0.0
 
 
-class _Unknown(Exception):
-    """The plan needs the outcome of ``config``, which no trial has yet."""
-
-    def __init__(self, config: QuantConfig) -> None:
-        super().__init__(config.key())
-        self.config = config
+@dataclass(frozen=True)
+class _Candidate:
+    config: QuantConfig
+    latency: float  # predicted, in FP32 latency units above the all-INT8 candidate
+    error: float  # probe error, exact or predicted
+    exact: bool
+    prediction: Prediction
 
 
 class SensitivityStrategy(Strategy):
-    """Ranks ops once with the output probe, then falls back the ranked prefix in growing groups.
+    """Proposes the fastest candidate that a loss model, refitted on every trial, says will pass.
 
-    ``measure`` picks the ranking ("int8" or "fp32", see ``MEASURES``); ``calibrate_top`` is how
-    many top-ranked ops get a per-op calibration search before any op falls back. Once measured
-    (``rank``, called by the first ``propose``), ``ranking`` lists every searched op, most
-    sensitive first, and ``sensitivity`` is the same as a DataFrame.
-
-    >>> SensitivityStrategy(measure="fp32").measure
-    'fp32'
+    >>> SensitivityStrategy(confidence=0.7).confidence
+    0.7
     """
 
     name = "sensitivity"
 
-    def __init__(self, *, seed: int | None = None, measure: str = "int8", calibrate_top: int = 3) -> None:
+    def __init__(self, *, seed: int | None = None, measure: str = "int8", confidence: float = 0.5,
+                 probe_output: str = "auto", probe_batches: int | None = None,
+                 latency_budget_s: float = 0.03) -> None:
         super().__init__(seed=seed)
         if measure not in MEASURES:
             raise unknown_choice("sensitivity measure", measure, MEASURES)
-        if calibrate_top < 0:
-            raise ConfigError(f"calibrate_top must be 0 or more, got {calibrate_top}.")
-        self.measure = measure
-        self.calibrate_top = calibrate_top
+        if not 0 < confidence < 1:
+            raise ConfigError(f"confidence is a probability between 0 and 1 (exclusive), got {confidence}.")
+        if probe_output not in KINDS:
+            raise unknown_choice("probe output kind", probe_output, KINDS)
+        self.measure, self.confidence = measure, confidence
+        self.probe_output, self.probe_batches = probe_output, probe_batches
+        self.latency_budget_s = latency_budget_s
         self.ranking: list[OpSensitivity] = []
-        self.base: QuantConfig | None = None  # all INT8, the knobs the probe preferred
         self._space: Space | None = None
         self._probe: OutputProbe | None = None
-        self.start: QuantConfig | None = None  # ``base`` plus the per-op calibration overrides
+        self._tolerance = 0.01
+        self._reference: QuantConfig | None = None  # the knob setting the op profile was measured at
+        self._approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach
+        self.model: LossModel | None = None
+        self._unbuildable: set[str] = set()
 
-    # --- before the search: the probe ------------------------------------------------------------
-    def setup(self, space: Space, probe: OutputProbe) -> None:
-        """Keeps the probe; the ranking is measured when the search first needs it (``rank``), so a
-        job whose default candidate already passes spends nothing on it."""
+    # --- before the search -------------------------------------------------------------------------
+    def setup(self, space: Space, probe: OutputProbe, criterion: AccuracyCriterion | None = None) -> None:
+        """Keeps the probe; nothing is probed until the search needs it, so a job whose default
+        candidate passes spends nothing on it."""
+        if self.probe_output != "auto":
+            probe.kind = self.probe_output
+        if self.probe_batches is not None:
+            probe.max_batches = self.probe_batches
         self._space, self._probe = space, probe
-        self.ranking, self.base, self.start = [], None, None
+        self._tolerance = (criterion or AccuracyCriterion(relative=0.01)).tolerance
+        self.ranking, self._reference, self._approach_latency, self.model = [], None, {}, None
+        self._unbuildable = set()
 
-    def rank(self) -> list[OpSensitivity]:
-        """Measure (once per job) the knobs, the per-op sensitivity and the top ops' calibration."""
-        if self.start is not None:
-            return self.ranking
-        if self._probe is None:
-            raise ConfigError("SensitivityStrategy needs setup(space, probe) first (the tuner calls it).")
-        space, probe, measured = self._space, self._probe, {}
+    @property
+    def probe_cost(self) -> str:
+        return self._probe.cost.describe() if self._probe is not None and self._probe.cost.builds else ""
 
-        def error(config: QuantConfig) -> float:  # each distinct candidate is built and run once
-            key = space.canonical(config).key()
-            if key not in measured:
-                measured[key] = probe.error(config)
-            return measured[key]
+    # --- the probe, cached; None for a candidate the backend cannot build --------------------------
+    def _error(self, config: QuantConfig) -> float | None:
+        key = config.key()
+        if key in self._unbuildable:
+            return None
+        try:
+            return self._probe.error(config)
+        except AutoquantError as exc:
+            log.warning("sensitivity: the probe could not build %s: %s", config.describe(), exc)
+            self._unbuildable.add(key)
+            return None
 
-        self.base = self._best_knobs(space, error)
-        names = [op.name for op in space.tunable_ops(self.base.approach)]
+    def _profile(self, reference: QuantConfig) -> None:
+        """Per op at ``reference`` (all INT8): its share of the probe error and its latency cost."""
+        space, probe = self._space, self._probe
+        names = [op.name for op in space.tunable_ops(reference.approach)]
         types = {op.name: op.op_type for op in space.ops}
-        base_error = error(self.base)
-        scores = {}
+        base = self._error(reference) or 0.0
+        scores, savings = {}, {}
         for name in names:
+            alone = replace(reference, fp32_ops=frozenset(names) - {name})
             if self.measure == "int8":
-                scores[name] = error(replace(self.base, fp32_ops=frozenset(names) - {name}))
+                scores[name] = max(self._error(alone) or 0.0, 0.0)
             else:
-                scores[name] = base_error - error(replace(self.base, fp32_ops=frozenset({name})))
-        order = sorted(names, key=lambda n: (-scores[n], names.index(n)))  # ties: graph order
-        overrides = self._best_overrides(space, error, order[: self.calibrate_top], base_error)
-        self.ranking = [OpSensitivity(n, types[n], scores[n], overrides.get(n)) for n in order]
-        self.start = space.canonical(replace(self.base, op_calibration=overrides))
-        return self.ranking
-
-    def _best_knobs(self, space: Space, error: Callable[[QuantConfig], float]) -> QuantConfig:
-        """All INT8 with the calibration, then the scheme, of least output error (static only)."""
-        config = space.default_config()
-        if config.approach != "static":
-            return config
-        for knob in ("calibration", "scheme"):
-            errors = {value: error(replace(config, **{knob: value})) for value in space.choices(knob)}
-            config = replace(config, **{knob: min(errors, key=errors.__getitem__)})  # ties: first value
-        return config
-
-    def _best_overrides(self, space: Space, error: Callable[[QuantConfig], float], ops: Sequence[str],
-                        base_error: float) -> dict[str, str]:
-        """For each op, the calibration of its input activations that lowers the output error most."""
-        if self.base.approach != "static":
-            return {}
-        overrides = {}
-        for op in ops:
-            errors = {
-                method: error(replace(self.base, op_calibration={op: method}))
-                for method in space.calibrations if method != self.base.calibration
-            }
-            if errors:
-                method = min(errors, key=errors.__getitem__)
-                if errors[method] < base_error:
-                    overrides[op] = method
-        if len(overrides) > 1 and error(replace(self.base, op_calibration=overrides)) >= base_error:
-            return {}  # each helps alone but not together: keep the plain base
-        return overrides
+                scores[name] = max(base - (self._error(replace(reference, fp32_ops={name})) or base), 0.0)
+            savings[name] = max(1.0 - probe.latency_ratio(alone, self.latency_budget_s), 0.0)
+        # Savings measured one op at a time overlap (shared overheads), so they are scaled to add up
+        # to what all of them save together.
+        together = max(1.0 - probe.latency_ratio(reference, self.latency_budget_s), 0.0)
+        if together < MIN_SAVING:  # INT8 is not faster here: latency is no reason to prefer one op
+            together = 0.0
+        scale = together / sum(savings.values()) if sum(savings.values()) > 0 else 0.0
+        costs = {n: round(savings[n] * scale / COST_RESOLUTION) * COST_RESOLUTION for n in names}
+        total = sum(scores.values())
+        shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
+        order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
+        self.ranking = [OpSensitivity(n, types[n], shares[n], costs[n]) for n in order]
+        self._reference = reference
+        log.info("sensitivity: per-op profile at %s: %s", reference.describe(),
+                 ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in self.ranking[:8]))
 
     @property
     def sensitivity(self) -> pd.DataFrame | None:
-        """The ranking as a table (rank, op, op_type, sensitivity, measure, calibration); None before setup."""
+        """The ranking as a table (rank, op, op_type, sensitivity, latency_cost, measure, calibration)."""
         if not self.ranking:
             return None
         return pd.DataFrame([
-            {"rank": i + 1, "op": r.op, "op_type": r.op_type, "sensitivity": r.score, "measure": self.measure,
-             "calibration": r.calibration or ""}
+            {"rank": i + 1, "op": r.op, "op_type": r.op_type, "sensitivity": r.score,
+             "latency_cost": r.latency_cost, "measure": f"{self.measure} ({self._probe.kind})",
+             "calibration": self._reference.calibration or ""}
             for i, r in enumerate(self.ranking)
         ])
 
-    # --- the search: a replay of the plan against the study ---------------------------------------
+    # --- the search ----------------------------------------------------------------------------------
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
-        self.rank()
-        outcomes = _outcomes(trials)
-
-        def passed(config: QuantConfig) -> bool:
-            key = space.canonical(config).key()
-            if key not in outcomes:
-                raise _Unknown(space.canonical(config))
-            return outcomes[key]
-
-        try:
-            self._plan(space, passed)
-        except _Unknown as need:
-            return need.config
-        if any(outcomes.values()):
-            raise SearchExhausted("the sensitivity plan is complete")
-        # Nothing passed, not even with every op in FP32 under the probe's knobs: the budget goes to
-        # the rest of the space, in the exhaustive strategy's speed-keeping order.
-        for config in grid(space):
-            if space.canonical(config).key() not in outcomes:
-                return config
+        if self._probe is None:
+            raise ConfigError("SensitivityStrategy needs setup(space, probe) first (the tuner calls it).")
+        tried = tried_keys(trials)
+        measured = _measured(trials)
+        self.model = LossModel(self._tolerance, [
+            Observation(c.describe(), error, loss) for c, loss, _ in measured
+            if (error := self._error(c)) is not None])
+        passing = [c for c, _, passed in measured if passed]
+        bound = min((self._latency(c) for c in passing), default=None)
+        chosen = self._choose(space, tried, bound)
+        if chosen is not None:
+            log.info("sensitivity: next %s, FP32 ops %s: predicted loss %.3g, chance to pass %.2f, latency +%.3f "
+                     "(%s)", chosen.config.describe(), sorted(chosen.config.fp32_ops) or "none",
+                     chosen.prediction.loss, chosen.prediction.p_pass, chosen.latency, self.model.describe())
+            return chosen.config
+        if passing:
+            raise SearchExhausted("no untried candidate is predicted faster than the fastest pass and likely to pass")
+        for config in grid(space):  # nothing the model trusts is left: the rest of the space, fastest first
+            if space.canonical(config).key() not in tried:
+                return space.canonical(config)
         raise SearchExhausted(f"all {space.size()} candidates of the space were tried")
 
-    def _plan(self, space: Space, passed: Callable[[QuantConfig], bool]) -> None:
-        """The whole search; ``passed`` raises _Unknown for a candidate not yet evaluated."""
-        # 1. All INT8: the tuner's default, the probe's knobs, then per-op calibration for the top ops.
-        if passed(space.default_config()) or passed(self.base) or passed(self.start):
-            return
+    def _choose(self, space: Space, tried: set[str], bound: float | None) -> _Candidate | None:
+        """The fastest likely-to-pass untried candidate, probed exactly (None if there is none)."""
+        knob_only = [space.canonical(c) for c in space.knob_configs()]
+        if len(space.approaches) > 1 and not self._approach_latency:
+            self._measure_approaches(space)
+        fastest = min(self._approach_latency.values(), default=0.0)
+        for _ in range(EXACT_PROBES):
+            pool = self._score(knob_only, tried, bound)
+            if not pool or min(c.latency for c in pool) > fastest:  # a fallback may be faster
+                if self._reference is None:
+                    self._profile(self._best_knobs(space))
+                pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
+            if not pool:
+                return None
+            best = min(pool, key=lambda c: (c.latency, len(c.config.fp32_ops), -c.prediction.p_pass))
+            if best.exact:
+                return best
+            self._error(best.config)  # probe it exactly, then choose again
+        return best
+
+    def _measure_approaches(self, space: Space) -> None:
+        """Latency of each approach's default all-INT8 candidate (static and dynamic differ a lot)."""
+        for config in space.knob_configs():
+            if config.approach not in self._approach_latency:
+                ratio = self._probe.latency_ratio(config, self.latency_budget_s)
+                self._approach_latency[config.approach] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
+        log.info("sensitivity: all-INT8 latency by approach: %s",
+                 ", ".join(f"{a} {r:.3f}" for a, r in self._approach_latency.items()))
+
+    def _best_knobs(self, space: Space) -> QuantConfig:
+        """The all-INT8 knob setting of the fastest approach with the best chance to pass."""
+        approach = min(space.approaches, key=lambda a: self._approach_latency.get(a, 0.0))
+        configs = [space.canonical(c) for c in space.knob_configs() if c.approach == approach]
+        errors = {c.key(): self._error(c) for c in configs}
+        buildable = [c for c in configs if errors[c.key()] is not None] or configs
+        return max(buildable, key=lambda c: self.model.predict(c.describe(), errors[c.key()] or 0.0).p_pass)
+
+    def _fallbacks(self, space: Space, tried: set[str]) -> list[QuantConfig]:
+        """Ranked prefixes at the best knob settings, and one-op changes of every tried candidate."""
         ranked = [r.op for r in self.ranking]
-        if not ranked:
-            return
+        knobs = sorted((space.canonical(c) for c in space.knob_configs() if c.approach == self._reference.approach),
+                       key=lambda c: -self.model.predict(c.describe(), self._error(c) or float("inf")).p_pass)
+        configs = [replace(k, fp32_ops=frozenset(ranked[:n])) for k in knobs[:TOP_KNOBS]
+                   for n in range(1, len(ranked) + 1)]
+        for key in sorted(tried):
+            config = QuantConfig.from_dict(json.loads(key))
+            if config.approach != self._reference.approach:
+                continue
+            configs += [replace(config, fp32_ops=config.fp32_ops ^ {op}) for op in ranked]
+        return [space.canonical(c) for c in configs]
 
-        def fallback(ops: Sequence[str]) -> QuantConfig:
-            return replace(self.start, fp32_ops=frozenset(ops))
+    def _score(self, configs: list[QuantConfig], tried: set[str], bound: float | None) -> list[_Candidate]:
+        """Untried, buildable candidates likely to pass (and, with a bound, predicted faster than it)."""
+        pool, seen = [], set()
+        for config in configs:
+            key = config.key()
+            if key in tried or key in seen:
+                continue
+            seen.add(key)
+            error = self._predicted_error(config)
+            if error is None:
+                continue
+            exact = self._probe.known(config) is not None
+            prediction = self.model.predict(config.describe(), error)
+            latency = self._latency(config)
+            if prediction.p_pass >= self.confidence and (bound is None or latency < bound - 1e-9):
+                pool.append(_Candidate(config, latency, error, exact, prediction))
+        return pool
 
-        # 2. Growing groups of the ranked prefix until one passes.
-        lo, n = 0, 1
-        while not passed(fallback(ranked[:n])):
-            if n == len(ranked):
-                return  # not even every searched op in FP32 passes
-            lo, n = n, min(2 * n, len(ranked))
-        # 3. (Only reached when the tuner goes on after a pass.) The shortest passing prefix...
-        hi = n
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if passed(fallback(ranked[:mid])) else (mid, hi)
-        # ... then re-quantize what fell back needlessly, least sensitive first. ranked[hi - 1] is
-        # needed: the prefix without it failed.
-        kept = list(ranked[:hi])
-        for op in reversed(ranked[: hi - 1]):
-            fewer = [o for o in kept if o != op]
-            if passed(fallback(fewer)):
-                kept = fewer
+    def _predicted_error(self, config: QuantConfig) -> float | None:
+        """Knob setting's all-INT8 error times the share of the probe error of the ops still INT8."""
+        if not config.fp32_ops:
+            return self._error(config)
+        base = self._error(replace(config, fp32_ops=frozenset()))
+        if base is None or not self.ranking:
+            return base
+        return base * sum(r.score for r in self.ranking if r.op not in config.fp32_ops)
+
+    def _latency(self, config: QuantConfig) -> float:
+        costs = {r.op: r.latency_cost for r in self.ranking}
+        return self._approach_latency.get(config.approach, 0.0) + sum(costs.get(op, 0.0) for op in config.fp32_ops)
 
 
-def _outcomes(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, bool]:
-    """Config key -> passed, for every trial tried. A trial that failed to build, or is still
-    running (another worker's), counts as not passed: the plan moves on rather than waiting."""
-    outcomes: dict[str, bool] = {}
+def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, float, bool]]:
+    """(config, loss, passed) of every evaluated trial, duplicates once."""
+    seen, measured = set(), []
     for t in trials:
-        key = t.user_attrs.get("config_key")
-        if key is not None:
-            outcomes[key] = outcomes.get(key, False) or bool(t.user_attrs.get("passed", False))
-    return outcomes
+        attrs = t.user_attrs
+        if "loss" not in attrs or attrs["config_key"] in seen:
+            continue
+        seen.add(attrs["config_key"])
+        measured.append((QuantConfig.from_dict(attrs["config"]), attrs["loss"], bool(attrs.get("passed"))))
+    return measured

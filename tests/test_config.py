@@ -133,9 +133,9 @@ def test_strategy_options_reach_the_strategy(tmp_path):
     text = GOOD + "strategy: {name: bayesian, seed: 3, options: {n_startup_trials: 2}}\n"
     strategy = load_job(write(tmp_path, text)).spec.strategy.strategy()
     assert type(strategy).__name__ == "BayesianStrategy" and strategy.n_startup_trials == 2 and strategy.seed == 3
-    text = GOOD + "strategy: {options: {measure: fp32, calibrate_top: 0}}\n"
+    text = GOOD + "strategy: {options: {measure: fp32, confidence: 0.7}}\n"
     strategy = load_job(write(tmp_path, text)).spec.strategy.strategy()
-    assert (strategy.name, strategy.measure, strategy.calibrate_top) == ("sensitivity", "fp32", 0)
+    assert (strategy.name, strategy.measure, strategy.confidence) == ("sensitivity", "fp32", 0.7)
 
 
 def test_an_onnx_path_in_any_case_is_a_file_not_a_callable(tmp_path):

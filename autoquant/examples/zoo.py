@@ -224,17 +224,20 @@ _HF_ENTRIES = [
 class Conv2dSame(nn.Conv2d):
     """TensorFlow "same" padding written out, as EfficientNet ports do: pad, then ``F.conv2d``.
 
-    A Conv2d subclass with its own ``forward``: tracing goes through it to a functional conv.
+    A Conv2d subclass with its own ``forward``: FX traces through it to a functional conv. The
+    padding is fixed at construction (TF's rule for inputs whose size the stride divides), so the
+    model stays traceable.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        geometry = zip(self.kernel_size, self.stride, self.dilation, strict=True)
+        total = [max((k - 1) * d + 1 - s, 0) for k, s, d in geometry]
+        self.same_pad = [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads: list[int] = []
-        geometry = zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=False)
-        for size, kernel, stride, dilation in geometry:
-            total = max((-(size // -stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-            pads = [total // 2, total - total // 2, *pads]
-        x = F.pad(x, pads)
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        x = F.pad(x, self.same_pad)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -296,10 +299,9 @@ class DenseBlock(nn.Module):
 
     def __init__(self, cin: int, growth: int, layers: int) -> None:
         super().__init__()
+        widths = [cin + i * growth for i in range(layers)]
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(cin + i * growth), nn.ReLU(),
-                          nn.Conv2d(cin + i * growth, growth, 3, padding=1))
-            for i in range(layers)
+            nn.Sequential(nn.BatchNorm2d(w), nn.ReLU(), nn.Conv2d(w, growth, 3, padding=1)) for w in widths
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -388,9 +390,8 @@ def export_onnx(model: nn.Module | ZooCase, example: Any = None, path: str | os.
     axes |= {n: {0: "batch"} for n in outputs}
     buffer = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(
-            _Positional(model, names).eval(), inputs, buffer,  # type: ignore[arg-type]  # a file works too
-            dynamo=False, opset_version=17, input_names=names, output_names=outputs, dynamic_axes=axes)
+        torch.onnx.export(_Positional(model, names).eval(), inputs, buffer,  # type: ignore[arg-type]  # a file works
+                          dynamo=False, opset_version=17, input_names=names, output_names=outputs, dynamic_axes=axes)
     data = buffer.getvalue()
     if path is not None:
         Path(path).write_bytes(data)

@@ -1,0 +1,239 @@
+"""The structural model zoo through both adapters: the issue-14 contract and costs, as a table.
+
+    python experiments/zoo.py --size ci
+    python experiments/zoo.py --size bench --models tf_effnet resnet --fallbacks 5
+
+For each zoo model (``autoquant.examples.zoo``) and adapter (FX on the module, ONNX on its export)
+it runs the contract checks of ``autoquant.examples.zoo_checks`` (coverage of every Conv/Linear,
+the default build, single-op fallbacks, the all-FP32 build against FP32, save and load) and
+records: space-build time (the adapter's constructor), calibration time, the median time to build
+one candidate (over every candidate built here), the output probe's cost as the sensitivity
+strategy runs it (time and model runs), and the latency of the default INT8 candidate against
+FP32 (median of three interleaved measurements, with their spread). A crash is a build or run
+that raised. Held-out models (``zoo.HELD_OUT``) get their own table.
+
+Writes ``zoo.md`` and ``zoo.csv`` (``zoo_bench.*`` for ``--size bench``) into ``--out``, after
+every model, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from autoquant.errors import first_line
+from autoquant.examples import zoo_checks as checks
+from autoquant.examples.zoo import HELD_OUT, SIZES, ZOO, ZooCase, export_onnx
+from autoquant.latency import measure_latency
+from autoquant.probe import OutputProbe
+from autoquant.strategies.sensitivity import SensitivityStrategy
+
+RESULTS = Path(__file__).resolve().parent / "results"
+log = logging.getLogger("zoo")
+
+
+@dataclass
+class Row:
+    """One model through one adapter."""
+
+    model: str
+    adapter: str
+    kind: str
+    held_out: bool
+    ops: int | None = None
+    weighted: int | None = None  # Conv/Linear (ONNX: Conv/MatMul/Gemm) found in the model
+    unaccounted: int | None = None
+    unsupported: int | None = None
+    space_s: float | None = None
+    calib_s: float | None = None
+    build_median_s: float | None = None
+    builds: int = 0
+    probe_s: float | None = None
+    probe_runs: int | None = None
+    int8_vs_fp32: float | None = None
+    latency_spread: float | None = None
+    fp32_error: float | None = None
+    coverage: str = "-"
+    default: str = "-"
+    fallback: str = "-"
+    fp32: str = "-"
+    save_load: str = "-"
+    crashes: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class _Timed:
+    """Records the duration of every ``adapter.build``."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.times: list[float] = []
+        self._build = adapter.build
+        adapter.build = self
+
+    def __call__(self, config: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._build(config)
+        finally:
+            self.times.append(time.perf_counter() - start)
+
+
+def run_one(case: ZooCase, adapter_name: str, args: argparse.Namespace) -> Row:
+    row = Row(case.name, adapter_name, case.kind, ZOO[case.name].held_out)
+
+    def attempt(check: str, fn: Any) -> Any:
+        try:
+            value = fn()
+            setattr(row, check, "ok")
+            return value
+        except AssertionError as exc:
+            setattr(row, check, "FAIL")
+            row.errors[check] = first_line(exc, 300)
+        except Exception as exc:  # a crash: the table records it and moves on
+            setattr(row, check, "CRASH")
+            row.crashes += 1
+            row.errors[check] = first_line(exc, 300)
+        return None
+
+    try:
+        exported = export_onnx(case) if adapter_name == "onnx" else None  # the user's file: not timed
+        start = time.perf_counter()
+        adapter = checks.make_adapter(case, adapter_name, exported)
+        row.space_s = time.perf_counter() - start
+        start = time.perf_counter()
+        adapter.calibrate()
+        row.calib_s = time.perf_counter() - start
+    except Exception as exc:
+        row.crashes += 1
+        row.errors["adapter"] = first_line(exc, 300)
+        return row
+    space = adapter.space
+    row.ops, row.unsupported = len(space.ops), len(space.unsupported)
+    expected = checks.weighted_ops(case, adapter, exported)
+    row.weighted, row.unaccounted = len(expected), len(checks.unaccounted(expected, space))
+    attempt("coverage", lambda: checks.check_coverage(case, adapter, exported))
+    timed = _Timed(adapter)
+    model = attempt("default", lambda: checks.check_default(adapter))
+
+    ops = checks.fallback_sample(space, args.fallbacks)
+    failures = checks.fallback_failures(adapter, ops)
+    row.fallback = f"{len(ops) - len(failures)}/{len(ops)}"
+    if failures:
+        row.crashes += len(failures)
+        row.errors["fallback"] = f"{len(failures)} failed; first: {failures[0]}"
+    row.fp32_error = attempt("fp32", lambda: checks.all_fp32_error(adapter))
+    if row.fp32_error is not None and row.fp32_error > checks.FP32_TOLERANCE:
+        row.fp32 = "FAIL"
+        row.errors["fp32"] = f"all-FP32 candidate differs from the FP32 model: relative error {row.fp32_error:.2e}"
+    if model is not None:
+        attempt("save_load", lambda: checks.check_save_load(adapter, model))
+        row.int8_vs_fp32, row.latency_spread = _latency(adapter, model, args.latency_s)
+    row.builds = len(timed.times)
+    row.build_median_s = statistics.median(timed.times) if timed.times else None
+    if args.probe:
+        _probe(adapter, row)
+    return row
+
+
+def _latency(adapter: Any, model: Any, budget_s: float) -> tuple[float, float]:
+    """Median of three interleaved measurements of INT8/FP32, and their spread (max-min)/median."""
+    baseline, candidate = adapter.runner(adapter.fp32_model), adapter.runner(model)
+    ratios = sorted(measure_latency(baseline, candidate, budget_s=budget_s).ratio for _ in range(3))
+    return ratios[1], (ratios[2] - ratios[0]) / ratios[1]
+
+
+def _probe(adapter: Any, row: Row) -> None:
+    """The sensitivity strategy's ranking, which is what the tuner spends on the probe."""
+    probe = OutputProbe(adapter, adapter.space)
+    strategy = SensitivityStrategy()
+    strategy.setup(adapter.space, probe)
+    start = time.perf_counter()
+    try:
+        strategy.rank()
+    except Exception as exc:
+        row.crashes += 1
+        row.errors["probe"] = first_line(exc, 300)
+    row.probe_s, row.probe_runs = time.perf_counter() - start, probe.calls + 1  # + the FP32 reference
+
+
+# --- the report --------------------------------------------------------------------------------------
+COLUMNS = {
+    "model": "model", "adapter": "adapter", "ops": "ops", "weighted": "conv/linear found",
+    "unaccounted": "unaccounted", "unsupported": "unsupported", "space_s": "space s", "calib_s": "calib s",
+    "build_median_s": "build median s", "builds": "builds", "probe_s": "probe s", "probe_runs": "probe runs",
+    "int8_vs_fp32": "INT8/FP32 latency", "latency_spread": "spread", "coverage": "coverage",
+    "default": "default", "fallback": "fallbacks ok", "fp32": "all-FP32", "fp32_error": "all-FP32 rel. error",
+    "save_load": "save/load", "crashes": "crashes",
+}
+
+
+def write_report(rows: list[Row], args: argparse.Namespace, command: str, elapsed: float) -> Path:
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "zoo" if args.size == "ci" else f"zoo_{args.size}"
+    table = pd.DataFrame([{k: getattr(r, k) for k in [*COLUMNS, "kind", "held_out"]} | {"errors": r.errors}
+                          for r in rows])
+    table.to_csv(args.out / f"{stem}.csv", index=False)
+    shown = table.rename(columns=COLUMNS)
+    sample = "all ops" if args.fallbacks is None else f"up to {args.fallbacks} spread over the graph"
+    parts = [
+        f"# Model zoo through both adapters ({args.size} size)\n",
+        f"Command: `{command}`  \n{len(rows)} model x adapter pairs in {elapsed:.0f} s on this machine "
+        "(2 shared cores: times are indicative, latency ratios are interleaved medians).\n",
+        "Checks (autoquant/examples/zoo_checks.py): coverage = every Conv/Linear in the space or in "
+        "`space.unsupported`; default = default candidate builds and runs; fallbacks = single-op fallbacks "
+        f"that build and run ({sample}); "
+        f"all-FP32 = every op FP32 matches the FP32 model (relative L2 error <= {checks.FP32_TOLERANCE:g}); "
+        "save/load = same outputs after save_model/load_model. Latency: the default candidate against FP32, "
+        "median of three interleaved measurements; spread = (max-min)/median of the three.\n",
+    ]
+    for title, held in (("Design set", False), (f"Held-out models ({', '.join(HELD_OUT)}): not for tuning", True)):
+        part = shown[table["held_out"] == held].drop(columns=["kind", "held_out", "errors"])
+        if len(part):
+            parts += [f"\n## {title}\n", part.to_markdown(index=False, floatfmt=".3g"), ""]
+    failures = [f"- {r.model} / {r.adapter} / {check}: {text}" for r in rows for check, text in r.errors.items()]
+    parts += ["\n## Failures (first line of each error)\n", "\n".join(failures) or "none", ""]
+    path = args.out / f"{stem}.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="ci")
+    parser.add_argument("--models", nargs="+", choices=list(ZOO), default=list(ZOO))
+    parser.add_argument("--adapters", nargs="+", choices=checks.ADAPTERS, default=list(checks.ADAPTERS))
+    parser.add_argument("--fallbacks", type=int, default=None,
+                        help="single-op fallbacks per model, spread over the graph (default: every op)")
+    parser.add_argument("--latency-s", type=float, default=0.5, help="time budget of one latency measurement")
+    parser.add_argument("--no-probe", dest="probe", action="store_false", help="skip the probe's cost")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("autoquant").setLevel(logging.ERROR)  # the table says what failed
+    warnings.filterwarnings("ignore")  # tracer and deprecation warnings by the hundred
+    command = "python experiments/zoo.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    start, rows = time.perf_counter(), []
+    for name in args.models:
+        case = ZOO[name].build(args.size)
+        for adapter in args.adapters:
+            log.info("%s / %s ...", name, adapter)
+            rows.append(run_one(case, adapter, args))
+            row = rows[-1]
+            log.info("%s / %s: %d crash(es); %s", name, adapter, row.crashes,
+                     "; ".join(f"{k}: {v[:120]}" for k, v in row.errors.items()) or "all checks pass")
+            path = write_report(rows, args, command, time.perf_counter() - start)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
