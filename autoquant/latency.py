@@ -1,4 +1,8 @@
-"""Latency of a candidate against the FP32 model, measured in one process, interleaved."""
+"""Latency of a candidate against the FP32 model, measured in one process, interleaved.
+
+``measure_latency`` spends a fixed small budget (what the tuner calls per trial); ``measure_ratio``
+repeats until the ratio is known to a stated precision, and says how well it is known.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from autoquant.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -50,3 +56,77 @@ def _time(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class LatencyRatio:
+    """Candidate/baseline latency ratio: the median of per-pair ratios, with a distribution-free
+    confidence interval [low, high] on that median (order statistics of the pairs)."""
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+    pairs: int
+    baseline_ms: float
+    candidate_ms: float
+
+    @property
+    def half_width(self) -> float:
+        """The interval's half-width relative to the ratio (0.05: known to about +-5%)."""
+        return (self.high - self.low) / 2 / self.ratio
+
+    def __str__(self) -> str:
+        return (f"x{self.ratio:.3f} ({100 * self.confidence:g}% CI {self.low:.3f}-{self.high:.3f}, "
+                f"{self.pairs} pairs)")
+
+
+def measure_ratio(
+    baseline: Callable[[], object],
+    candidate: Callable[[], object],
+    *,
+    precision: float = 0.05,
+    confidence: float = 0.95,
+    budget_s: float = 10.0,
+    min_pairs: int = 8,
+    max_pairs: int = 2000,
+) -> LatencyRatio:
+    """Time ``candidate`` against ``baseline`` in interleaved pairs (alternating which runs first)
+    until the median ratio's confidence interval has a relative half-width of at most
+    ``precision``, or ``budget_s`` or ``max_pairs`` is spent, whichever comes first; check
+    ``half_width`` to see which. One ratio per pair cancels the machine's slow drift (about +-20%
+    between runs here), which a ratio of two medians does not."""
+    if not (precision > 0 and 0 < confidence < 1 and min_pairs >= 2):
+        raise ConfigError(f"measure_ratio needs precision > 0, 0 < confidence < 1 and min_pairs >= 2; got "
+                          f"{precision=}, {confidence=}, {min_pairs=}.")
+    for _ in range(2):  # warm-up: allocators, lazily packed weights, caches
+        baseline()
+        candidate()
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    start = time.perf_counter()
+    base, cand, ratios = [], [], []
+    while True:
+        first, second = (baseline, candidate) if len(ratios) % 2 == 0 else (candidate, baseline)
+        t1, t2 = _time(first), _time(second)
+        b, c = (t1, t2) if first is baseline else (t2, t1)
+        base.append(b)
+        cand.append(c)
+        ratios.append(c / max(b, 1e-12))
+        if len(ratios) < min_pairs:
+            continue
+        result = _median_interval(ratios, z, confidence, base, cand)
+        if result.half_width <= precision or time.perf_counter() - start > budget_s or len(ratios) >= max_pairs:
+            return result
+
+
+def _median_interval(ratios: list[float], z: float, confidence: float, base: list[float],
+                     cand: list[float]) -> LatencyRatio:
+    """The median of ``ratios`` and its order-statistic confidence interval (normal approximation
+    of the binomial: ranks n/2 -+ z sqrt(n)/2)."""
+    ordered = sorted(ratios)
+    n = len(ordered)
+    half = z * n**0.5 / 2
+    low = ordered[max(0, int(n / 2 - half))]
+    high = ordered[min(n - 1, int(n / 2 + half + 0.999999))]
+    return LatencyRatio(statistics.median(ordered), low, high, confidence, n,
+                        statistics.median(base) * 1e3, statistics.median(cand) * 1e3)

@@ -199,20 +199,23 @@ def test_entropy_on_one_sided_data(relu):
 
 
 def _reference_kl(f: np.ndarray, nq: int, i: int, eps: float = 1e-4) -> float:
-    """KL(P||Q) of threshold index i, bin by bin as in TensorRT / MXNet."""
-    if i < nq:  # [0, i] drawn as nq bins of uniform density, the rest of the mass in one more bin
+    """KL(P||Q) of threshold index i, bin by bin: P the whole histogram; Q as in TensorRT / MXNet
+    inside the threshold, plus the clipped mass on the top level, and eps beyond it."""
+    if i < nq:  # [0, i] drawn as nq bins of uniform density, the bins beyond as they are
         cdf = np.interp(i * np.arange(nq + 1) / nq, np.arange(f.size + 1), np.append(0, np.cumsum(f)))
-        f, i = np.append(np.diff(cdf), f.sum() - cdf[-1]), nq
-    p = f[:i].copy()
-    p[-1] += f[i:].sum()
-    q = np.zeros(i)
+        f, i = np.append(np.diff(cdf), f[i:]), nq
+    p = f.copy()
+    q = np.zeros(f.size)
     m = i // nq
     for j in range(nq):
         lo, hi = j * m, (i if j == nq - 1 else (j + 1) * m)
         nonzero = p[lo:hi] > 0
+        mass = f[lo:hi].sum() + (f[i:].sum() if j == nq - 1 else 0.0)
         if nonzero.any():
-            q[lo:hi][nonzero] = f[lo:hi].sum() / nonzero.sum()
-    q[(p > 0) & (q == 0)] = eps
+            q[lo:hi][nonzero] = mass / nonzero.sum()
+        else:
+            q[hi - 1] = mass  # where P = 0: counts only in Q's total
+    q[i:][p[i:] > 0] = eps
     p, q = p / p.sum(), q / q.sum()
     return float(np.sum(p[p > 0] * np.log(p[p > 0] / q[p > 0])))
 
@@ -311,3 +314,49 @@ def test_histogram_methods_are_vectorised(outliers, method):
     start = time.perf_counter()
     compute_range(outliers, method)
     assert time.perf_counter() - start < 0.2
+
+
+# --- entropy that cannot collapse (issue 14) -----------------------------------------------------
+def _collapsing() -> dict[str, np.ndarray]:
+    """Distributions on which TensorRT's KL threshold (P clipped, 128 levels, 2048 bins) clipped
+    most of the tensor: a near-constant tensor (99.9995% clipped) and a sparse one, mostly zeros
+    with few distinct values, like a random-init MobileNetV2's pooled features (0.67% clipped)."""
+    rng = np.random.default_rng(RNG_SEED)
+    levels = np.sort(rng.lognormal(-2, 0.8, 300))
+    return {
+        "near_constant": 5.9 + 0.01 * rng.standard_normal(200_000),
+        "sparse_few_values": np.where(rng.random(200_000) < 0.6, 0.0, rng.choice(levels, 200_000)),
+        "relu6_saturated": np.clip(rng.normal(2, 3, 200_000), 0, 6),  # 9% exactly at 6
+    }
+
+
+@pytest.mark.parametrize("name", ["near_constant", "sparse_few_values", "relu6_saturated"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_entropy_never_clips_a_mode(name, symmetric):
+    x = _collapsing()[name]
+    lo, hi = compute_range(stats_of(x), "entropy", symmetric=symmetric)
+    assert ((x < lo) | (x > hi)).mean() <= 1e-4
+    assert hi >= 0.99 * np.quantile(x, 0.9999)
+
+
+def test_entropy_uses_every_level_of_a_one_sided_asymmetric_tensor():
+    """uint8 over [0, t] has 256 levels, not 128: judged on 128 the KL over-rates clipping."""
+    from autoquant.calibration import _entropy_threshold, _fold
+
+    stats = stats_of(np.abs(np.random.default_rng(RNG_SEED).standard_normal(200_000)))
+    f = _fold(stats.histogram[0])
+    width = stats.histogram[1][1] - stats.histogram[1][0]
+    assert compute_range(stats, "entropy")[1] == pytest.approx(_entropy_threshold(f, 256) * width)
+    assert _entropy_threshold(f, 256) != _entropy_threshold(f, 128)
+
+
+def test_clipped_fraction_and_overclipping_flag_a_method_that_clips_far_more():
+    from autoquant.calibration import clipped_fraction, overclipping
+
+    x = np.random.default_rng(RNG_SEED).uniform(0, 1, 100_000)
+    stats = {"t": stats_of(x)}
+    assert clipped_fraction(stats["t"], 0.0, 0.5) == pytest.approx(0.5, abs=0.01)
+    assert clipped_fraction(stats["t"], 0.0, 1.0) == 0.0
+    assert overclipping(stats, ["minmax", "entropy", "mse"]) == {}
+    fake = {("t", "minmax"): (0.0, 1.0), ("t", "entropy"): (0.0, 0.5), ("t", "mse"): (0.0, 0.999)}
+    assert overclipping(stats, ["minmax", "entropy", "mse"], ranges=lambda t, m: fake[t, m]) == {"entropy": ["t"]}

@@ -1,0 +1,39 @@
+"""measure_ratio: interleaved pairs until the median ratio is known to a stated precision."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from autoquant.errors import ConfigError
+from autoquant.latency import measure_latency, measure_ratio
+
+
+def sleeper(seconds: float):
+    return lambda: time.sleep(seconds)
+
+
+def test_ratio_converges_to_the_stated_precision():
+    result = measure_ratio(sleeper(0.001), sleeper(0.002), precision=0.05, budget_s=20)
+    assert result.half_width <= 0.05
+    assert result.low <= result.ratio <= result.high
+    assert 1.6 < result.ratio < 2.4
+    assert result.pairs >= 8 and "CI" in str(result)
+
+
+def test_time_budget_bounds_an_imprecise_measurement():
+    start = time.perf_counter()
+    result = measure_ratio(sleeper(0.001), sleeper(0.001), precision=1e-6, budget_s=0.3)
+    assert time.perf_counter() - start < 1.5
+    assert result.half_width > 1e-6  # not reached, and the result says so
+
+
+def test_bad_arguments_are_config_errors():
+    with pytest.raises(ConfigError, match="precision > 0"):
+        measure_ratio(sleeper(0), sleeper(0), precision=0)
+
+
+def test_measure_latency_keeps_its_signature():
+    latency = measure_latency(sleeper(0.001), sleeper(0.002), budget_s=0.05, min_repeats=3, max_repeats=10)
+    assert 3 <= latency.repeats <= 10 and latency.ratio > 1
