@@ -50,7 +50,13 @@ from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantizationMode
 
 from autoquant.calibration import (
-    OVERCLIP_FACTOR, OVERCLIP_SHARE, CalibrationMethod, TensorStats, compute_range, overclipping, read_stats,
+    OVERCLIP_FACTOR,
+    OVERCLIP_SHARE,
+    CalibrationMethod,
+    TensorStats,
+    compute_range,
+    overclipping,
+    read_stats,
     write_stats,
 )
 from autoquant.data import first_batch, iterate_batches

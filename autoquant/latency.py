@@ -104,7 +104,9 @@ def measure_ratio(
         candidate()
     z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     start = time.perf_counter()
-    base, cand, ratios = [], [], []
+    base: list[float] = []
+    cand: list[float] = []
+    ratios: list[float] = []
     while True:
         first, second = (baseline, candidate) if len(ratios) % 2 == 0 else (candidate, baseline)
         t1, t2 = _time(first), _time(second)

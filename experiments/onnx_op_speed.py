@@ -45,8 +45,9 @@ def conv_chain(channels: int, kernel: int, groups: int, depth: int = 4) -> onnx.
                                    pads=[kernel // 2] * 4),
                   helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
         x = f"r{i}"
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, None, None])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", channels, None, None])], inits)
+    shape: list[str | int | None] = ["N", channels, None, None]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

@@ -33,7 +33,9 @@ def row(name: str, size: str) -> str:
     int8_run = lambda: int8.run(None, case.feeds([case.example])[0])  # noqa: E731
     r = measure_ratio(fp32_run, int8_run, budget_s=30)
     held = " (held out)" if ZOO[name].held_out else ""
-    return f"| {name}{held} | {len(adapter.space.ops)} | {r.ratio:.2f} | {r.low:.2f}-{r.high:.2f} | {r.pairs} | {prepare:.0f} s |"
+    cells = [f"{name}{held}", len(adapter.space.ops), f"{r.ratio:.2f}", f"{r.low:.2f}-{r.high:.2f}", r.pairs,
+             f"{prepare:.0f} s"]
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def main() -> None:

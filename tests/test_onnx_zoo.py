@@ -46,12 +46,12 @@ def test_default_fallback_and_all_fp32_builds_run(zoo):
     space = adapter.space
     default = space.default_config()
     int8 = _run(adapter.build(space.resolve(default)), feeds)
-    assert all(np.isfinite(o).all() and o.shape == r.shape for o, r in zip(int8, reference))
+    assert all(np.isfinite(o).all() and o.shape == r.shape for o, r in zip(int8, reference, strict=False))
     tunable = space.tunable_ops(default.approach)
     one = QuantConfig(default.approach, default.calibration, default.granularity, default.scheme,
                       fp32_ops={tunable[len(tunable) // 2].name})
     assert all(np.isfinite(o).all() for o in _run(adapter.build(space.resolve(one)), feeds))
     every = QuantConfig(default.approach, default.calibration, default.granularity, default.scheme,
                         fp32_ops={op.name for op in tunable})
-    for out, ref in zip(_run(adapter.build(space.resolve(every)), feeds), reference):
+    for out, ref in zip(_run(adapter.build(space.resolve(every)), feeds), reference, strict=False):
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
