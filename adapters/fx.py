@@ -316,6 +316,8 @@ class FXAdapter(Adapter):
             try:
                 with reusing_packed_weights(self._packed):
                     converted[unit.path] = _convert(candidate)
+                if config.approach == "dynamic":
+                    _strip_dynamic_qdq(converted[unit.path])
                 if unit.path == "":
                     fx_graph.restore_output_class(converted[unit.path], self._output_class)
             except Exception as exc:
@@ -465,6 +467,23 @@ def _calibration_for(observer: fx.Node, unit: Unit, config: QuantConfig) -> str:
 
 def _stats_key(unit: Unit, node_name: str) -> str:
     return f"{unit.path}/{node_name}"
+
+
+def _strip_dynamic_qdq(graph_module: fx.GraphModule) -> None:
+    """Remove the quantize_per_tensor_dynamic -> dequantize pairs that convert leaves in front of
+    ops whose qconfig was set to None (FP32 fallback): a lowered dynamic kernel absorbs its own
+    pair, so any pair still in the graph only adds rounding error to an FP32 op's input."""
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_method" and node.target == "dequantize":
+            source = node.args[0]
+            if isinstance(source, fx.Node) and source.target is torch.quantize_per_tensor_dynamic:
+                node.replace_all_uses_with(source.args[0])
+                graph.erase_node(node)
+                if not source.users:
+                    graph.erase_node(source)
+    graph.lint()
+    graph_module.recompile()
 
 
 def _with_device_anchor(model: nn.Module) -> nn.Module:

@@ -108,17 +108,15 @@ class OutputProbe:
         """The candidate's distance from FP32 (built and run once per distinct candidate)."""
         config = self._space.canonical(config)
         key = config.key()
-        if key in self.failures:
-            raise BackendError(self.failures[key])
         if key not in self._scores:
             reference = self.reference()
             start = time.perf_counter()
             try:
                 outputs = self._outputs(self._build(config))
-            except Exception as exc:  # a candidate the backend cannot build or run: not the job's end
-                self.failures[key] = f"Probe: candidate {config.describe()} failed ({first_line(exc)})"
-                log.warning("%s; the search steps past it.", self.failures[key])
-                raise BackendError(self.failures[key]) from exc
+            except BackendError:
+                raise
+            except Exception as exc:  # a candidate the backend cannot run: not the job's end
+                raise self._failed(config, exc) from exc
             finally:
                 self.cost.seconds += time.perf_counter() - start
             self._scores[key] = compare(self.kind, reference, outputs)
@@ -127,11 +125,23 @@ class OutputProbe:
     def _build(self, config: QuantConfig) -> Any:
         """Builds a canonical candidate; the last one is kept, so its latency needs no second build."""
         key = config.key()
+        if key in self.failures:
+            raise BackendError(self.failures[key])
         if self._last is None or self._last[0] != key:
             self._last = None  # free the previous model first
-            self._last = (key, self._adapter.build(self._space.resolve(config)))
+            try:
+                model = self._adapter.build(self._space.resolve(config))
+            except Exception as exc:  # a candidate the backend cannot build: not the job's end
+                raise self._failed(config, exc) from exc
+            self._last = (key, model)
             self.cost.builds += 1
         return self._last[1]
+
+    def _failed(self, config: QuantConfig, exc: Exception) -> BackendError:
+        """Remember (and log once) why ``config`` cannot be probed; the error to raise."""
+        self.failures[config.key()] = f"Probe: candidate {config.describe()} failed ({first_line(exc)})"
+        log.warning("%s; the search steps past it.", self.failures[config.key()])
+        return BackendError(self.failures[config.key()])
 
     def known(self, config: QuantConfig) -> ProbeScore | None:
         """The score if this candidate was probed already (nothing is built)."""

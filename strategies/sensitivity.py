@@ -135,9 +135,16 @@ class SensitivityStrategy(Strategy):
             self._unbuildable.add(key)
             return None
 
+    def _latency_ratio(self, config: QuantConfig) -> float:
+        """The probe's latency ratio; 1.0 (no saving) for a candidate the backend cannot build."""
+        try:
+            return self._probe.latency_ratio(config, self.latency_budget_s)
+        except AutoquantError:  # the probe logged why
+            return 1.0
+
     def _profile(self, reference: QuantConfig) -> None:
         """Per op at ``reference`` (all INT8): its share of the probe error and its latency cost."""
-        space, probe = self._space, self._probe
+        space = self._space
         names = [op.name for op in space.tunable_ops(reference.approach)]
         types = {op.name: op.op_type for op in space.ops}
         base = self._error(reference) or 0.0
@@ -148,10 +155,10 @@ class SensitivityStrategy(Strategy):
                 scores[name] = max(self._error(alone) or 0.0, 0.0)
             else:
                 scores[name] = max(base - (self._error(replace(reference, fp32_ops={name})) or base), 0.0)
-            savings[name] = max(1.0 - probe.latency_ratio(alone, self.latency_budget_s), 0.0)
+            savings[name] = max(1.0 - self._latency_ratio(alone), 0.0)
         # Savings measured one op at a time overlap (shared overheads), so they are scaled to add up
         # to what all of them save together.
-        together = max(1.0 - probe.latency_ratio(reference, self.latency_budget_s), 0.0)
+        together = max(1.0 - self._latency_ratio(reference), 0.0)
         if together < MIN_SAVING:  # INT8 is not faster here: latency is no reason to prefer one op
             together = 0.0
         scale = together / sum(savings.values()) if sum(savings.values()) > 0 else 0.0
@@ -196,8 +203,9 @@ class SensitivityStrategy(Strategy):
         if passing:
             raise SearchExhausted("no untried candidate is predicted faster than the fastest pass and likely to pass")
         for config in grid(space):  # nothing the model trusts is left: the rest of the space, fastest first
-            if space.canonical(config).key() not in tried:
-                return space.canonical(config)
+            config = space.canonical(config)
+            if config.key() not in tried and self._error(config) is not None:  # skip what cannot be built
+                return config
         raise SearchExhausted(f"all {space.size()} candidates of the space were tried")
 
     def _choose(self, space: Space, tried: set[str], bound: float | None) -> _Candidate | None:
@@ -224,7 +232,7 @@ class SensitivityStrategy(Strategy):
         """Latency of each approach's default all-INT8 candidate (static and dynamic differ a lot)."""
         for config in space.knob_configs():
             if config.approach not in self._approach_latency:
-                ratio = self._probe.latency_ratio(config, self.latency_budget_s)
+                ratio = self._latency_ratio(config)
                 self._approach_latency[config.approach] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
         log.info("sensitivity: all-INT8 latency by approach: %s",
                  ", ".join(f"{a} {r:.3f}" for a, r in self._approach_latency.items()))

@@ -31,21 +31,9 @@ ALL_FALLBACKS = ("tf_effnet", "dense_unet")
 
 # (model, adapter, check) -> the first line of the error observed. Delete an entry when it passes.
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    ("resnet", "onnx", "fp32"):
-        "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 4.42e-03",
-    ("mobilenet_v2", "onnx", "fp32"):
-        "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 4.78e-03",
-    ("efficientnet", "onnx", "fp32"):
-        "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 1.07e-01",
-    ("regnet", "onnx", "fp32"):
-        "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 1.51e-02",
     ("deberta_v2", "onnx", "coverage"):
         "AssertionError: 2 Conv/Linear neither in the space nor in space.unsupported: "
         "/model/deberta/encoder/layer.0/attention/self/pos_key_proj/MatMul, /model/deberta/e",
-    ("tf_effnet", "onnx", "fp32"):
-        "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 8.24e-03",
-    ("dense_unet", "onnx", "fp32"):
-        "AssertionError: all-FP32 candidate differs from the FP32 model: relative error 2.01e-03",
 }
 
 
