@@ -142,6 +142,20 @@ def test_dynamic_quantizes_linear_only(adapter):
     assert type(model.get_submodule("body")) is nn.Conv2d
 
 
+def test_dynamic_fallback_leaves_the_ops_and_their_inputs_fp32():
+    from tests.test_sensitivity import OutlierNet  # Linears joined by torch.relu and a .mul() method call
+
+    model = OutlierNet().eval()
+    data = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    adapter = FXAdapter(model, data)
+    every = frozenset(op.name for op in adapter.space.ops)
+    adapter.build(adapter.space.default_config())  # a static candidate first: the units are shared
+    candidate = adapter.build(QuantConfig("dynamic", None, "per_channel", None, fp32_ops=every))
+    assert torch.quantize_per_tensor_dynamic not in [n.target for n in candidate.graph.nodes]
+    with torch.no_grad():
+        torch.testing.assert_close(candidate(data[0]), model(data[0]), rtol=1e-5, atol=1e-5)
+
+
 def test_candidates_are_independent_and_close_to_fp32(adapter):
     x = batches()[1][0]
     fp32 = adapter.fp32_model(x)
