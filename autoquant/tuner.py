@@ -135,12 +135,20 @@ class Tuner:
         return self._space(self._adapter(model, calib_data, adapter))
 
     def tune(
-        self, model: Any, calib_data: Iterable[Any], eval_fn: EvalFn, *, adapter: str | type[Adapter] | None = None
+        self, model: Any, calib_data: Iterable[Any], eval_fn: EvalFn, *, adapter: str | type[Adapter] | None = None,
+        verbose: bool = True,
     ) -> TuneResult:
         """Quantize ``model``; ``eval_fn(candidate) -> float`` scores each candidate on the real backend.
 
         ``adapter`` is picked from the model's type unless named ("fx") or given as an Adapter class.
+        With ``verbose`` (the default), progress lines (space, baseline, calibration, probe, each trial,
+        summary) go to stderr when the caller has configured no logging; ``verbose=False`` silences them.
         """
+        with _progress_lines(verbose):
+            return self._tune(model, calib_data, eval_fn, adapter)
+
+    def _tune(self, model: Any, calib_data: Iterable[Any], eval_fn: EvalFn,
+              adapter: str | type[Adapter] | None) -> TuneResult:
         start = time.perf_counter()
         backend = self._adapter(model, calib_data, adapter)
         space = self._space(backend)
@@ -429,6 +437,26 @@ class _Run:
         if cost:
             log.info("Output probe (no eval_fn): %s.", cost)
         return cost
+
+
+@contextmanager
+def _progress_lines(verbose: bool) -> Iterator[None]:
+    """Show autoquant's INFO lines on stderr for one call, unless the caller set up logging itself
+    (then its handlers decide) or asked for silence. The caller's logging is left as it was."""
+    logger = logging.getLogger("autoquant")
+    if not verbose or logger.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("autoquant: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def best_trial(trials: Iterable[TrialRecord], baseline: float | None,
