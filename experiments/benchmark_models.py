@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoquant.examples.digits import BATCH_SIZE, IMAGE_SIZE, DigitsData
+from autoquant.examples.digits import IMAGE_SIZE, DigitsData, fit
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -77,16 +77,7 @@ class PatchTransformer(nn.Module):
 
 def train(model: M, data: DigitsData, *, epochs: int, lr: float, seed: int = 0) -> M:
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    x, y = data.train
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=generator).split(BATCH_SIZE):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimizer.step()
-    return model.eval()
+    return fit(model, data, epochs=epochs, lr=lr, seed=seed, optimizer=torch.optim.AdamW)
 
 
 def depthwise_net(data: DigitsData, seed: int = 0) -> DepthwiseNet:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from rich.console import Console
@@ -24,6 +25,8 @@ from torch.nn import functional as F
 from autoquant import AccuracyCriterion, Tuner
 from autoquant.report import print_summary, sensitivity_table
 from autoquant.strategies import STRATEGIES
+
+M = TypeVar("M", bound=nn.Module)
 
 IMAGE_SIZE = 32
 BATCH_SIZE = 64
@@ -87,16 +90,21 @@ def load_data(seed: int = 0) -> DigitsData:
 
 def train_model(data: DigitsData, *, epochs: int = 6, seed: int = 0) -> DigitsNet:
     torch.manual_seed(seed)
-    model = DigitsNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return fit(DigitsNet(), data, epochs=epochs, lr=3e-3, seed=seed)
+
+
+def fit(model: M, data: DigitsData, *, epochs: int, lr: float, seed: int = 0,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam) -> M:
+    """Cross-entropy training on ``data.train`` in shuffled mini-batches (the shuffle seeded); eval mode."""
+    steps = optimizer(model.parameters(), lr=lr)
     x, y = data.train
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=generator).split(BATCH_SIZE):
-            optimizer.zero_grad()
+            steps.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimizer.step()
+            steps.step()
     return model.eval()
 
 
