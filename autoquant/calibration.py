@@ -145,10 +145,12 @@ class TensorStats:
         if not _is_int(num_bins) or num_bins < 2 or num_bins % 2:
             raise ConfigError(f"num_bins must be an even integer >= 2 (0 must be a bin edge), got {num_bins!r}.")
         self.num_bins = int(num_bins)
-        # With ``channels``: the finite abs-max per channel of the last axis (a MatMul's input
-        # channels), what SmoothQuant's scales need (autoquant.smoothing); None until a batch.
+        # With ``channels``: the finite min and max per channel of the last axis (a MatMul's input
+        # channels), what SmoothQuant's scales and the smoothed tensor's range need
+        # (autoquant.smoothing); None until a batch.
         self.channels = channels
-        self.channel_absmax: np.ndarray | None = None
+        self.channel_min: np.ndarray | None = None
+        self.channel_max: np.ndarray | None = None
         self.min = math.inf
         self.max = -math.inf
         self.count = 0
@@ -192,18 +194,26 @@ class TensorStats:
             y += h  # exact: y holds integers
             self._counts += np.bincount(y.astype(np.intp), minlength=self.num_bins + 1)
 
+    @property
+    def channel_absmax(self) -> np.ndarray | None:
+        """max |x| per channel of the last axis (with ``channels``; None before any batch)."""
+        return None if self.channel_max is None else np.maximum(-self.channel_min, self.channel_max)
+
     def _update_channels(self, x: np.ndarray) -> None:
-        flat = np.abs(x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1))
-        batch_max = np.where(np.isfinite(flat), flat, 0.0).max(axis=0).astype(np.float64)
-        if self.channel_absmax is None:
-            self.channel_absmax = batch_max
-        elif self.channel_absmax.shape != batch_max.shape:
+        flat = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        finite = np.isfinite(flat)
+        lo = np.where(finite, flat, np.inf).min(axis=0).astype(np.float64)
+        hi = np.where(finite, flat, -np.inf).max(axis=0).astype(np.float64)
+        if self.channel_max is None:
+            self.channel_min, self.channel_max = lo, hi
+        elif self.channel_max.shape != hi.shape:
             raise CalibrationDataError(
-                f"A calibration batch has {batch_max.size} channels on the last axis where earlier ones had "
-                f"{self.channel_absmax.size}: per-channel statistics need a fixed channel count."
+                f"A calibration batch has {hi.size} channels on the last axis where earlier ones had "
+                f"{self.channel_max.size}: per-channel statistics need a fixed channel count."
             )
         else:
-            np.maximum(self.channel_absmax, batch_max, out=self.channel_absmax)
+            np.minimum(self.channel_min, lo, out=self.channel_min)
+            np.maximum(self.channel_max, hi, out=self.channel_max)
 
     def _scale(self) -> float:
         """Bins per unit, h / R, rounded down until R * scale <= h in floating point."""
@@ -251,17 +261,19 @@ class TensorStats:
             "counts": self._counts.tolist(),  # num_bins + 1 slots, the last for values at +range
         }
         if self.channels:  # only then: keeps the dict np.savez-able (no None)
-            data["channel_absmax"] = [] if self.channel_absmax is None else self.channel_absmax.tolist()
+            data["channel_min"] = [] if self.channel_min is None else self.channel_min.tolist()
+            data["channel_max"] = [] if self.channel_max is None else self.channel_max.tolist()
         return data
 
     @classmethod
     def from_dict(cls, d: Any) -> TensorStats:
         """Inverse of to_dict; also accepts what np.load gives back for a saved to_dict."""
         try:
-            stats = cls(int(d["num_bins"]), channels="channel_absmax" in d)
+            stats = cls(int(d["num_bins"]), channels="channel_max" in d)
             counts = np.asarray(d["counts"], dtype=np.float64).reshape(-1)
-            if stats.channels and np.size(d["channel_absmax"]):
-                stats.channel_absmax = np.asarray(d["channel_absmax"], dtype=np.float64).reshape(-1)
+            if stats.channels and np.size(d["channel_max"]):
+                stats.channel_min = np.asarray(d["channel_min"], dtype=np.float64).reshape(-1)
+                stats.channel_max = np.asarray(d["channel_max"], dtype=np.float64).reshape(-1)
             stats.min, stats.max, stats._range = float(d["min"]), float(d["max"]), float(d["range"])
             stats.count, stats.nonfinite = int(d["count"]), int(d["nonfinite"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -496,7 +508,7 @@ def _mse_scale(
     return float(_MSE_SCALES[np.argmin(err)])
 
 
-# The file format of write_stats: 2 added per-channel abs-max (TensorStats.channel_absmax).
+# The file format of write_stats: 2 added per-channel min/max (TensorStats(channels=True)).
 STATS_FORMAT = 2
 
 

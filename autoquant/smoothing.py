@@ -8,7 +8,7 @@ quantized per output channel and tolerates it. ``alpha`` = 0 leaves the activati
 all of it. The division is folded into the producer where one is linear per channel (a
 LayerNorm's gamma and beta), else it is an explicit multiply before the MatMul; the multiplication
 goes into the weight. Activation abs-max per channel comes from the calibration statistics
-(``TensorStats.channel_absmax``), so changing ``alpha`` needs no new calibration pass.
+(``TensorStats(channels=True).channel_absmax``), so changing ``alpha`` needs no new calibration pass.
 
 Weights here are given with their input-channel axis: ``in_axis=0`` for an ONNX MatMul weight
 (K x N), ``in_axis=1`` for a torch ``Linear.weight`` (out x in).
