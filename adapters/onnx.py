@@ -16,7 +16,11 @@ MatMulIntegerToFloat); Conv and Gemm outputs are quantized, and the FOLLOWERS (R
 Mul, Sigmoid, Concat, ...) whose float inputs are all INT8 in a candidate run INT8 too, so that ORT
 fuses them into QLinear kernels instead of running them in float between DequantizeLinear and
 QuantizeLinear. Dynamic quantization covers weight MatMuls only, and is tried first on models
-whose INT8 ops are all MatMuls, where it is the faster kernel on CPU.
+whose INT8 ops are all MatMuls, where it is the faster kernel on CPU. Residual Adds, LayerNorm,
+Softmax and GELU of a transformer are not searched: in INT8 they only slow ORT down (measured in
+docs/onnx-int8-kernels.md). Static candidates may smooth weight-MatMul inputs first (SmoothQuant,
+the ``smooth_alpha`` knob; adapters/onnx_smoothing.py), from per-channel statistics of the same
+calibration pass. ORT's CPU EP has no BF16 MatMul/Gemm, so FP32 is the only fallback precision.
 
 What eval_fn receives is an ``ORTSession``: a plain ``onnxruntime.InferenceSession`` (CPU, graph
 optimisations on, so Q/DQ pairs fuse into INT8 kernels at creation) that also carries the

@@ -70,7 +70,7 @@ def main() -> None:
             except Exception as exc:  # no kernel for the type: ORT says which node and type
                 print(f"| {op} | {name} | no: {first_line(exc, 160)} | - | - |", flush=True)
                 continue
-            ratio = measure_ratio(lambda: fp32.run(None, x), lambda s=other: s.run(None, x), budget_s=8.0,
+            ratio = measure_ratio(lambda f=fp32: f.run(None, x), lambda s=other: s.run(None, x), budget_s=8.0,
                                   precision=0.03)
             print(f"| {op} | {name} | yes | {ratio.ratio:.2f} | {ratio.low:.2f}-{ratio.high:.2f} ({ratio.pairs}) |",
                   flush=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -44,11 +45,14 @@ class Variant:
     activation: QuantType = QuantType.QUInt8
     per_channel: bool = True
     dynamic: bool = False
+    fused: bool = False  # ORT's transformer optimizer first (Attention, SkipLayerNorm, ...): dynamic gives QAttention
     extra: dict = field(default_factory=dict)
 
 
 VARIANTS = [
     Variant("dynamic, weight MatMuls (today's winner)", ("MatMul",), dynamic=True),
+    Variant("transformer fusion, FP32", fused=True),
+    Variant("transformer fusion + dynamic (QAttention)", ("MatMul", "Attention"), dynamic=True, fused=True),
     Variant("static weight MatMuls, float out", ("MatMul",), weight_only=True),
     Variant("static all MatMuls (+ QxK^T, attn x V), float out", ("MatMul",)),
     Variant("static all MatMuls, u8 out (QLinearMatMul)", ("MatMul",), matmul_output=True),
@@ -85,9 +89,19 @@ def session(path: str, optimized: str | None = None) -> ort.InferenceSession:
 
 
 def quantize(variant: Variant, fp32_path: str, out_path: str, act_x_act: list[str], calib: list[dict]) -> None:
+    if variant.fused:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        fused = optimize_model(fp32_path, model_type="bert", num_heads=12, hidden_size=384, opt_level=0)
+        fp32_path = out_path + ".fused.onnx"
+        fused.save_model_to_file(fp32_path)
+        if not variant.op_types:
+            os.replace(fp32_path, out_path)
+            return
     if variant.dynamic:
         quantize_dynamic(fp32_path, out_path, op_types_to_quantize=list(variant.op_types), per_channel=True,
-                         weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+                         weight_type=QuantType.QInt8,
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         return
     extra = {"ActivationSymmetric": variant.activation == QuantType.QInt8, **variant.extra}
     if not variant.matmul_output:
@@ -105,11 +119,29 @@ def kernels(path: str, tmp: str) -> str:
     return ", ".join(f"{k} {counts[k]}" for k in KERNELS if counts[k])
 
 
+def profile(path: str, run_feeds: dict, tmp: str, runs: int = 3) -> str:
+    """Share of kernel time per op type (ORT's profiler), and ms per run."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tmp, "profile")
+    s = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        s.run(None, run_feeds)
+    by_op: collections.Counter = collections.Counter()
+    for event in json.loads(Path(s.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(by_op.values())
+    return f"{total / runs / 1e3:.0f} ms: " + ", ".join(f"{k} {v / total:.0%}" for k, v in by_op.most_common(8))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=12.0, help="seconds of timing per variant")
     parser.add_argument("--only", type=int, nargs="*", help="variant indices")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--profile", type=int, nargs="*", default=[0, 3], help="variants to profile (FP32 always)")
     args = parser.parse_args()
     model = _basic_optimized(onnx.load_from_string(text.export_minilm()))
     init = {i.name for i in model.graph.initializer}
@@ -122,7 +154,8 @@ def main() -> None:
         onnx.save(model, fp32_path)
         fp32 = session(fp32_path)
         rows.append(("FP32 (ORT graph optimisations)", "1.00", "", kernels(fp32_path, tmp)))
-        print(rows[-1], flush=True)
+        profiles = [("FP32", profile(fp32_path, run_feeds, tmp))]
+        print(rows[-1], profiles[-1], flush=True)
         for index, variant in enumerate(VARIANTS):
             if args.only and index not in args.only:
                 continue
@@ -133,12 +166,18 @@ def main() -> None:
                                   budget_s=args.budget, precision=0.03)
             rows.append((variant.name, f"{ratio.ratio:.2f}", f"{ratio.low:.2f}-{ratio.high:.2f} ({ratio.pairs})",
                          kernels(path, tmp)))
+            if index in args.profile:
+                profiles.append((variant.name, profile(path, run_feeds, tmp)))
             print(rows[-1], flush=True)
     table = ["| variant | INT8/FP32 | 95% CI (pairs) | kernels after ORT's optimisations |", "|---|---|---|---|"]
     table += [f"| {' | '.join(row)} |" for row in rows]
+    table += ["", "Kernel time per op type (ORT profiler, batch 32 x sequence 128):", "",
+              "| model | ms per run: share of kernel time |", "|---|---|"]
+    table += [f"| {name} | {text} |" for name, text in profiles]
     print("\n".join(table))
     if not args.no_write:
-        RESULT.write_text("Command: `flock /work/timing.lock python experiments/onnx_int8_kernels.py`\n\n" + "\n".join(table) + "\n")
+        command = "Command: `flock /work/timing.lock python experiments/onnx_int8_kernels.py`\n\n"
+        RESULT.write_text(command + "\n".join(table) + "\n")
 
 
 if __name__ == "__main__":
