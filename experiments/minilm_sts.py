@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -114,9 +115,20 @@ def _append_row(path: Path, label: str, report: dict, config: autoquant.QuantCon
     row = [label, report["criterion"], str(report["met"]), kind, report["config"], str(len(report["fp32_ops"])),
            f"{100 * dev_loss:.2f}%", f"{100 * report['test_relative_loss']:.2f}%",
            f"{report['latency']['batch32_seq128']['ratio']:.3f}", f"{report['latency']['batch1_seq128']['ratio']:.3f}",
-           str(report["evaluations"]), "`python experiments/minilm_sts.py " + " ".join(sys.argv[1:]) + "`"]
+           str(report["evaluations"]), f"`python experiments/minilm_sts.py {_rerun_args()}`"]
     with path.open("a") as handle:
         handle.write("| " + " | ".join(row) + " |\n")
+
+
+def _rerun_args() -> str:
+    """This run's arguments, less where it wrote (--out, --table)."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg in ("--out", "--table"):
+            skip = not skip
+            continue
+        args.append(arg)
+    return shlex.join(args)
 
 
 def _feeds(batch: int, length: int, seed: int) -> dict[str, np.ndarray]:

@@ -86,7 +86,8 @@ def test_space_lists_each_kind_of_op(adapter: ONNXAdapter) -> None:
     assert kinds == {"m1": "MatMul", "m2": "MatMul", "scores": "MatMul(act x act)", "mix": "MatMul(act x act)",
                      "conv": "Conv", "gemm": "Gemm"}
     assert adapter.space.approaches == ("static", "dynamic")
-    assert {op.name for op in adapter.space.ops if "dynamic" in op.approaches} == {"m1", "m2"}
+    # Dynamic covers the weight MatMuls; its act x act MatMuls are static QDQ (no dynamic kernel).
+    assert {op.name for op in adapter.space.ops if "dynamic" in op.approaches} == {"m1", "m2", "scores", "mix"}
 
 
 def test_matmul_only_models_prefer_dynamic() -> None:
@@ -138,7 +139,11 @@ def test_dynamic_approach_writes_integer_ops(adapter: ONNXAdapter) -> None:
     static = {n.op_type for n in _graph(adapter, QuantConfig()).node}
     dynamic = {n.op_type for n in _graph(adapter, QuantConfig("dynamic", None, "per_channel", None)).node}
     assert "QuantizeLinear" in static and "DynamicQuantizeLinear" not in static
-    assert "DynamicQuantizeLinear" in dynamic and "MatMulInteger" in dynamic and "QuantizeLinear" not in dynamic
+    assert "DynamicQuantizeLinear" in dynamic and "MatMulInteger" in dynamic
+    graph = _graph(adapter, QuantConfig("dynamic", None, "per_channel", None))
+    assert _input_dq(graph, "scores", 0) is not None and _input_dq(graph, "mix", 1) is not None
+    fp32 = _graph(adapter, QuantConfig("dynamic", None, "per_channel", None, fp32_ops=frozenset({"scores", "mix"})))
+    assert "QuantizeLinear" not in {n.op_type for n in fp32.node}
 
 
 def test_op_calibration_changes_only_that_ops_input_scale(adapter: ONNXAdapter) -> None:
