@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=12.0, help="seconds of timing per variant")
     parser.add_argument("--only", type=int, nargs="*", help="variant indices")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--versus", type=int, nargs=2, metavar=("A", "B"), default=[1, 0],
+                        help="also time variant A against variant B directly")
     parser.add_argument("--profile", type=int, nargs="*", default=[0, 1, 5], help="variants to profile (FP32 always)")
     args = parser.parse_args()
     model = _basic_optimized(onnx.load_from_string(text.export_minilm()))
@@ -158,7 +160,7 @@ def main() -> None:
     act_x_act = [n.name for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & init]
     run_feeds = feeds(32, 128, 0)
     calib = [feeds(16, 128, 1), feeds(16, 128, 2)]
-    rows = []
+    rows, sessions = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = os.path.join(tmp, "fp32.onnx")
         onnx.save(model, fp32_path)
@@ -171,7 +173,7 @@ def main() -> None:
                 continue
             path = os.path.join(tmp, f"v{index}.onnx")
             quantize(variant, fp32_path, path, act_x_act, calib)
-            int8 = session(path)
+            int8 = sessions[index] = session(path)
             ratio = measure_ratio(lambda: fp32.run(None, run_feeds), lambda s=int8: s.run(None, run_feeds),
                                   budget_s=args.budget, precision=0.03)
             rows.append((variant.name, f"{ratio.ratio:.2f}", f"{ratio.low:.2f}-{ratio.high:.2f} ({ratio.pairs})",
@@ -181,6 +183,11 @@ def main() -> None:
             print(rows[-1], flush=True)
     table = ["| variant | INT8/FP32 | 95% CI (pairs) | kernels after ORT's optimisations |", "|---|---|---|---|"]
     table += [f"| {' | '.join(row)} |" for row in rows]
+    a, b = args.versus
+    if a in sessions and b in sessions:
+        ratio = measure_ratio(lambda: sessions[b].run(None, run_feeds), lambda: sessions[a].run(None, run_feeds),
+                              budget_s=args.budget, precision=0.03)
+        table += ["", f"{VARIANTS[a].name} / {VARIANTS[b].name}: {ratio}"]
     table += ["", "Kernel time per op type (ORT profiler, batch 32 x sequence 128):", "",
               "| model | ms per run: share of kernel time |", "|---|---|"]
     table += [f"| {name} | {text} |" for name, text in profiles]
