@@ -37,8 +37,8 @@ import copy
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,12 +58,8 @@ from onnxruntime.quantization.quant_utils import QuantizationMode
 from autoquant.calibration import (
     OVERCLIP_FACTOR,
     OVERCLIP_SHARE,
-    CalibrationMethod,
     TensorStats,
-    compute_range,
     overclipping,
-    read_stats,
-    write_stats,
 )
 from autoquant.data import first_batch, iterate_batches
 from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean, first_line
@@ -71,7 +67,7 @@ from autoquant.smoothing import ALPHAS
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from . import is_onnx_path
-from .base import Adapter
+from .base import Observation, TensorStatsAdapter, calibration_for
 from .onnx_smoothing import smooth, smoothing_groups
 
 log = logging.getLogger("autoquant")
@@ -125,7 +121,7 @@ class _WeightCachingQDQQuantizer(QDQQuantizer):
         return {n: copy.deepcopy(self._weight_params[key(n)]) for n in every if key(n) in self._weight_params}
 
 
-class ONNXAdapter(Adapter):
+class ONNXAdapter(TensorStatsAdapter):
     """Quantizes an ONNX model (``onnx.ModelProto`` or a path to a ``.onnx`` file) for ONNX Runtime's CPU.
 
     Calibration batches are dicts mapping input names to numpy arrays, tuples/lists of arrays in
@@ -134,6 +130,7 @@ class ONNXAdapter(Adapter):
     """
 
     name = "onnx"
+    batch_hint = "Check the batch's shapes and dtypes against the model inputs."
 
     @classmethod
     def accepts(cls, model: Any) -> bool:
@@ -151,10 +148,8 @@ class ONNXAdapter(Adapter):
         except Exception as exc:  # ORT's messages name the node or op it cannot load
             raise BackendError(f"ONNX Runtime cannot load this model: {first_line(exc)}") from exc
         self._inputs = [(i.name, i.type, i.shape) for i in self._fp32.get_inputs()]
-        self._calib_data = calib_data
+        super().__init__(calib_data)
         self._feeds = self._to_feeds(first_batch(calib_data), 0)
-        self._stats: dict[str, TensorStats] | None = None
-        self._ranges: dict[tuple[str, str, bool], tuple[float, float]] = {}
         self._weight_params: dict[tuple[str, int | None], Any] = {}
         ops, unsupported, self._tensors, self._followers = _discover(self._inferred)
         if not ops:
@@ -222,10 +217,9 @@ class ONNXAdapter(Adapter):
         return feeds
 
     # --- calibration -----------------------------------------------------------------------------
-    def calibrate(self) -> None:
-        if self._stats is not None:
-            return
-        start = time.perf_counter()
+    @contextmanager
+    def _observation(self) -> Iterator[Observation]:
+        """The model with every tensor the quantizer needs a range for exposed as an output."""
         names = sorted(self._tensors)
         augmented = onnx.ModelProto()
         augmented.CopyFrom(self._proto)
@@ -238,25 +232,18 @@ class ONNXAdapter(Adapter):
         session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
         smoothed = {g.activation for g in self._smooth_groups}
         stats = {name: TensorStats(channels=name in smoothed) for name in names}
-        batches = 0
-        for batch in iterate_batches(self._calib_data):
-            feeds = self._to_feeds(batch, batches)
-            try:
-                outputs = session.run(names, feeds)
-            except Exception as exc:
-                raise CalibrationDataError(
-                    f"ONNX Runtime failed on calibration batch {batches}: {first_line(exc)}. Check the batch's "
-                    "shapes and dtypes against the model inputs."
-                ) from exc
+
+        def observe(batch: Any, index: int) -> None:
+            outputs = session.run(names, self._to_feeds(batch, index))
             for name, value in zip(names, outputs, strict=False):
                 stats[name].update(value)  # one batch at a time: memory stays O(tensors x bins)
-            batches += 1
-        nonfinite = {k: s.nonfinite for k, s in stats.items() if s.nonfinite}
-        if nonfinite:
-            log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
-        self._stats = stats
-        self._ranges = {}
-        log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
+
+        yield stats, observe
+
+    def _stat_keys(self) -> set[str]:
+        return set(self._tensors)
+
+    def _calibrated(self) -> None:
         self._warn_overclipping()
 
     def _warn_overclipping(self) -> None:
@@ -269,25 +256,6 @@ class ONNXAdapter(Adapter):
         if lines:
             log.warning("Calibration methods clipping far more values than the others (over %.1f%% and %gx any "
                         "other method) on these tensors: %s.", 100 * OVERCLIP_SHARE, OVERCLIP_FACTOR, "; ".join(lines))
-
-    def _range(self, tensor: str, calibration: str, symmetric: bool) -> tuple[float, float]:
-        key = (tensor, calibration, symmetric)
-        if key not in self._ranges:
-            self._ranges[key] = compute_range(self._stats[tensor], CalibrationMethod.parse(calibration),
-                                              symmetric=symmetric)
-        return self._ranges[key]
-
-    def save_stats(self, path: Path) -> bool:
-        """JSON of ``TensorStats.to_dict`` per calibrated tensor, written atomically."""
-        self.calibrate()
-        write_stats(path, self._stats)
-        return True
-
-    def load_stats(self, path: Path) -> bool:
-        self._stats = read_stats(path, set(self._tensors))
-        self._ranges = {}
-        self._warn_overclipping()
-        return True
 
     # --- candidates ------------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> ORTSession:
@@ -359,14 +327,9 @@ class ONNXAdapter(Adapter):
         data = {t: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
                 for t, (lo, hi) in smoothed.items()}
         for tensor, readers in self._tensors.items():
-            method = config.calibration
-            for op in readers:
-                if op not in config.fp32_ops and op in config.op_calibration:
-                    method = config.op_calibration[op]
-                    break
             if tensor in data:  # smoothed in place (folded into a LayerNorm): its range is the smoothed one
                 continue
-            lo, hi = self._range(tensor, method, symmetric)
+            lo, hi = self._range(tensor, calibration_for(config, readers), symmetric)
             data[tensor] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
         return TensorsData(ORTCalibrationMethod.MinMax, data)
 
