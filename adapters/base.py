@@ -8,6 +8,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -141,6 +142,15 @@ class TensorStatsAdapter(Adapter):
             log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
         log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
         self._use_stats(stats)
+
+    def _ready(self, config: QuantConfig) -> None:
+        """Refuse a config this adapter cannot build (an op it does not have, a knob value outside
+        its space; a calibration method need only be registered), then calibrate."""
+        methods = tuple({config.calibration, *config.op_calibration.values()} - {None})
+        for method in methods:
+            CalibrationMethod.parse(method)  # searched or not: CONTRIBUTING's recipe 2 builds unsearched ones
+        replace(self.space, calibrations=methods or self.space.calibrations).validate(config)
+        self.calibrate()
 
     def _use_stats(self, stats: dict[str, TensorStats]) -> None:
         self._stats, self._ranges = stats, {}

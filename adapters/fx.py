@@ -265,7 +265,7 @@ class FXAdapter(TensorStatsAdapter):
 
     # --- candidates -----------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> nn.Module:
-        self.calibrate()
+        self._ready(config)
         converted = {}
         for unit in self._units:
             candidate = _shared_copy(self._family(unit, config))

@@ -247,7 +247,7 @@ class ONNXAdapter(TensorStatsAdapter):
 
     # --- candidates ------------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> ORTSession:
-        self.calibrate()
+        self._ready(config)
         model = onnx.ModelProto()
         model.CopyFrom(self._inferred)  # the quantizers edit the model they are given
         per_channel = config.granularity == "per_channel"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoquant.adapters import Adapter
+from autoquant.data import iterate_batches
 from autoquant.space import OpInfo, QuantConfig, Space
 
 
@@ -44,7 +45,7 @@ class FakeAdapter(Adapter):
         return isinstance(model, FakeModel)
 
     def __init__(self, model: FakeModel, calib_data: object) -> None:
-        self.model = model
+        self.model, self.calib_data = model, calib_data
         self.space = Space(ops=tuple(OpInfo(name, "Linear") for name in model.sensitivity))
 
     @property
@@ -52,9 +53,14 @@ class FakeAdapter(Adapter):
         return self.model
 
     def calibrate(self) -> None:
-        self.model.calibrations.append(1)
+        if not self.model.calibrations:
+            for _ in iterate_batches(self.calib_data):  # read once, as a real adapter does
+                pass
+            self.model.calibrations.append(1)
 
     def build(self, config: QuantConfig) -> FakeModel:
+        self.space.validate(config)
+        self.calibrate()
         return FakeModel(self.model.sensitivity, self.model.baseline, self.model.calibration_helps, config)
 
     def runner(self, model: FakeModel):
@@ -66,12 +72,14 @@ class FakeAdapter(Adapter):
     def save_model(self, model: FakeModel, directory: Path) -> Path:
         path = Path(directory) / "fake.json"
         assert model.config is not None, "only quantized candidates are saved"
-        path.write_text(json.dumps(model.config.to_dict()))
+        path.write_text(json.dumps([model.sensitivity, model.baseline, model.calibration_helps,
+                                    model.config.to_dict()]))
         return path
 
     @classmethod
-    def load_model(cls, path: Path) -> QuantConfig:
-        return QuantConfig.from_dict(json.loads(Path(path).read_text()))
+    def load_model(cls, path: Path) -> FakeModel:
+        sensitivity, baseline, helps, config = json.loads(Path(path).read_text())
+        return FakeModel(sensitivity, baseline, tuple(helps), QuantConfig.from_dict(config))
 
 
 def fake_model(n_ops: int = 6, sensitive: dict[int, float] | None = None, **kwargs) -> FakeModel:
