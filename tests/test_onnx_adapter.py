@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 
 import autoquant
 from autoquant.adapters import adapter_for
@@ -113,6 +114,21 @@ def test_statistics_survive_variable_lengths_and_minus_inf(caplog: pytest.LogCap
     assert "non-finite" in caplog.text and "'x': 3" in caplog.text
     session = a.build(a.space.resolve(QuantConfig(calibration="entropy")))
     assert np.isfinite(session.run(None, batches(1, seed=5)[0])[0]).all()
+
+
+def test_build_silences_only_the_quantizers_info_lines(adapter: ONNXAdapter, caplog, monkeypatch) -> None:
+    original = ONNXQuantizer.quantize_model
+
+    def quantize_and_log(self: ONNXQuantizer) -> onnx.ModelProto:
+        logging.getLogger("caller").info("the caller's line")  # another thread logging during a build
+        return original(self)
+
+    monkeypatch.setattr(ONNXQuantizer, "quantize_model", quantize_and_log)
+    with caplog.at_level(logging.INFO):  # a dynamic build: ORT logs "parameters not specified" per tensor
+        adapter.build(QuantConfig("dynamic", None, "per_channel", None))
+    assert "the caller's line" in caplog.text  # logging.disable used to drop it
+    assert not [r for r in caplog.records if "onnxruntime" in r.pathname and r.levelno <= logging.INFO]
+    assert logging.root.manager.disable == logging.NOTSET and not logging.root.filters
 
 
 def test_adapter_for_picks_onnx(tmp_path) -> None:
