@@ -146,7 +146,7 @@ class TensorStatsAdapter(Adapter):
     def _ready(self, config: QuantConfig) -> None:
         """Refuse a config this adapter cannot build (an op it does not have, a knob value outside
         its space; a calibration method need only be registered), then calibrate."""
-        methods = tuple({config.calibration, *config.op_calibration.values()} - {None})
+        methods = tuple(m for m in {config.calibration, *config.op_calibration.values()} if m is not None)
         for method in methods:
             CalibrationMethod.parse(method)  # searched or not: CONTRIBUTING's recipe 2 builds unsearched ones
         replace(self.space, calibrations=methods or self.space.calibrations).validate(config)

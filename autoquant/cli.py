@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ CONFIG_FILE = "config.yaml"
 
 
 # --- running a job (also used by experiments/sweep.py) ------------------------------------------
-def make_tuner(job: LoadedJob, *, on_trial: Any = None, stats_cache: Path | None = None,
-               restart: bool = False) -> Tuner:
+def make_tuner(job: LoadedJob, *, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+               stats_cache: Path | None = None, restart: bool = False) -> Tuner:
     spec = job.spec
     return Tuner(
         spec.criterion.criterion(), strategy=spec.strategy.strategy(), max_trials=spec.strategy.max_trials,

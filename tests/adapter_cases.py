@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
+from torch import fx, nn
 
 from autoquant.adapters.base import Adapter
 from autoquant.adapters.fx import FXAdapter
@@ -41,8 +42,8 @@ class Case:
     outputs: Callable[[Any, Any], list[np.ndarray]]  # a model's outputs on a batch
     snapshot: Callable[[Any], Any]  # everything of an FP32 model that build must not change, comparable by ==
     is_int8: Callable[[Any, str], bool]
-    input_scale: Callable[[Any, str], float] | None = None
-    weight_scales: Callable[[Any, str], int] | None = None
+    input_scale: Callable[[Any, str], float] = lambda model, op: pytest.fail("no input-scale probe")
+    weight_scales: Callable[[Any, str], int] = lambda model, op: pytest.fail("no weight-scale probe")
     lacks: dict[str, str] = field(default_factory=dict)
 
 
@@ -95,21 +96,21 @@ def _fx_outputs(model: nn.Module, batch: torch.Tensor) -> list[np.ndarray]:
         return [model(batch).numpy()]
 
 
-def _fx_is_int8(model: nn.Module, op: str) -> bool:
+def _fx_is_int8(model: fx.GraphModule, op: str) -> bool:
     module = dict(model.named_modules()).get(op)
     if module is not None:
         return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
     return any(str(n.target) == f"quantized.{op}" for n in model.graph.nodes)  # a function op: add, mul, ...
 
 
-def _fx_input_scale(model: nn.Module, op: str) -> float:
+def _fx_input_scale(model: fx.GraphModule, op: str) -> float:
     node = next(n for n in model.graph.nodes if n.op == "call_module" and n.target == op)
     quantize = node.args[0]
     return float(model.get_buffer(quantize.args[1].target))
 
 
-def _fx_weight_scales(model: nn.Module, op: str) -> int:
-    weight = model.get_submodule(op).weight()
+def _fx_weight_scales(model: fx.GraphModule, op: str) -> int:
+    weight = model.get_submodule(op).weight()  # type: ignore[operator]  # a quantized module's packed weight
     return weight.q_per_channel_scales().numel() if weight.qscheme() == torch.per_channel_affine else 1
 
 
@@ -128,7 +129,10 @@ D, H, K = 8, 16, 4
 def tiny_model(opset: int = 17) -> onnx.ModelProto:
     """x [N, S, 8] -> MatMul -> Relu -> MatMul -> (b @ b^T) @ b ; x^T -> Conv1d -> mean -> Gemm."""
     rng = np.random.default_rng(0)
-    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)  # noqa: E731
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)
+
     nodes = [
         helper.make_node("MatMul", ["x", "W1"], ["a"], name="m1"),
         helper.make_node("Relu", ["a"], ["r"], name="relu"),
@@ -205,8 +209,11 @@ def _onnx_other() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
     return model, onnx_batches(2)
 
 
-def _initializer(model: ORTSession, name: str) -> np.ndarray:
-    return next(numpy_helper.to_array(i) for i in model.model_proto.graph.initializer if i.name == name)
+def _dq_scale(model: ORTSession, op: str, index: int) -> np.ndarray:
+    """The scale of the DequantizeLinear feeding input ``index`` of ``op``."""
+    dq = _input_dq(model, op, index)
+    assert dq is not None, f"input {index} of {op} is not quantized"
+    return next(numpy_helper.to_array(i) for i in model.model_proto.graph.initializer if i.name == dq.input[1])
 
 
 ONNX = Case(
@@ -215,8 +222,7 @@ ONNX = Case(
     ops=("m1", "m2", "scores", "mix", "conv", "gemm"), unsupported=("conv_of_input",), input_op="m1",
     weight_op="m1", channels=H, outputs=_onnx_outputs, snapshot=lambda m: m.SerializeToString(),
     is_int8=_onnx_is_int8,
-    input_scale=lambda m, op: float(_initializer(m, _input_dq(m, op, 0).input[1])),
-    weight_scales=lambda m, op: _initializer(m, _input_dq(m, op, 1).input[1]).size,
+    input_scale=lambda m, op: float(_dq_scale(m, op, 0)), weight_scales=lambda m, op: _dq_scale(m, op, 1).size,
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autoquant.adapters import Adapter
 from autoquant.data import iterate_batches
@@ -44,7 +45,7 @@ class FakeAdapter(Adapter):
     def accepts(cls, model: object) -> bool:
         return isinstance(model, FakeModel)
 
-    def __init__(self, model: FakeModel, calib_data: object) -> None:
+    def __init__(self, model: FakeModel, calib_data: Any) -> None:
         self.model, self.calib_data = model, calib_data
         self.space = Space(ops=tuple(OpInfo(name, "Linear") for name in model.sensitivity))
 
