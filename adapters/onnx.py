@@ -16,7 +16,11 @@ MatMulIntegerToFloat); Conv and Gemm outputs are quantized, and the FOLLOWERS (R
 Mul, Sigmoid, Concat, ...) whose float inputs are all INT8 in a candidate run INT8 too, so that ORT
 fuses them into QLinear kernels instead of running them in float between DequantizeLinear and
 QuantizeLinear. Dynamic quantization covers weight MatMuls only, and is tried first on models
-whose INT8 ops are all MatMuls, where it is the faster kernel on CPU.
+whose INT8 ops are all MatMuls, where it is the faster kernel on CPU. Residual Adds, LayerNorm,
+Softmax and GELU of a transformer are not searched: in INT8 they only slow ORT down (measured in
+docs/onnx-int8-kernels.md). Static candidates may smooth weight-MatMul inputs first (SmoothQuant,
+the ``smooth_alpha`` knob; adapters/onnx_smoothing.py), from per-channel statistics of the same
+calibration pass. ORT's CPU EP has no BF16 MatMul/Gemm, so FP32 is the only fallback precision.
 
 What eval_fn receives is an ``ORTSession``: a plain ``onnxruntime.InferenceSession`` (CPU, graph
 optimisations on, so Q/DQ pairs fuse into INT8 kernels at creation) that also carries the
@@ -57,10 +61,12 @@ from autoquant.calibration import (
 )
 from autoquant.data import first_batch, iterate_batches
 from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean, first_line
+from autoquant.smoothing import ALPHAS
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from . import is_onnx_path
 from .base import Observation, TensorStatsAdapter, calibration_for
+from .onnx_smoothing import smooth, smoothing_groups
 
 log = logging.getLogger("autoquant")
 
@@ -149,6 +155,7 @@ class ONNXAdapter(TensorStatsAdapter):
                 "Nothing in this ONNX model can be quantized: no MatMul, Gemm or Conv with INT8 kernels was found."
                 + "".join(f" {u.name}: {u.reason}." for u in unsupported)
             )
+        self._smooth_groups = smoothing_groups(self._inferred)
         self._op_types = {op.name: op.op_type for op in ops}
         self._node_types = {n.name: n.op_type for n in self._inferred.graph.node}
         opset = _default_opset(proto)
@@ -162,8 +169,10 @@ class ONNXAdapter(TensorStatsAdapter):
             # graph on CPU (MiniLM: 0.50 vs 0.54 of FP32 latency at batch 1, 0.53 vs 0.68 at batch 32),
             # so dynamic is the preferred value, tried first.
             approaches = ("dynamic", "static")
-        self.space = Space(ops=tuple(ops), approaches=approaches,
-                           granularities=granularities, unsupported=tuple(unsupported))
+        # SmoothQuant (static only): off first, so the default candidate is plain static INT8.
+        alphas = ALPHAS if self._smooth_groups and "static" in approaches else (None,)
+        self.space = Space(ops=tuple(ops), approaches=approaches, granularities=granularities,
+                           smooth_alphas=alphas, unsupported=tuple(unsupported))
 
     @property
     def fp32_model(self) -> ORTSession:
@@ -219,7 +228,8 @@ class ONNXAdapter(TensorStatsAdapter):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        stats = {name: TensorStats() for name in names}
+        smoothed = {g.activation for g in self._smooth_groups}
+        stats = {name: TensorStats(channels=name in smoothed) for name in names}
 
         def observe(batch: Any, index: int) -> None:
             outputs = session.run(names, self._to_feeds(batch, index))
@@ -260,11 +270,14 @@ class ONNXAdapter(TensorStatsAdapter):
                 )
             else:
                 symmetric = config.scheme == "symmetric"
+                smoothed: dict[str, tuple[float, float]] = {}
+                if config.smooth_alpha is not None:
+                    model, smoothed = smooth(model, self._smooth_groups, self._stats, config.smooth_alpha, symmetric)
                 # An all-FP32 candidate leaves no follower INT8: it is the FP32 model.
                 nodes = [*self._op_types, *_int8_followers(self._followers, config.fp32_ops)]
                 quantizer = _WeightCachingQDQQuantizer(
                     model, per_channel, False, QuantType.QInt8, QuantType.QUInt8,
-                    self._tensor_ranges(config, symmetric),  # a fresh object: the quantizer adjusts it in place
+                    self._tensor_ranges(config, symmetric, smoothed),  # fresh: the quantizer adjusts it in place
                     nodes, sorted(config.fp32_ops), sorted({self._node_types[n] for n in nodes}),
                     {"ActivationSymmetric": symmetric, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
                     weight_params=self._weight_params,
@@ -280,11 +293,16 @@ class ONNXAdapter(TensorStatsAdapter):
                 f"ONNX Runtime cannot load the {config.describe()} candidate: {first_line(exc)}"
             ) from exc
 
-    def _tensor_ranges(self, config: QuantConfig, symmetric: bool) -> TensorsData:
+    def _tensor_ranges(self, config: QuantConfig, symmetric: bool,
+                       smoothed: dict[str, tuple[float, float]]) -> TensorsData:
         """(lo, hi) per tensor from the cached statistics; an op's calibration override applies to
-        the activations it reads (a tensor read by several INT8 ops takes the first override)."""
-        data = {}
+        the activations it reads (a tensor read by several INT8 ops takes the first override).
+        ``smoothed``: the ranges of smoothed activations (min-max, see onnx_smoothing)."""
+        data = {t: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+                for t, (lo, hi) in smoothed.items()}
         for tensor, readers in self._tensors.items():
+            if tensor in data:  # smoothed in place (folded into a LayerNorm): its range is the smoothed one
+                continue
             lo, hi = self._range(tensor, calibration_for(config, readers), symmetric)
             data[tensor] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
         return TensorsData(ORTCalibrationMethod.MinMax, data)
