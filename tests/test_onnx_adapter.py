@@ -40,11 +40,12 @@ def _init(graph: onnx.GraphProto, name: str) -> np.ndarray:
     return next(numpy_helper.to_array(i) for i in graph.initializer if i.name == name)
 
 
-def _input_dq(graph: onnx.GraphProto, node_name: str, index: int) -> onnx.NodeProto | None:
-    """The DequantizeLinear feeding input ``index`` of node ``node_name``, if any."""
+def _input_dq(graph: onnx.GraphProto, node_name: str, index: int) -> onnx.NodeProto:
+    """The DequantizeLinear feeding input ``index`` of node ``node_name``."""
     node = next(n for n in graph.node if n.name == node_name)
-    producer = _producers(graph).get(node.input[index])
-    return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
+    producer = _producers(graph)[node.input[index]]
+    assert producer.op_type == "DequantizeLinear", f"input {index} of {node_name} is not quantized"
+    return producer
 
 
 def test_space_lists_each_kind_of_op(adapter: ONNXAdapter) -> None:
