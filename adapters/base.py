@@ -78,19 +78,13 @@ class Adapter(ABC):
 
     # --- calibration cache (optional) ---------------------------------------------------------
     def save_stats(self, path: Path) -> bool:
-        """Write the statistics ``calibrate`` collected to the file ``path``; False if unsupported.
-
-        Contract: call after ``calibrate``; write atomically (a temporary file, then rename) so a
-        killed job never leaves a half-written cache; the format is the adapter's own.
-        """
+        """Write the statistics ``calibrate`` collected to ``path``, in the adapter's own format;
+        False if unsupported. (``stats_cache`` seals the file and moves it into place atomically.)"""
         return False
 
     def load_stats(self, path: Path) -> bool:
-        """Restore statistics written by ``save_stats`` so that ``calibrate`` does nothing.
-
-        Returns False if this adapter has no cache. Raises ``ConfigError`` when the file does not
-        belong to this model (other tensors), so the caller recalibrates instead of using it.
-        """
+        """Restore statistics written by ``save_stats`` so that ``calibrate`` does nothing; False
+        if unsupported. Raises ``ConfigError`` when the file holds another model's tensors."""
         return False
 
 
