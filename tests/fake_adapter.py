@@ -61,7 +61,6 @@ class FakeAdapter(Adapter):
 
     def build(self, config: QuantConfig) -> FakeModel:
         self.space.validate(config)
-        self.calibrate()
         return FakeModel(self.model.sensitivity, self.model.baseline, self.model.calibration_helps, config)
 
     def runner(self, model: FakeModel):
