@@ -1,5 +1,6 @@
 """The autoquant command on a tiny real FX job: help, validate, space, tune, report."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -133,7 +134,8 @@ def test_overrides_apply_and_report_finds_a_study_without_name(tmp_path, capsys)
     assert written["criterion"] == {"absolute": 0.5, "higher_is_better": True, "allow_large_relative": False}
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
-    assert "study 'unnamed': 1 trial(s)" in " ".join(capsys.readouterr().out.split())
+    # 1 trial, or 2 when the first passes but runs slower than FP32 (the search goes on for a faster one)
+    assert re.search(r"study 'unnamed': [12] trial\(s\)", " ".join(capsys.readouterr().out.split()))
 
 
 def test_space_prints_what_print_space_prints(capsys):
