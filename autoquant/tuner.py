@@ -108,7 +108,7 @@ class Tuner:
         restrict: Restriction | None = None,
         storage: str | optuna.storages.BaseStorage | None = None,
         study_name: str | None = None,
-        latency_budget_s: float = 1.0,
+        latency_budget_s: float = 0.5,
         latency_precision: float = 0.05,
         latency_fn: LatencyFn | None = None,
         objective: str = "accuracy",
@@ -448,8 +448,8 @@ class _Run:
             )
         elif m.latency_ratio >= 1.0:
             log.warning("No passing candidate is faster than FP32 (%d trial(s)): the fastest, trial %d, runs at x%.2f "
-                        "the FP32 latency. The FP32 model is the faster choice on this backend (more trials, or "
-                        "objective='latency', may find a faster one).", counted(trials), best.number, m.latency_ratio)
+                        "the FP32 latency. The FP32 model is the faster choice on this backend (more trials may "
+                        "find a faster pass).", counted(trials), best.number, m.latency_ratio)
         counts = self.space.op_counts(config)
         log.info("quantized (whole model): %s", counts_text(counts))
         return TuneResult(
