@@ -1,5 +1,6 @@
 """The autoquant command on a tiny real FX job: help, validate, space, tune, report."""
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -54,7 +55,9 @@ def test_tune_writes_everything_and_report_rebuilds_it(tmp_path, capsys):
                  "trials.png", "tradeoff.png", "study.db"):
         assert (out / name).exists(), name
     assert len(pd.read_csv(out / "history.csv")) == 5
-    capsys.readouterr()
+    summary = " ".join(capsys.readouterr().out.split())
+    assert "quantized (whole model)" in summary and " of " in summary  # counts by op kind, whole model
+    assert "quantized" in json.loads((out / "result.json").read_text())
 
     for name in ("history.csv", "trials.png", "tradeoff.png"):
         (out / name).unlink()
