@@ -8,6 +8,7 @@ rescue them, as with outlier activations in real models).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,17 @@ class FakeAdapter(Adapter):
         return FakeModel(self.model.sensitivity, self.model.baseline, self.model.calibration_helps, config)
 
     def runner(self, model: FakeModel):
-        """The "output" is the model's accuracy, so the probe's error tracks the accuracy loss."""
+        """The "output" is the model's accuracy, so the probe's error tracks the accuracy loss. Every
+        candidate runs in half the FP32 time (0.5 ms against 1 ms), as INT8 should: a pass is faster
+        than FP32 and stops the search (a pass slower than FP32 would not)."""
         import numpy as np
 
-        return lambda: np.array([model.accuracy()])
+        seconds = 0.001 if model.config is None else 0.0005
+
+        def run():
+            time.sleep(seconds)
+            return np.array([model.accuracy()])
+        return run
 
     def save_model(self, model: FakeModel, directory: Path) -> Path:
         path = Path(directory) / "fake.json"
