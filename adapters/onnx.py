@@ -259,7 +259,7 @@ class ONNXAdapter(TensorStatsAdapter):
 
     # --- candidates ------------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> ORTSession:
-        self.calibrate()
+        self._ready(config)
         model = onnx.ModelProto()
         model.CopyFrom(self._inferred)  # the quantizers edit the model they are given
         per_channel = config.granularity == "per_channel"
@@ -310,14 +310,8 @@ class ONNXAdapter(TensorStatsAdapter):
 
     @staticmethod
     def _quiet(quantizer: Any) -> onnx.ModelProto:
-        previous = logging.root.manager.disable
-        # The quantizers log every unquantized tensor on the root logger, and ONNXQuantizer warns
-        # "already quantized" about the act x act QDQ nodes this adapter put there itself.
-        logging.disable(logging.WARNING)
-        try:
+        with _without_quantizer_info():
             return quantizer.quantize_model()
-        finally:
-            logging.disable(previous)
 
     def _tensor_ranges(self, config: QuantConfig, symmetric: bool,
                        smoothed: dict[str, tuple[float, float]]) -> TensorsData:
@@ -364,6 +358,21 @@ class ONNXAdapter(TensorStatsAdapter):
     def load_model(cls, path: Path) -> onnx.ModelProto:
         """The saved ``onnx.ModelProto``; ``onnxruntime.InferenceSession(str(path))`` runs the file directly."""
         return _load(path)
+
+
+@contextmanager
+def _without_quantizer_info() -> Iterator[None]:
+    """Drop the INFO lines ORT's quantizers log on the root logger (one per unquantized tensor) and
+    nothing else: a root-logger filter never sees records of other loggers, and this one passes
+    every record that is not ORT's. Also dropped: ONNXQuantizer's "already quantized" warning about
+    the act x act QDQ nodes this adapter put there itself (dynamic candidates)."""
+    keep = lambda record: "onnxruntime" not in record.pathname or (  # noqa: E731
+        record.levelno > logging.INFO and "already quantized" not in record.getMessage())
+    logging.root.addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.root.removeFilter(keep)
 
 
 # --- model inspection --------------------------------------------------------------------------------
