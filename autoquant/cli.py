@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,8 @@ CONFIG_FILE = "config.yaml"
 
 
 # --- running a job (also used by experiments/sweep.py) ------------------------------------------
-def make_tuner(job: LoadedJob, *, on_trial: Any = None, stats_cache: Path | None = None,
-               restart: bool = False) -> Tuner:
+def make_tuner(job: LoadedJob, *, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+               stats_cache: Path | None = None, restart: bool = False) -> Tuner:
     spec = job.spec
     return Tuner(
         spec.criterion.criterion(), strategy=spec.strategy.strategy(), max_trials=spec.strategy.max_trials,

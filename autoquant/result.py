@@ -6,13 +6,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, first_line
 from autoquant.space import OpCount, QuantConfig
+
+if TYPE_CHECKING:
+    from autoquant.adapters import Adapter
 
 RESULT_FILE = "result.json"
 HISTORY_FILE = "history.csv"
@@ -37,7 +40,7 @@ class TuneResult:
     evaluations: int  # calls of eval_fn on candidates
     elapsed_s: float
     criterion: AccuracyCriterion
-    adapter: Any = field(repr=False)  # the Adapter that built the model (it also saves it)
+    adapter: Adapter = field(repr=False)  # the Adapter that built the model (it also saves it)
     history: pd.DataFrame = field(repr=False)
     best_trial: int = -1
     # Per-op sensitivity ranking (rank, op, op_type, sensitivity, ...), when the strategy made one.
