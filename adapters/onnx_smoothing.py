@@ -58,7 +58,9 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], stats: dict[str, T
     ranges, muls = {}, {}
     for group in groups:
         channel = stats[group.activation]
-        s = smoothing_scales(channel.channel_absmax, weight_absmax(
+        lows, highs, act_absmax = channel.channel_min, channel.channel_max, channel.channel_absmax
+        assert lows is not None and highs is not None and act_absmax is not None  # calibrated with channels=True
+        s = smoothing_scales(act_absmax, weight_absmax(
             [numpy_helper.to_array(weights[w]) for w in group.weights], in_axis=0), alpha)
         for matmul, name in zip(group.matmuls, group.weights, strict=True):
             smoothed = f"{name}_smooth{alpha:g}"
@@ -68,7 +70,7 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], stats: dict[str, T
         tensor, mul = _divide(graph, group, s, alpha, nodes, weights)
         if mul is not None:
             muls.update(dict.fromkeys(group.matmuls, mul))
-        lo, hi = float(min(0.0, (channel.channel_min / s).min())), float(max(0.0, (channel.channel_max / s).max()))
+        lo, hi = float(min(0.0, (lows / s).min())), float(max(0.0, (highs / s).max()))
         ranges[tensor] = (-max(-lo, hi), max(-lo, hi)) if symmetric else (lo, hi)
     if muls:  # each Mul goes right before the first MatMul of its group (topological order holds)
         ordered, placed = [], set()

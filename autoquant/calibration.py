@@ -197,14 +197,16 @@ class TensorStats:
     @property
     def channel_absmax(self) -> np.ndarray | None:
         """max |x| per channel of the last axis (with ``channels``; None before any batch)."""
-        return None if self.channel_max is None else np.maximum(-self.channel_min, self.channel_max)
+        if self.channel_min is None or self.channel_max is None:
+            return None
+        return np.maximum(-self.channel_min, self.channel_max)
 
     def _update_channels(self, x: np.ndarray) -> None:
         flat = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
         finite = np.isfinite(flat)
         lo = np.where(finite, flat, np.inf).min(axis=0).astype(np.float64)
         hi = np.where(finite, flat, -np.inf).max(axis=0).astype(np.float64)
-        if self.channel_max is None:
+        if self.channel_min is None or self.channel_max is None:
             self.channel_min, self.channel_max = lo, hi
         elif self.channel_max.shape != hi.shape:
             raise CalibrationDataError(

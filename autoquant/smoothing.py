@@ -52,14 +52,13 @@ def weight_absmax(weights: list[ArrayLike], in_axis: int) -> np.ndarray:
     return np.max(maxes, axis=0)
 
 
-def smoothing_scales(act_absmax: ArrayLike, w_absmax: ArrayLike, alpha: float) -> np.ndarray:
+def smoothing_scales(act_absmax: ArrayLike, w_absmax: ArrayLike, alpha: float | None) -> np.ndarray:
     """Per-input-channel ``s = amax_x**alpha / amax_w**(1 - alpha)`` (float32); channels where
     either max is 0 get 1."""
     a, w = np.asarray(act_absmax, dtype=np.float64), np.asarray(w_absmax, dtype=np.float64)
     if a.shape != w.shape:
         raise ConfigError(f"Activation has {a.size} channels but the weight has {w.size} input channels.")
-    alpha = check_alpha(alpha)
-    if alpha is None:
+    if (alpha := check_alpha(alpha)) is None:
         return np.ones(a.shape, np.float32)
     live = (a > 0) & (w > 0)
     s = np.where(live, np.power(np.where(live, a, 1.0), alpha) / np.power(np.where(live, w, 1.0), 1.0 - alpha), 1.0)

@@ -10,6 +10,8 @@ chain's ends, as a per-op fallback precision would write it. Reports whether the
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -70,8 +72,8 @@ def main() -> None:
             except Exception as exc:  # no kernel for the type: ORT says which node and type
                 print(f"| {op} | {name} | no: {first_line(exc, 160)} | - | - |", flush=True)
                 continue
-            ratio = measure_ratio(lambda f=fp32: f.run(None, x), lambda s=other: s.run(None, x), budget_s=8.0,
-                                  precision=0.03)
+            ratio = measure_ratio(functools.partial(fp32.run, None, x), functools.partial(other.run, None, x),
+                                  budget_s=8.0, precision=0.03)
             print(f"| {op} | {name} | yes | {ratio.ratio:.2f} | {ratio.low:.2f}-{ratio.high:.2f} ({ratio.pairs}) |",
                   flush=True)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import tempfile
@@ -174,8 +175,8 @@ def main() -> None:
             path = os.path.join(tmp, f"v{index}.onnx")
             quantize(variant, fp32_path, path, act_x_act, calib)
             int8 = sessions[index] = session(path)
-            ratio = measure_ratio(lambda: fp32.run(None, run_feeds), lambda s=int8: s.run(None, run_feeds),
-                                  budget_s=args.budget, precision=0.03)
+            ratio = measure_ratio(functools.partial(fp32.run, None, run_feeds),
+                                  functools.partial(int8.run, None, run_feeds), budget_s=args.budget, precision=0.03)
             rows.append((variant.name, f"{ratio.ratio:.2f}", f"{ratio.low:.2f}-{ratio.high:.2f} ({ratio.pairs})",
                          kernels(path, tmp)))
             if index in args.profile:
