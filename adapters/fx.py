@@ -49,6 +49,7 @@ from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 from . import fx_graph
 from .base import Observation, TensorStatsAdapter, calibration_for
 from .fx_lowering import PackedWeights, reusing_packed_weights
+from .fx_rewrites import int8_friendly
 from .fx_units import FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
 
 log = logging.getLogger("autoquant")
@@ -172,7 +173,7 @@ class FXAdapter(TensorStatsAdapter):
         leaf = not list(module.children())
         root = Leaf(module) if leaf else module
         try:
-            traced = fx_graph.trace(root, _none_arguments(root, example), self._recorded)
+            traced = int8_friendly(fx_graph.trace(root, _none_arguments(root, example), self._recorded))
             unit = Unit(path, traced, example, leaf=leaf)
             unit.recording = self._prepare(unit, _recording_mapping())
             _run(unit.recording, example)
