@@ -1,13 +1,25 @@
-"""The adapter protocol: what the tuner needs from a quantization backend."""
+"""The adapter protocol: what the tuner needs from a quantization backend, and the calibration
+plumbing every real backend shares (``TensorStatsAdapter``)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
+from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
+from autoquant.data import iterate_batches
+from autoquant.errors import AutoquantError, BackendError, CalibrationDataError, first_line
 from autoquant.space import QuantConfig, Space
+
+log = logging.getLogger("autoquant")
+# What a backend's observation yields: the statistics it fills, and a function observing one batch
+# (the batch and its index, for error messages).
+Observation = tuple[dict[str, TensorStats], Callable[[Any, int], None]]
 
 
 class Adapter(ABC):
@@ -79,3 +91,89 @@ class Adapter(ABC):
         belong to this model (other tensors), so the caller recalibrates instead of using it.
         """
         return False
+
+
+class TensorStatsAdapter(Adapter):
+    """An adapter whose calibration streams every observed tensor into a ``TensorStats``.
+
+    The phases are split as in ONNX Runtime's ``CalibraterBase``: the backend writes only
+    ``_observation`` (set up observers, observe one batch, tear down) and ``_stat_keys``; this class
+    owns the rest: calibrate once, the batch loop and its errors, the non-finite warning, the
+    statistics cache, and the range of a tensor per calibration method (computed once each).
+    """
+
+    # Appended to the error of a batch the model fails on: what a batch must look like.
+    batch_hint: ClassVar[str] = ""
+
+    def __init__(self, calib_data: Iterable[Any]) -> None:
+        self._calib_data = calib_data
+        self._stats: dict[str, TensorStats] | None = None
+        self._ranges: dict[tuple[str, str, bool], tuple[float, float]] = {}
+
+    @abstractmethod
+    def _observation(self) -> AbstractContextManager[Observation]:
+        """Observers attached for one pass over the calibration data (detached on exit)."""
+
+    @abstractmethod
+    def _stat_keys(self) -> set[str]:
+        """The tensors ``calibrate`` keeps statistics for (a cache must hold exactly these)."""
+
+    def _calibrated(self) -> None:
+        """Called when statistics arrive (calibrated or loaded); a backend may check them."""
+
+    def calibrate(self) -> None:
+        if self._stats is not None:
+            return
+        start, batches = time.perf_counter(), 0
+        with self._observation() as (stats, observe):
+            for batch in iterate_batches(self._calib_data):
+                try:
+                    observe(batch, batches)
+                except AutoquantError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationDataError(
+                        f"The model failed on calibration batch {batches}: {first_line(exc)}. {self.batch_hint}"
+                    ) from exc
+                batches += 1
+        nonfinite = {k: s.nonfinite for k, s in stats.items() if s.nonfinite}
+        if nonfinite:
+            log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
+        log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
+        self._use_stats(stats)
+
+    def _use_stats(self, stats: dict[str, TensorStats]) -> None:
+        self._stats, self._ranges = stats, {}
+        self._calibrated()
+
+    def _range(self, tensor: str, calibration: str, symmetric: bool) -> tuple[float, float]:
+        """The (lo, hi) range of ``tensor`` under a calibration method, computed once."""
+        key = (tensor, calibration, symmetric)
+        if key not in self._ranges:
+            if self._stats is None or tensor not in self._stats:
+                raise BackendError(f"No calibration statistics for tensor '{tensor}' (an autoquant bug: report it).")
+            method = CalibrationMethod.parse(calibration)
+            self._ranges[key] = compute_range(self._stats[tensor], method, symmetric=symmetric)
+        return self._ranges[key]
+
+    def save_stats(self, path: Path) -> bool:
+        """JSON of ``TensorStats.to_dict`` per observed tensor."""
+        self.calibrate()
+        assert self._stats is not None
+        write_stats(path, self._stats)
+        return True
+
+    def load_stats(self, path: Path) -> bool:
+        self._use_stats(read_stats(path, self._stat_keys()))
+        return True
+
+
+def calibration_for(config: QuantConfig, readers: Iterable[str]) -> str:
+    """The calibration method of a tensor read by ``readers``: that of its first INT8 reader with
+    an override (``QuantConfig.calibration_of``), else the config's."""
+    chosen = next((op for op in readers if op in config.op_calibration and op not in config.fp32_ops), None)
+    method = config.calibration if chosen is None else config.calibration_of(chosen)
+    if method is None:
+        raise BackendError(f"{config.describe()} quantizes activations but names no calibration method "
+                           "(an autoquant bug: please report it).")
+    return method

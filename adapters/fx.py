@@ -20,10 +20,10 @@ import importlib
 import inspect
 import logging
 import operator
-import time
 import warnings
-from collections.abc import Callable, Iterable
-from functools import lru_cache, partial
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,13 @@ from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
+from autoquant.calibration import TensorStats
 from autoquant.data import first_batch, iterate_batches, model_inputs
-from autoquant.errors import BackendError, CalibrationDataError, first_line
+from autoquant.errors import BackendError, first_line
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from . import fx_graph
-from .base import Adapter
+from .base import Observation, TensorStatsAdapter, calibration_for
 from .fx_lowering import PackedWeights, reusing_packed_weights
 from .fx_units import FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
 
@@ -119,10 +119,11 @@ class _WeightObserver:
         return Cached.with_args(dtype=torch.qint8, qscheme=qscheme)
 
 
-class FXAdapter(Adapter):
+class FXAdapter(TensorStatsAdapter):
     """Quantizes an ``nn.Module`` with ``torch.ao.quantization.quantize_fx``."""
 
     name = "fx"
+    batch_hint = "Each batch must be the model input, (input, label), or a dict of keyword inputs."
 
     @classmethod
     def accepts(cls, model: Any) -> bool:
@@ -136,9 +137,8 @@ class FXAdapter(Adapter):
             )
         torch.backends.quantized.engine = ENGINE
         self._model = model.eval()
-        self._calib_data = calib_data
+        super().__init__(calib_data)
         self._example = model_inputs(first_batch(calib_data))
-        self._stats: dict[str, TensorStats] | None = None
         self._weights = {g: _WeightObserver(g) for g in ("per_channel", "per_tensor")}
         self._packed = PackedWeights()
         examples = capture_inputs(model, self._example)
@@ -162,7 +162,6 @@ class FXAdapter(Adapter):
         dynamic = any("dynamic" in op.approaches for op in ops)
         self.space = Space(ops=tuple(ops), approaches=("static", "dynamic") if dynamic else ("static",),
                            unsupported=tuple(unsupported))
-        self._range = lru_cache(maxsize=None)(self._compute_range)
 
     @property
     def fp32_model(self) -> nn.Module:
@@ -231,10 +230,9 @@ class FXAdapter(Adapter):
         return ops, unsupported
 
     # --- calibration ----------------------------------------------------------------------------
-    def calibrate(self) -> None:
-        if self._stats is not None:
-            return
-        start = time.perf_counter()
+    @contextmanager
+    def _observation(self) -> Iterator[Observation]:
+        """The model with each unit's recording graph, its observers feeding one TensorStats per tensor."""
         stats: dict[str, TensorStats] = {}
         for unit in self._units:
             for node in unit.recording.graph.nodes:
@@ -249,52 +247,21 @@ class FXAdapter(Adapter):
                     else:
                         observer.stats = stats[key] = TensorStats()
         model = self._assemble(self._model, {u.path: u.recording for u in self._units}, copy_root=False)
-        batches = 0
-        with torch.inference_mode():
-            for batch in iterate_batches(self._calib_data):
-                args, kwargs = model_inputs(batch)
-                try:
-                    model(*args, **kwargs)
-                except Exception as exc:
-                    raise CalibrationDataError(
-                        f"The model failed on calibration batch {batches}: {type(exc).__name__}: {exc}. "
-                        "Each batch must be the model input, (input, label), or a dict of keyword inputs."
-                    ) from exc
-                batches += 1
-        for unit in self._units:
-            for node in unit.recording.graph.nodes:
-                observer = _module_of(unit.recording, node)
-                if isinstance(observer, _RecordingObserver):
-                    observer.stats = None
-        nonfinite = {k: s.nonfinite for k, s in stats.items() if s.nonfinite}
-        if nonfinite:
-            log.warning("Ignored non-finite activation values while calibrating: %s", nonfinite)
-        self._stats = stats
-        log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
+        try:
+            yield stats, lambda batch, _index: _run(model, model_inputs(batch))
+        finally:
+            for unit in self._units:
+                for node in unit.recording.graph.nodes:
+                    observer = _module_of(unit.recording, node)
+                    if isinstance(observer, _RecordingObserver):
+                        observer.stats = None
 
-    def _compute_range(self, key: str, calibration: str, symmetric: bool) -> tuple[float, float]:
-        if key not in self._stats:
-            raise BackendError(f"No calibration statistics for tensor '{key}' (an autoquant bug: please report it).")
-        return compute_range(self._stats[key], CalibrationMethod.parse(calibration), symmetric=symmetric)
-
-    # --- calibration cache ----------------------------------------------------------------------
-    def _stats_keys(self) -> set[str]:
+    def _stat_keys(self) -> set[str]:
         return {
             _stats_key(unit, node.args[0].name)
             for unit in self._units for node in unit.recording.graph.nodes
             if isinstance(_module_of(unit.recording, node), _RecordingObserver)
         }
-
-    def save_stats(self, path: Path) -> bool:
-        """JSON of ``TensorStats.to_dict`` per observed tensor, written atomically."""
-        self.calibrate()
-        write_stats(path, self._stats)
-        return True
-
-    def load_stats(self, path: Path) -> bool:
-        self._stats = read_stats(path, self._stats_keys())
-        self._range.cache_clear()
-        return True
 
     # --- candidates -----------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> nn.Module:
@@ -458,11 +425,7 @@ def _none_arguments(module: nn.Module, example: tuple[tuple, dict]) -> dict[str,
 
 def _calibration_for(observer: fx.Node, unit: Unit, config: QuantConfig) -> str:
     """An op's calibration override applies to the tensors it reads."""
-    for user in observer.users:
-        op = unit.node_ops.get(user.name)
-        if op in config.op_calibration:
-            return config.op_calibration[op]
-    return config.calibration
+    return calibration_for(config, [unit.node_ops[u.name] for u in observer.users if u.name in unit.node_ops])
 
 
 def _stats_key(unit: Unit, node_name: str) -> str:

@@ -16,7 +16,11 @@ MatMulIntegerToFloat); Conv and Gemm outputs are quantized, and the FOLLOWERS (R
 Mul, Sigmoid, Concat, ...) whose float inputs are all INT8 in a candidate run INT8 too, so that ORT
 fuses them into QLinear kernels instead of running them in float between DequantizeLinear and
 QuantizeLinear. Dynamic quantization covers weight MatMuls only, and is tried first on models
-whose INT8 ops are all MatMuls, where it is the faster kernel on CPU.
+whose INT8 ops are all MatMuls, where it is the faster kernel on CPU. Residual Adds, LayerNorm,
+Softmax and GELU of a transformer are not searched: in INT8 they only slow ORT down (measured in
+docs/onnx-int8-kernels.md). Static candidates may smooth weight-MatMul inputs first (SmoothQuant,
+the ``smooth_alpha`` knob; adapters/onnx_smoothing.py), from per-channel statistics of the same
+calibration pass. ORT's CPU EP has no BF16 MatMul/Gemm, so FP32 is the only fallback precision.
 
 What eval_fn receives is an ``ORTSession``: a plain ``onnxruntime.InferenceSession`` (CPU, graph
 optimisations on, so Q/DQ pairs fuse into INT8 kernels at creation) that also carries the
@@ -31,8 +35,8 @@ import copy
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -52,19 +56,17 @@ from onnxruntime.quantization.quant_utils import QuantizationMode
 from autoquant.calibration import (
     OVERCLIP_FACTOR,
     OVERCLIP_SHARE,
-    CalibrationMethod,
     TensorStats,
-    compute_range,
     overclipping,
-    read_stats,
-    write_stats,
 )
 from autoquant.data import first_batch, iterate_batches
 from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean, first_line
+from autoquant.smoothing import ALPHAS
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from . import is_onnx_path
-from .base import Adapter
+from .base import Observation, TensorStatsAdapter, calibration_for
+from .onnx_smoothing import smooth, smoothing_groups
 
 log = logging.getLogger("autoquant")
 
@@ -117,7 +119,7 @@ class _WeightCachingQDQQuantizer(QDQQuantizer):
         return {n: copy.deepcopy(self._weight_params[key(n)]) for n in every if key(n) in self._weight_params}
 
 
-class ONNXAdapter(Adapter):
+class ONNXAdapter(TensorStatsAdapter):
     """Quantizes an ONNX model (``onnx.ModelProto`` or a path to a ``.onnx`` file) for ONNX Runtime's CPU.
 
     Calibration batches are dicts mapping input names to numpy arrays, tuples/lists of arrays in
@@ -126,6 +128,7 @@ class ONNXAdapter(Adapter):
     """
 
     name = "onnx"
+    batch_hint = "Check the batch's shapes and dtypes against the model inputs."
 
     @classmethod
     def accepts(cls, model: Any) -> bool:
@@ -143,10 +146,8 @@ class ONNXAdapter(Adapter):
         except Exception as exc:  # ORT's messages name the node or op it cannot load
             raise BackendError(f"ONNX Runtime cannot load this model: {first_line(exc)}") from exc
         self._inputs = [(i.name, i.type, i.shape) for i in self._fp32.get_inputs()]
-        self._calib_data = calib_data
+        super().__init__(calib_data)
         self._feeds = self._to_feeds(first_batch(calib_data), 0)
-        self._stats: dict[str, TensorStats] | None = None
-        self._ranges: dict[tuple[str, str, bool], tuple[float, float]] = {}
         self._weight_params: dict[tuple[str, int | None], Any] = {}
         ops, unsupported, self._tensors, self._followers = _discover(self._inferred)
         if not ops:
@@ -154,6 +155,7 @@ class ONNXAdapter(Adapter):
                 "Nothing in this ONNX model can be quantized: no MatMul, Gemm or Conv with INT8 kernels was found."
                 + "".join(f" {u.name}: {u.reason}." for u in unsupported)
             )
+        self._smooth_groups = smoothing_groups(self._inferred)
         self._op_types = {op.name: op.op_type for op in ops}
         self._node_types = {n.name: n.op_type for n in self._inferred.graph.node}
         opset = _default_opset(proto)
@@ -167,8 +169,10 @@ class ONNXAdapter(Adapter):
             # graph on CPU (MiniLM: 0.50 vs 0.54 of FP32 latency at batch 1, 0.53 vs 0.68 at batch 32),
             # so dynamic is the preferred value, tried first.
             approaches = ("dynamic", "static")
-        self.space = Space(ops=tuple(ops), approaches=approaches,
-                           granularities=granularities, unsupported=tuple(unsupported))
+        # SmoothQuant (static only): off first, so the default candidate is plain static INT8.
+        alphas = ALPHAS if self._smooth_groups and "static" in approaches else (None,)
+        self.space = Space(ops=tuple(ops), approaches=approaches, granularities=granularities,
+                           smooth_alphas=alphas, unsupported=tuple(unsupported))
 
     @property
     def fp32_model(self) -> ORTSession:
@@ -211,10 +215,9 @@ class ONNXAdapter(Adapter):
         return feeds
 
     # --- calibration -----------------------------------------------------------------------------
-    def calibrate(self) -> None:
-        if self._stats is not None:
-            return
-        start = time.perf_counter()
+    @contextmanager
+    def _observation(self) -> Iterator[Observation]:
+        """The model with every tensor the quantizer needs a range for exposed as an output."""
         names = sorted(self._tensors)
         augmented = onnx.ModelProto()
         augmented.CopyFrom(self._proto)
@@ -225,26 +228,20 @@ class ONNXAdapter(Adapter):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        stats = {name: TensorStats() for name in names}
-        batches = 0
-        for batch in iterate_batches(self._calib_data):
-            feeds = self._to_feeds(batch, batches)
-            try:
-                outputs = session.run(names, feeds)
-            except Exception as exc:
-                raise CalibrationDataError(
-                    f"ONNX Runtime failed on calibration batch {batches}: {first_line(exc)}. Check the batch's "
-                    "shapes and dtypes against the model inputs."
-                ) from exc
+        smoothed = {g.activation for g in self._smooth_groups}
+        stats = {name: TensorStats(channels=name in smoothed) for name in names}
+
+        def observe(batch: Any, index: int) -> None:
+            outputs = session.run(names, self._to_feeds(batch, index))
             for name, value in zip(names, outputs, strict=False):
                 stats[name].update(value)  # one batch at a time: memory stays O(tensors x bins)
-            batches += 1
-        nonfinite = {k: s.nonfinite for k, s in stats.items() if s.nonfinite}
-        if nonfinite:
-            log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
-        self._stats = stats
-        self._ranges = {}
-        log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
+
+        yield stats, observe
+
+    def _stat_keys(self) -> set[str]:
+        return set(self._tensors)
+
+    def _calibrated(self) -> None:
         self._warn_overclipping()
 
     def _warn_overclipping(self) -> None:
@@ -257,25 +254,6 @@ class ONNXAdapter(Adapter):
         if lines:
             log.warning("Calibration methods clipping far more values than the others (over %.1f%% and %gx any "
                         "other method) on these tensors: %s.", 100 * OVERCLIP_SHARE, OVERCLIP_FACTOR, "; ".join(lines))
-
-    def _range(self, tensor: str, calibration: str, symmetric: bool) -> tuple[float, float]:
-        key = (tensor, calibration, symmetric)
-        if key not in self._ranges:
-            self._ranges[key] = compute_range(self._stats[tensor], CalibrationMethod.parse(calibration),
-                                              symmetric=symmetric)
-        return self._ranges[key]
-
-    def save_stats(self, path: Path) -> bool:
-        """JSON of ``TensorStats.to_dict`` per calibrated tensor, written atomically."""
-        self.calibrate()
-        write_stats(path, self._stats)
-        return True
-
-    def load_stats(self, path: Path) -> bool:
-        self._stats = read_stats(path, set(self._tensors))
-        self._ranges = {}
-        self._warn_overclipping()
-        return True
 
     # --- candidates ------------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> ORTSession:
@@ -292,11 +270,14 @@ class ONNXAdapter(Adapter):
                 )
             else:
                 symmetric = config.scheme == "symmetric"
+                smoothed: dict[str, tuple[float, float]] = {}
+                if config.smooth_alpha is not None:
+                    model, smoothed = smooth(model, self._smooth_groups, self._stats, config.smooth_alpha, symmetric)
                 # An all-FP32 candidate leaves no follower INT8: it is the FP32 model.
                 nodes = [*self._op_types, *_int8_followers(self._followers, config.fp32_ops)]
                 quantizer = _WeightCachingQDQQuantizer(
                     model, per_channel, False, QuantType.QInt8, QuantType.QUInt8,
-                    self._tensor_ranges(config, symmetric),  # a fresh object: the quantizer adjusts it in place
+                    self._tensor_ranges(config, symmetric, smoothed),  # fresh: the quantizer adjusts it in place
                     nodes, sorted(config.fp32_ops), sorted({self._node_types[n] for n in nodes}),
                     {"ActivationSymmetric": symmetric, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
                     weight_params=self._weight_params,
@@ -316,17 +297,17 @@ class ONNXAdapter(Adapter):
                 f"ONNX Runtime cannot load the {config.describe()} candidate: {first_line(exc)}"
             ) from exc
 
-    def _tensor_ranges(self, config: QuantConfig, symmetric: bool) -> TensorsData:
+    def _tensor_ranges(self, config: QuantConfig, symmetric: bool,
+                       smoothed: dict[str, tuple[float, float]]) -> TensorsData:
         """(lo, hi) per tensor from the cached statistics; an op's calibration override applies to
-        the activations it reads (a tensor read by several INT8 ops takes the first override)."""
-        data = {}
+        the activations it reads (a tensor read by several INT8 ops takes the first override).
+        ``smoothed``: the ranges of smoothed activations (min-max, see onnx_smoothing)."""
+        data = {t: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+                for t, (lo, hi) in smoothed.items()}
         for tensor, readers in self._tensors.items():
-            method = config.calibration
-            for op in readers:
-                if op not in config.fp32_ops and op in config.op_calibration:
-                    method = config.op_calibration[op]
-                    break
-            lo, hi = self._range(tensor, method, symmetric)
+            if tensor in data:  # smoothed in place (folded into a LayerNorm): its range is the smoothed one
+                continue
+            lo, hi = self._range(tensor, calibration_for(config, readers), symmetric)
             data[tensor] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
         return TensorsData(ORTCalibrationMethod.MinMax, data)
 

@@ -141,10 +141,16 @@ class CalibrationMethod:
 class TensorStats:
     """Streaming statistics of one tensor over calibration batches, in O(num_bins) memory."""
 
-    def __init__(self, num_bins: int = 2048) -> None:
+    def __init__(self, num_bins: int = 2048, *, channels: bool = False) -> None:
         if not _is_int(num_bins) or num_bins < 2 or num_bins % 2:
             raise ConfigError(f"num_bins must be an even integer >= 2 (0 must be a bin edge), got {num_bins!r}.")
         self.num_bins = int(num_bins)
+        # With ``channels``: the finite min and max per channel of the last axis (a MatMul's input
+        # channels), what SmoothQuant's scales and the smoothed tensor's range need
+        # (autoquant.smoothing); None until a batch.
+        self.channels = channels
+        self.channel_min: np.ndarray | None = None
+        self.channel_max: np.ndarray | None = None
         self.min = math.inf
         self.max = -math.inf
         self.count = 0
@@ -159,6 +165,8 @@ class TensorStats:
         x = np.asarray(values)
         if x.dtype.kind not in "biuf":
             raise ConfigError(f"Calibration values must be real numbers, got dtype {x.dtype}.")
+        if self.channels and x.size:
+            self._update_channels(x)
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float64)
         x = x.ravel()
@@ -185,6 +193,27 @@ class TensorStats:
             np.floor(y, out=y)
             y += h  # exact: y holds integers
             self._counts += np.bincount(y.astype(np.intp), minlength=self.num_bins + 1)
+
+    @property
+    def channel_absmax(self) -> np.ndarray | None:
+        """max |x| per channel of the last axis (with ``channels``; None before any batch)."""
+        return None if self.channel_max is None else np.maximum(-self.channel_min, self.channel_max)
+
+    def _update_channels(self, x: np.ndarray) -> None:
+        flat = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        finite = np.isfinite(flat)
+        lo = np.where(finite, flat, np.inf).min(axis=0).astype(np.float64)
+        hi = np.where(finite, flat, -np.inf).max(axis=0).astype(np.float64)
+        if self.channel_max is None:
+            self.channel_min, self.channel_max = lo, hi
+        elif self.channel_max.shape != hi.shape:
+            raise CalibrationDataError(
+                f"A calibration batch has {hi.size} channels on the last axis where earlier ones had "
+                f"{self.channel_max.size}: per-channel statistics need a fixed channel count."
+            )
+        else:
+            np.minimum(self.channel_min, lo, out=self.channel_min)
+            np.maximum(self.channel_max, hi, out=self.channel_max)
 
     def _scale(self) -> float:
         """Bins per unit, h / R, rounded down until R * scale <= h in floating point."""
@@ -222,7 +251,7 @@ class TensorStats:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON- and np.savez-able) that from_dict turns back into equal stats."""
-        return {
+        data = {
             "num_bins": self.num_bins,
             "min": self.min,
             "max": self.max,
@@ -231,13 +260,20 @@ class TensorStats:
             "range": self._range,
             "counts": self._counts.tolist(),  # num_bins + 1 slots, the last for values at +range
         }
+        if self.channels:  # only then: keeps the dict np.savez-able (no None)
+            data["channel_min"] = [] if self.channel_min is None else self.channel_min.tolist()
+            data["channel_max"] = [] if self.channel_max is None else self.channel_max.tolist()
+        return data
 
     @classmethod
     def from_dict(cls, d: Any) -> TensorStats:
         """Inverse of to_dict; also accepts what np.load gives back for a saved to_dict."""
         try:
-            stats = cls(int(d["num_bins"]))
+            stats = cls(int(d["num_bins"]), channels="channel_max" in d)
             counts = np.asarray(d["counts"], dtype=np.float64).reshape(-1)
+            if stats.channels and np.size(d["channel_max"]):
+                stats.channel_min = np.asarray(d["channel_min"], dtype=np.float64).reshape(-1)
+                stats.channel_max = np.asarray(d["channel_max"], dtype=np.float64).reshape(-1)
             stats.min, stats.max, stats._range = float(d["min"]), float(d["max"]), float(d["range"])
             stats.count, stats.nonfinite = int(d["count"]), int(d["nonfinite"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -472,17 +508,28 @@ def _mse_scale(
     return float(_MSE_SCALES[np.argmin(err)])
 
 
+# The file format of write_stats: 2 added per-channel min/max (TensorStats(channels=True)).
+STATS_FORMAT = 2
+
+
 def write_stats(path: str | os.PathLike, stats: dict[str, TensorStats]) -> None:
     """Save per-tensor statistics as JSON, atomically (a killed job never leaves half a file)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({key: s.to_dict() for key, s in stats.items()}))
+    tmp.write_text(json.dumps({"format": STATS_FORMAT, "tensors": {key: s.to_dict() for key, s in stats.items()}}))
     os.replace(tmp, path)
 
 
 def read_stats(path: str | os.PathLike, expected: set[str]) -> dict[str, TensorStats]:
-    """Statistics saved by ``write_stats``; an error if they are not for exactly ``expected`` tensors."""
+    """Statistics saved by ``write_stats``; an error if they are not for exactly ``expected`` tensors
+    or were written in another format (an older autoquant's cache: calibrate again)."""
     data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("format") != STATS_FORMAT:
+        raise ConfigError(
+            f"The calibration cache {path} was written in another statistics format than this autoquant's "
+            f"({STATS_FORMAT}): delete it to recalibrate."
+        )
+    data = data.get("tensors")
     if not isinstance(data, dict) or set(data) != expected:
         raise ConfigError(
             f"The calibration cache {path} holds statistics for other tensors than this model's "

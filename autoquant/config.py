@@ -35,6 +35,7 @@ from pydantic_core import ErrorDetails
 from autoquant.adapters import ADAPTERS, is_onnx_path
 from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
 from autoquant.errors import ConfigError, unknown_choice
+from autoquant.smoothing import ALPHAS, check_alpha
 from autoquant.space import (
     APPROACHES,
     CALIBRATIONS,
@@ -89,6 +90,10 @@ class SpaceSpec(_Strict):
     calibration: str | list[str] | None = Field(None, description=_KNOB + ", ".join(CALIBRATIONS))
     granularity: str | list[str] | None = Field(None, description=_KNOB + ", ".join(GRANULARITIES))
     scheme: str | list[str] | None = Field(None, description=_KNOB + ", ".join(SCHEMES))
+    smooth_alpha: float | list[float | None] | None = Field(None, description=(
+        "SmoothQuant strength(s) to search, numbers in [0, 1]; null in a list means no smoothing "
+        "(`[null, 0.5, 0.8]`; `[null]` turns it off). Default: every value the adapter offers (ONNX: "
+        + ", ".join(map(str, ALPHAS)).replace("None", "null") + "; static only)"))
     fp32_ops: list[str] = Field(default_factory=list, description=(
         "ops that stay FP32, by name or glob pattern (`bert.encoder.layer.*.output.dense`); "
         "a pattern that matches no op is an error"))
@@ -101,6 +106,9 @@ class SpaceSpec(_Strict):
             value = getattr(self, knob)
             for v in [value] if isinstance(value, str) else value or []:
                 _choice(f"space.{knob} value", v, allowed)
+        alphas = self.smooth_alpha if isinstance(self.smooth_alpha, list) else [self.smooth_alpha]
+        for alpha in alphas:
+            check_alpha(alpha)
         return self
 
     def restriction(self) -> Restriction:

