@@ -33,7 +33,6 @@ from autoquant.examples import text
 from autoquant.latency import measure_latency
 from autoquant.report import print_summary
 
-SMOOTH_DEFAULT = {"onnx": "off,0.5,0.65,0.8", "fx": "off"}
 STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
 
 
@@ -47,9 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences from sts-train")
     parser.add_argument("--dev-pairs", type=int, default=None, help="first N dev pairs (default: all 1500)")
     parser.add_argument("--approach", choices=["static", "dynamic"], default=None, help="pin the approach")
-    parser.add_argument("--smooth", default=None,
-                        help="SmoothQuant alphas to search, comma-separated; 'off' = no smoothing "
-                             "(default: off,0.5,0.65,0.8 with onnx; off with fx)")
+    parser.add_argument("--smooth", default="off,0.5,0.65,0.8",
+                        help="SmoothQuant alphas to search, comma-separated; 'off' = no smoothing")
     parser.add_argument("--label", default="search", help="the row's name in --table")
     parser.add_argument("--table", default=None, help="append a result row to this Markdown file")
     parser.add_argument("--out", default="autoquant-out/minilm-sts")
@@ -70,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     dev_batches = dev.batches()
     session = ORTSession if args.adapter == "onnx" else text.TorchSession
 
-    smooth = args.smooth or SMOOTH_DEFAULT[args.adapter]
-    alphas = [None if a == "off" else float(a) for a in smooth.split(",")]
+    alphas = [None if a == "off" else float(a) for a in args.smooth.split(",")]
     restrict = autoquant.Restriction(approach=args.approach, granularity="per_channel", scheme="asymmetric",
                                      calibration=["minmax", "percentile-99.999"], smooth_alpha=alphas)
     tuner = autoquant.Tuner(autoquant.AccuracyCriterion(relative=args.relative), strategy=args.strategy,
