@@ -12,6 +12,7 @@ for the smoothed tensor.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +33,15 @@ class SmoothGroup:
 
 
 def smoothing_groups(recording: fx.GraphModule, is_observer) -> list[SmoothGroup]:  # noqa: ANN001
-    """Observed tensors read by Linears only, with those Linears."""
+    """Observed tensors read by Linears only, with those Linears. An observer that also observes
+    another tensor (a same-scale op such as flatten or max-pool shares its input's) keeps the
+    statistics of that tensor, whose channels are not the Linear's: not smoothed."""
+    observers = [n for n in recording.graph.nodes
+                 if n.op == "call_module" and is_observer(recording.get_submodule(str(n.target)))]
+    calls = Counter(id(recording.get_submodule(str(n.target))) for n in observers)  # shared under two names
     groups = []
-    for node in recording.graph.nodes:
-        if node.op != "call_module" or not is_observer(recording.get_submodule(str(node.target))):
+    for node in observers:
+        if calls[id(recording.get_submodule(str(node.target)))] > 1:
             continue
         users = list(node.users)
         if users and all(u.op == "call_module" and type(recording.get_submodule(str(u.target))) is nn.Linear
