@@ -8,6 +8,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,19 +78,13 @@ class Adapter(ABC):
 
     # --- calibration cache (optional) ---------------------------------------------------------
     def save_stats(self, path: Path) -> bool:
-        """Write the statistics ``calibrate`` collected to the file ``path``; False if unsupported.
-
-        Contract: call after ``calibrate``; write atomically (a temporary file, then rename) so a
-        killed job never leaves a half-written cache; the format is the adapter's own.
-        """
+        """Write the statistics ``calibrate`` collected to ``path``, in the adapter's own format;
+        False if unsupported. (``stats_cache`` seals the file and moves it into place atomically.)"""
         return False
 
     def load_stats(self, path: Path) -> bool:
-        """Restore statistics written by ``save_stats`` so that ``calibrate`` does nothing.
-
-        Returns False if this adapter has no cache. Raises ``ConfigError`` when the file does not
-        belong to this model (other tensors), so the caller recalibrates instead of using it.
-        """
+        """Restore statistics written by ``save_stats`` so that ``calibrate`` does nothing; False
+        if unsupported. Raises ``ConfigError`` when the file holds another model's tensors."""
         return False
 
 
@@ -141,6 +136,15 @@ class TensorStatsAdapter(Adapter):
             log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
         log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
         self._use_stats(stats)
+
+    def _ready(self, config: QuantConfig) -> None:
+        """Refuse a config this adapter cannot build (an op it does not have, a knob value outside
+        its space; a calibration method need only be registered), then calibrate."""
+        methods = tuple(m for m in {config.calibration, *config.op_calibration.values()} if m is not None)
+        for method in methods:
+            CalibrationMethod.parse(method)  # searched or not: CONTRIBUTING's recipe 2 builds unsearched ones
+        replace(self.space, calibrations=methods or self.space.calibrations).validate(config)
+        self.calibrate()
 
     def _use_stats(self, stats: dict[str, TensorStats]) -> None:
         self._stats, self._ranges = stats, {}

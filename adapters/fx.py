@@ -99,8 +99,8 @@ class _WeightObserver:
 
     def __init__(self, granularity: str) -> None:
         self.granularity = granularity
-        # keyed by address; the tensor is kept so that its address cannot be reused by another
-        self._ranges: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # keyed by (data_ptr, version, shape); the tensor is kept so that its address cannot be reused
+        self._ranges: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, ...]] = {}
 
     def factory(self) -> Any:
         base = PerChannelMinMaxObserver if self.granularity == "per_channel" else MinMaxObserver
@@ -273,7 +273,7 @@ class FXAdapter(TensorStatsAdapter):
 
     # --- candidates -----------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> nn.Module:
-        self.calibrate()
+        self._ready(config)
         converted = {}
         for unit in self._units:
             candidate = _shared_copy(self._family(unit, config))

@@ -257,7 +257,7 @@ class ONNXAdapter(TensorStatsAdapter):
 
     # --- candidates ------------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> ORTSession:
-        self.calibrate()
+        self._ready(config)
         model = onnx.ModelProto()
         model.CopyFrom(self._inferred)  # the quantizers edit the model they are given
         per_channel = config.granularity == "per_channel"
@@ -282,12 +282,8 @@ class ONNXAdapter(TensorStatsAdapter):
                     {"ActivationSymmetric": symmetric, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
                     weight_params=self._weight_params,
                 )
-            previous = logging.root.manager.disable
-            logging.disable(logging.INFO)  # the quantizers log every unquantized tensor on the root logger
-            try:
+            with _without_quantizer_info():
                 quantized = quantizer.quantize_model()
-            finally:
-                logging.disable(previous)
         except Exception as exc:
             raise BackendError(f"onnxruntime.quantization failed for {config.describe()}: {first_line(exc)}") from exc
         try:
@@ -342,6 +338,19 @@ class ONNXAdapter(TensorStatsAdapter):
     def load_model(cls, path: Path) -> onnx.ModelProto:
         """The saved ``onnx.ModelProto``; ``onnxruntime.InferenceSession(str(path))`` runs the file directly."""
         return _load(path)
+
+
+@contextmanager
+def _without_quantizer_info() -> Iterator[None]:
+    """Drop the INFO lines ORT's quantizers log on the root logger (one per unquantized tensor) and
+    nothing else: a root-logger filter never sees records of other loggers, and this one passes
+    every record that is not ORT's."""
+    keep = lambda record: record.levelno > logging.INFO or "onnxruntime" not in record.pathname  # noqa: E731
+    logging.root.addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.root.removeFilter(keep)
 
 
 # --- model inspection --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,12 @@ from rich.table import Table
 
 from autoquant import __version__, storage
 from autoquant.config import JOB_COPY, STATS_FILE, LoadedJob, load_job, mask_url, parse_job
-from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError
 from autoquant.plots import plot_history
 from autoquant.report import history_frame, print_summary
 from autoquant.result import HISTORY_FILE, TuneResult
-from autoquant.trials import BASELINE, counted, records, study_records
-from autoquant.tuner import TuneInterrupted, Tuner, best_trial
+from autoquant.trials import BASELINE, best_trial, counted, records, study_records
+from autoquant.tuner import TuneInterrupted, Tuner
 from autoquant.yaml_reference import yaml_reference
 
 log = logging.getLogger("autoquant")
@@ -39,13 +38,14 @@ CONFIG_FILE = "config.yaml"
 
 
 # --- running a job (also used by experiments/sweep.py) ------------------------------------------
-def make_tuner(job: LoadedJob, *, on_trial: Any = None, stats_cache: Path | None = None,
-               restart: bool = False) -> Tuner:
+def make_tuner(job: LoadedJob, *, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+               stats_cache: Path | None = None, restart: bool = False) -> Tuner:
     spec = job.spec
     return Tuner(
         spec.criterion.criterion(), strategy=spec.strategy.strategy(), max_trials=spec.strategy.max_trials,
         timeout=spec.strategy.timeout, seed=spec.strategy.seed, restrict=spec.space.restriction(),
         storage=job.storage(), study_name=job.name, latency_budget_s=spec.latency_budget_s,
+        latency_precision=spec.latency_precision,
         stats_cache=stats_cache or job.output / STATS_FILE, on_trial=on_trial, objective=spec.strategy.objective,
         restart=restart, trial_timeout=spec.strategy.trial_timeout, isolate=spec.strategy.isolate,
     )
@@ -80,8 +80,7 @@ def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path
         log.info("Continuing study '%s' (%d trial(s) so far) in %s.", job.name, existing, where)
     else:
         log.info("New study '%s' in %s.", job.name, where)
-    progress = Progress(job.spec.strategy.max_trials, job.spec.strategy.timeout, job.spec.criterion.criterion())
-    tuner = make_tuner(job, on_trial=progress, stats_cache=stats_cache, restart=restart)
+    tuner = make_tuner(job, stats_cache=stats_cache, restart=restart)
     model = job.load_model()
     try:
         result = tuner.tune(model, job.load_calibration(), job.load_eval(), adapter=job.adapter)
@@ -96,40 +95,6 @@ def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path
     result.save(out)
     console.print(f"Wrote result.json, history.csv, {CONFIG_FILE}, trials.png, tradeoff.png and the model to {out}/")
     return result
-
-
-class Progress:
-    """A log line after each trial: trials done, best so far, goal met or not, time left."""
-
-    def __init__(self, max_trials: int, timeout: float | None, criterion: AccuracyCriterion) -> None:
-        self.max_trials, self.timeout, self.criterion = max_trials, timeout, criterion
-        self.start = time.perf_counter()
-        self.done_here = 0
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.done_here += 1
-        baseline = study.user_attrs.get(BASELINE)
-        trials = study_records(study)
-        best = best_trial(trials, baseline, self.criterion)
-        elapsed = time.perf_counter() - self.start
-        spans = [t.seconds for t in trials if t.measured and t.seconds is not None]
-        per_trial = sum(spans) / len(spans) if spans else 0.0
-        done = counted(trials)
-        met = (best is not None and best.measurement is not None and baseline is not None
-               and self.criterion.passes(baseline, best.measurement.accuracy))
-        if best is None or best.measurement is None:
-            best_text = "no result yet"
-        else:
-            best_text = (f"best trial {best.number}: accuracy {best.measurement.accuracy:.4g}, "
-                         f"latency x{best.measurement.latency_ratio:.2f}")
-        if met:
-            left_text = "goal MET"
-        else:
-            left = max(self.max_trials - done, 0) * per_trial
-            if self.timeout is not None:
-                left = min(left, max(self.timeout - elapsed, 0.0))
-            left_text = f"goal not met yet; at most ~{left:.0f} s left"
-        log.info("progress: %d/%d trials; %s; %s; %.0f s elapsed", done, self.max_trials, best_text, left_text, elapsed)
 
 
 # --- report -------------------------------------------------------------------------------------

@@ -193,8 +193,11 @@ class Job(_Strict):
         "(several processes), `postgresql://user:${PGPASSWORD}@host/db` (several machines); "
         "environment variables are expanded"))
     output: str | None = Field(None, description="the output folder (default: `autoquant-out/NAME`)")
-    latency_budget_s: float = Field(_TUNER["latency_budget_s"], gt=0,
-                                    description="seconds of timing per latency measurement")
+    latency_budget_s: float = Field(_TUNER["latency_budget_s"], gt=0, description=(
+        "most seconds one latency measurement may take (it stops earlier once `latency_precision` is reached)"))
+    latency_precision: float = Field(_TUNER["latency_precision"], gt=0, description=(
+        "latency is timed against FP32 in interleaved pairs until the ratio is known to this relative precision "
+        "(0.05: +-5% at 95% confidence)"))
 
     @field_validator("calibration", "eval", mode="before")
     @classmethod

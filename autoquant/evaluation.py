@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoquant.errors import AutoquantError, EvalFunctionError, first_line
-from autoquant.latency import Latency
+from autoquant.latency import LatencyRatio
 
 EvalFn = Callable[[Any], float]
 
@@ -44,7 +44,7 @@ class _Timeout(BaseException):  # BaseException: eval_fn's own ``except Exceptio
 @dataclass(frozen=True)
 class Scored:
     accuracy: float
-    latency: Latency
+    latency: LatencyRatio
     build_s: float
     eval_s: float
 
@@ -69,7 +69,7 @@ def evaluate(eval_fn: EvalFn, model: Any, what: str) -> float:
     return value
 
 
-def evaluate_candidate(build: Callable[[], Any], eval_fn: EvalFn, latency: Callable[[Any], Latency], what: str,
+def evaluate_candidate(build: Callable[[], Any], eval_fn: EvalFn, latency: Callable[[Any], LatencyRatio], what: str,
                        *, timeout: float | None = None, isolate: bool = False) -> Scored:
     """Build, score and time one candidate; ``CandidateFailed`` with the reason if any step fails."""
     if isolate:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoquant.errors import BackendError, ConfigError, first_line, unknown_choice
-from autoquant.latency import measure_latency
+from autoquant.latency import measure_ratio
 from autoquant.space import QuantConfig, Space
 
 if TYPE_CHECKING:
@@ -151,11 +151,12 @@ class OutputProbe:
         return self.score(config).error
 
     def latency_ratio(self, config: QuantConfig, budget_s: float) -> float:
-        """Latency of the candidate over FP32's, interleaved on the adapter's latency batch."""
+        """Latency of the candidate over FP32's, interleaved on the adapter's latency batch, until known
+        to +-5% or ``budget_s`` is spent."""
         start = time.perf_counter()
         model, adapter = self._build(self._space.canonical(config)), self._adapter
-        ratio = measure_latency(adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
-                                min_repeats=3).ratio
+        ratio = measure_ratio(adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
+                              min_pairs=3).ratio
         self.cost.latency_measurements += 1
         self.cost.seconds += time.perf_counter() - start
         return ratio

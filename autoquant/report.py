@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import optuna
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from autoquant.result import TuneResult, counts_text
 from autoquant.space import KNOBS, QuantConfig, Space
 from autoquant.trials import MEASUREMENT_KEYS, records
 
-if TYPE_CHECKING:
-    from autoquant.result import TuneResult
-
 HISTORY_COLUMNS = [
     "trial", "state", "accuracy", "loss", "passed", "latency_ratio", "n_fp32", *KNOBS, "op_calibration", "fp32_ops",
-    "config", "outcome", "latency_ms", "fp32_latency_ms", "build_s", "eval_s", "duplicate_of", "error",
+    "config", "outcome", "latency_precision", "latency_ms", "fp32_latency_ms", "build_s", "eval_s", "duplicate_of",
+    "error",
 ]
 assert set(MEASUREMENT_KEYS) <= set(HISTORY_COLUMNS)
 
@@ -33,6 +31,10 @@ def describe_space(space: Space, adapter: str) -> str:
         f"({', '.join(f'{n} {t}' for t, n in by_type.items()) or 'none'}); {space.size():,} candidates.",
         "  knobs: " + "; ".join(f"{k}={'|'.join(space.choices(k))}" for k in KNOBS),
     ]
+    if space.unsupported:
+        counts = space.op_counts(space.default_config())
+        lines.append("  whole model: " + "; ".join(
+            f"{c.total} {c.op_type} ({c.total - c.unsupported} in the space)" for c in counts))
     if space.fixed_fp32:
         lines.append(f"  kept FP32 by request: {', '.join(sorted(space.fixed_fp32))}")
     for unsupported in space.unsupported:
@@ -79,8 +81,10 @@ def summary_table(result: TuneResult) -> Table:
         ("INT8 accuracy", f"{result.accuracy:.6g}"),
         ("relative loss", f"{result.relative_loss:+.3%}"),
         ("latency ratio (INT8/FP32)", f"{result.latency_ratio:.3f}"
+         + (f" +-{result.latency_precision:.0%}" if result.latency_precision is not None else "")
          + ("  SLOWER than FP32: no passing candidate was faster" if result.slower_than_fp32 else "")),
-        ("ops left in FP32", f"{len(result.fp32_ops)} of {result.quantizable_ops}"
+        ("quantized (whole model)", counts_text(result.op_counts)),
+        ("searched ops left in FP32", f"{len(result.fp32_ops)} of {result.quantizable_ops}"
          + (f": {', '.join(result.fp32_ops[:6])}{' ...' if len(result.fp32_ops) > 6 else ''}"
             if result.fp32_ops else "")),
         ("config", config_text(result.config)),

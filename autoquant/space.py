@@ -51,6 +51,25 @@ class UnsupportedOp:
 
 
 @dataclass(frozen=True)
+class OpCount:
+    """How one kind of op (Linear, Conv2d, MatMul...) of the whole model runs in a config: INT8,
+    FP32 though in the space (chosen, by request, or not under this approach), or FP32 because it
+    is not in the space at all (``Space.unsupported``)."""
+
+    op_type: str
+    int8: int
+    fp32: int
+    unsupported: int
+
+    @property
+    def total(self) -> int:
+        return self.int8 + self.fp32 + self.unsupported
+
+    def to_dict(self) -> dict[str, int]:
+        return {"int8": self.int8, "fp32": self.fp32, "not_quantizable": self.unsupported, "total": self.total}
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """One candidate: the knob values and the ops that fall back to FP32.
 
@@ -170,6 +189,24 @@ class Space:
         """Every op that runs FP32 in ``config``: chosen, forced by the user, or unsupported by the approach."""
         tunable = {op.name for op in self.tunable_ops(config.approach)}
         return frozenset(config.fp32_ops) | (set(self.op_names) - tunable)
+
+    def op_counts(self, config: QuantConfig) -> tuple[OpCount, ...]:
+        """Per op kind, over the whole model (searched ops and ``unsupported`` parts alike), how many
+        run INT8 and FP32 in ``config``; kinds in order of first appearance.
+
+        >>> ops = (OpInfo("a", "Linear"), OpInfo("b", "Linear"))
+        >>> space = Space(ops, unsupported=(UnsupportedOp("c", "Linear", "x"),))
+        >>> space.op_counts(QuantConfig(fp32_ops=frozenset({"b"})))
+        (OpCount(op_type='Linear', int8=1, fp32=1, unsupported=1),)
+        """
+        fp32 = self.fp32_ops(config)
+        kinds = dict.fromkeys([op.op_type for op in self.ops] + [op.op_type for op in self.unsupported])
+        return tuple(OpCount(
+            kind,
+            int8=sum(1 for op in self.ops if op.op_type == kind and op.name not in fp32),
+            fp32=sum(1 for op in self.ops if op.op_type == kind and op.name in fp32),
+            unsupported=sum(1 for op in self.unsupported if op.op_type == kind),
+        ) for kind in kinds)
 
     def resolve(self, config: QuantConfig) -> QuantConfig:
         """``config`` with every FP32 op listed, as a backend must build it."""

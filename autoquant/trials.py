@@ -13,11 +13,12 @@ result.json.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import optuna
 
+from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import ConfigError
 from autoquant.fingerprint import Fingerprint
 from autoquant.space import QuantConfig
@@ -56,17 +57,20 @@ class Measurement:
     n_fp32: int
     build_s: float
     eval_s: float
+    # How well latency_ratio is known: the 95% interval's relative half-width (0.05: +-5%); None in
+    # studies written before it was recorded.
+    latency_precision: float | None = None
 
     def to_attrs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> Measurement | None:
-        """None unless every field is there (a RUNNING trial of another worker may have some)."""
+        """None unless every required field is there (a RUNNING trial of another worker may have some)."""
         names = [f.name for f in fields(cls)]
-        if not all(name in attrs for name in names):
+        if not all(f.name in attrs for f in fields(cls) if f.default is MISSING):
             return None
-        return cls(**{name: attrs[name] for name in names})
+        return cls(**{name: attrs[name] for name in names if name in attrs})
 
 
 MEASUREMENT_KEYS = tuple(f.name for f in fields(Measurement))
@@ -184,3 +188,15 @@ def check_study(study: optuna.Study, fp: Fingerprint) -> None:
     if changed:
         raise ConfigError(f"Study '{study.study_name}' was made with another model or data: {changed} changed since "
                           f"(its FP32 baseline, trials and calibration belong to the old one). {fix}")
+
+
+def best_trial(trials: Iterable[TrialRecord], baseline: float | None,
+               criterion: AccuracyCriterion) -> TrialRecord | None:
+    """The result among measured trials: the fastest that passes, else the most accurate (None if none)."""
+    rated = [(t.measurement, t) for t in trials if t.measured and t.measurement is not None]
+    if not rated or baseline is None:
+        return None
+    passing = [(m, t) for m, t in rated if criterion.passes(baseline, m.accuracy)]
+    if passing:
+        return min(passing, key=lambda mt: (mt[0].latency_ratio, mt[1].number))[1]
+    return min(rated, key=lambda mt: (criterion.loss(baseline, mt[0].accuracy), mt[0].latency_ratio, mt[1].number))[1]

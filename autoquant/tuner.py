@@ -21,10 +21,11 @@ from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, first_line, unknown_choice
 from autoquant.evaluation import CandidateFailed, EvalFn, evaluate, evaluate_candidate
 from autoquant.fingerprint import Fingerprint, fingerprint
-from autoquant.latency import measure_latency
+from autoquant.latency import LatencyRatio, measure_ratio
 from autoquant.probe import OutputProbe
+from autoquant.progress import Progress
 from autoquant.report import config_text, describe_space, history_frame
-from autoquant.result import TuneResult
+from autoquant.result import TuneResult, counts_text
 from autoquant.space import QuantConfig, Restriction, Space
 from autoquant.strategies import SearchExhausted, Strategy, get_strategy
 from autoquant.trials import (
@@ -36,6 +37,7 @@ from autoquant.trials import (
     ERROR,
     Measurement,
     TrialRecord,
+    best_trial,
     check_study,
     counted,
     measured_by_key,
@@ -63,11 +65,22 @@ class TuneInterrupted(AutoquantError):
         self.partial_result = partial_result
 
 
+LatencyFn = Callable[[QuantConfig, Callable[[], object], Callable[[], object]], LatencyRatio]
+
+
 class Tuner:
-    """Finds the fastest INT8 candidate that meets ``criterion``, stopping at the first that does.
+    """Finds the fastest INT8 candidate that meets ``criterion``, stopping at the first that does
+    and runs faster than FP32. A passing candidate slower than FP32 does not stop the search: it
+    goes on within ``max_trials`` and ``timeout`` for a faster one, returns the fastest passing
+    candidate, and says so when none beat FP32 (``TuneResult.slower_than_fp32``).
 
     With ``objective="latency"`` it goes on after the first pass, within ``max_trials`` and
     ``timeout``, and returns the fastest passing candidate by measured latency ratio.
+
+    Latency is measured against FP32 in interleaved pairs until the ratio is known to
+    ``latency_precision`` (0.05: +-5% at 95% confidence) or ``latency_budget_s`` seconds are
+    spent; ``latency_fn(config, fp32_run, candidate_run) -> LatencyRatio`` replaces that
+    measurement (a seam for tests and for a known latency model).
 
     Every trial is recorded in an Optuna study (in memory unless ``storage`` is given), so a job
     that fails half-way keeps what it finished, and a job run again on the same storage and
@@ -95,7 +108,9 @@ class Tuner:
         restrict: Restriction | None = None,
         storage: str | optuna.storages.BaseStorage | None = None,
         study_name: str | None = None,
-        latency_budget_s: float = 0.25,
+        latency_budget_s: float = 0.5,
+        latency_precision: float = 0.05,
+        latency_fn: LatencyFn | None = None,
         objective: str = "accuracy",
         stats_cache: str | Path | None = None,
         on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
@@ -119,7 +134,11 @@ class Tuner:
         self.restrict = restrict
         self.storage = storage
         self.study_name = study_name
+        if latency_precision <= 0:
+            raise ConfigError(f"latency_precision must be positive (0.05: +-5%), got {latency_precision}.")
         self.latency_budget_s = latency_budget_s
+        self.latency_precision = latency_precision
+        self.latency_fn = latency_fn
         # Durable and distributed runs: a calibration cache file, a per-trial callback (progress),
         # and how long a RUNNING trial of another host may go without a heartbeat.
         self.stats_cache = Path(stats_cache) if stats_cache is not None else None
@@ -273,6 +292,8 @@ class _Run:
         self.fp32_runner = backend.runner(backend.fp32_model)
         self.met_here = False
         self.signals = _StopSignals()
+        self.progress = Progress(tuner.max_trials, tuner.timeout, tuner.criterion, objective=tuner.objective)
+        self.said_slower = False
 
     def search(self) -> None:
         fail_stale_trials(self.study, grace_s=self.tuner.stale_after_s)
@@ -300,8 +321,10 @@ class _Run:
                 abandon(self.study, trial._trial_id, f"stopped ({how}) while running: it runs again on the next "
                                                      "tune of this study")
                 raise self._interrupted(how, trial.number) from None
+            frozen = self.study.get_trials(deepcopy=False)[trial.number]
+            self.progress(self.study, frozen)
             if self.tuner.on_trial is not None:
-                self.tuner.on_trial(self.study, self.study.get_trials(deepcopy=False)[trial.number])
+                self.tuner.on_trial(self.study, frozen)
             if self.signals.received:
                 raise self._interrupted(self.signals.received)
         if reason:
@@ -310,8 +333,16 @@ class _Run:
     def _stop_reason(self) -> str | None:
         """Why the search stops now ("" when this worker just met the goal), or None to go on."""
         trials = study_records(self.study)  # other workers' trials too: stop all once one met the goal
-        if self.tuner.objective == "accuracy" and any(self._passes(t) for t in trials if t.measured):
-            return "" if self.met_here else "another worker met the goal"
+        passing = [t.measurement for t in trials if t.measured and self._passes(t) and t.measurement is not None]
+        if self.tuner.objective == "accuracy" and passing:
+            fastest = min(passing, key=lambda m: m.latency_ratio)
+            if fastest.latency_ratio < 1.0:
+                return "" if self.met_here else "another worker met the goal"
+            if not self.said_slower:
+                self.said_slower = True
+                log.info("The goal is met, but at x%.2f the FP32 latency: searching on (within max_trials=%d%s) for a "
+                         "passing candidate faster than FP32.", fastest.latency_ratio, self.tuner.max_trials,
+                         f", timeout={self.tuner.timeout:g} s" if self.tuner.timeout else "")
         if counted(trials) >= self.tuner.max_trials:
             return f"max_trials={self.tuner.max_trials} reached"
         if self.tuner.timeout is not None and time.perf_counter() - self.start > self.tuner.timeout:
@@ -342,8 +373,7 @@ class _Run:
             with self.signals.interruptible():
                 scored = evaluate_candidate(
                     lambda: self.backend.build(self.space.resolve(config)), self.eval_fn,
-                    lambda model: measure_latency(self.fp32_runner, self.backend.runner(model),
-                                                  budget_s=self.tuner.latency_budget_s),
+                    lambda model: self._latency(config, model),
                     what, timeout=self.tuner.trial_timeout, isolate=self.tuner.isolate)
         except CandidateFailed as exc:  # a candidate that fails is a failed trial, not a failed job
             log.warning("%s FAILED: %s", what, exc)
@@ -355,13 +385,22 @@ class _Run:
             accuracy=scored.accuracy, loss=self.criterion.loss(self.baseline, scored.accuracy),
             passed=self.criterion.passes(self.baseline, scored.accuracy), latency_ratio=scored.latency.ratio,
             latency_ms=scored.latency.candidate_ms, fp32_latency_ms=scored.latency.baseline_ms, n_fp32=n_fp32,
-            build_s=scored.build_s, eval_s=scored.eval_s,
+            build_s=scored.build_s, eval_s=scored.eval_s, latency_precision=scored.latency.half_width,
         )
         self._record(trial, measurement)
-        log.info("trial %d (%d/%d)  %-4s  accuracy %.6g (loss %+.3g)  latency x%.2f  FP32 ops %d/%d  %s",
+        log.info("trial %d (%d/%d)  %-4s  accuracy %.6g (loss %+.3g)  latency x%.2f +-%.0f%%  FP32 ops %d/%d  %s",
                  trial.number, counted(study_records(self.study)), self.tuner.max_trials,
                  "PASS" if measurement.passed else "fail", measurement.accuracy, measurement.loss,
-                 measurement.latency_ratio, n_fp32, len(self.space.ops), config_text(config))
+                 measurement.latency_ratio, 100 * scored.latency.half_width, n_fp32, len(self.space.ops),
+                 config_text(config))
+
+    def _latency(self, config: QuantConfig, model: Any) -> LatencyRatio:
+        """The candidate's latency over FP32's, known to the tuner's precision or its time cap."""
+        candidate = self.backend.runner(model)
+        if self.tuner.latency_fn is not None:
+            return self.tuner.latency_fn(config, self.fp32_runner, candidate)
+        return measure_ratio(self.fp32_runner, candidate, precision=self.tuner.latency_precision,
+                             budget_s=self.tuner.latency_budget_s, min_pairs=5)
 
     def _record(self, trial: optuna.Trial, measurement: Measurement, *, duplicate_of: int | None = None) -> None:
         for name, value in measurement.to_attrs().items():
@@ -408,8 +447,11 @@ class _Run:
                 self.criterion.describe(), counted(trials), best.number, m.loss,
             )
         elif m.latency_ratio >= 1.0:
-            log.warning("No passing candidate is faster than FP32: the best, trial %d, runs at x%.2f the FP32 "
-                        "latency. The FP32 model is the faster choice on this backend.", best.number, m.latency_ratio)
+            log.warning("No passing candidate is faster than FP32 (%d trial(s)): the fastest, trial %d, runs at x%.2f "
+                        "the FP32 latency. The FP32 model is the faster choice on this backend (more trials may "
+                        "find a faster pass).", counted(trials), best.number, m.latency_ratio)
+        counts = self.space.op_counts(config)
+        log.info("quantized (whole model): %s", counts_text(counts))
         return TuneResult(
             model=self.backend.result_model(self.backend.build(config)),
             config=config,
@@ -430,6 +472,8 @@ class _Run:
             sensitivity=self.tuner.strategy.sensitivity,
             probe_cost=self._probe_cost(),
             failed_trials={t.number: t.error or "" for t in trials if t.outcome == "FAILED" and t.counts},
+            op_counts=counts,
+            latency_precision=m.latency_precision,
         )
 
     def _probe_cost(self) -> str:
@@ -457,18 +501,6 @@ def _progress_lines(verbose: bool) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-
-
-def best_trial(trials: Iterable[TrialRecord], baseline: float | None,
-               criterion: AccuracyCriterion) -> TrialRecord | None:
-    """The result among measured trials: the fastest that passes, else the most accurate (None if none)."""
-    rated = [(t.measurement, t) for t in trials if t.measured and t.measurement is not None]
-    if not rated or baseline is None:
-        return None
-    passing = [(m, t) for m, t in rated if criterion.passes(baseline, m.accuracy)]
-    if passing:
-        return min(passing, key=lambda mt: (mt[0].latency_ratio, mt[1].number))[1]
-    return min(rated, key=lambda mt: (criterion.loss(baseline, mt[0].accuracy), mt[0].latency_ratio, mt[1].number))[1]
 
 
 OBJECTIVES = ("accuracy", "latency")

@@ -47,7 +47,7 @@ from torch import nn
 
 from autoquant import AccuracyCriterion, QuantConfig, Restriction, Tuner
 from autoquant.examples.digits import BATCH_SIZE, accuracy_fn, load_data, make_fragile, train_model
-from autoquant.latency import measure_latency
+from autoquant.latency import measure_ratio
 from autoquant.strategies import STRATEGIES
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -227,10 +227,10 @@ def add_latencies(row: dict[str, Any], oracle: QuantConfig | None, args: argpars
     row["final_config"] = json.dumps(config.to_dict())
     final = adapter.runner(adapter.build(adapter.space.resolve(config)))
     fp32 = adapter.runner(adapter.fp32_model)
-    row["latency_ratio"] = measure_latency(fp32, final, budget_s=args.latency_budget).ratio
+    row["latency_ratio"] = measure_ratio(fp32, final, budget_s=args.latency_budget).ratio
     if oracle is not None:
         reference = adapter.runner(adapter.build(adapter.space.resolve(oracle)))
-        row["vs_oracle"] = measure_latency(reference, final, budget_s=args.latency_budget).ratio
+        row["vs_oracle"] = measure_ratio(reference, final, budget_s=args.latency_budget).ratio
     return row
 
 
@@ -273,7 +273,7 @@ def run_neural_compressor(case: Case, relative: float, args: argparse.Namespace)
                 "conv_linear_fp32": "", "config": "None (no model returned)"}
     model = quantized.model
     first = images[:BATCH_SIZE]  # the batch autoquant's adapters measure latency on
-    latency = measure_latency(torch_runner(case.model, first), torch_runner(model, first), budget_s=args.latency_budget)
+    latency = measure_ratio(torch_runner(case.model, first), torch_runner(model, first), budget_s=args.latency_budget)
     accuracy = case.eval_fn(model)
     layers = weight_layers(model)
     return {**row, "final_accuracy": accuracy, "relative_loss": (counting.scores[0] - accuracy) / counting.scores[0],

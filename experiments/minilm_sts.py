@@ -30,7 +30,7 @@ import onnx
 import autoquant
 from autoquant.adapters.onnx import ORTSession
 from autoquant.examples import text
-from autoquant.latency import measure_latency
+from autoquant.latency import measure_ratio
 from autoquant.report import print_summary
 
 STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark"  # ../shared of the repo
@@ -86,9 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
     latency = {}
     for batch in (1, 32):
         feeds = _feeds(batch, 128, args.seed)
-        lat = measure_latency(functools.partial(fp32.run, None, feeds), functools.partial(int8.run, None, feeds),
-                              budget_s=4.0)
-        latency[f"batch{batch}_seq128"] = {"ratio": lat.ratio, "fp32_ms": lat.baseline_ms, "int8_ms": lat.candidate_ms}
+        lat = measure_ratio(functools.partial(fp32.run, None, feeds), functools.partial(int8.run, None, feeds),
+                            budget_s=4.0)
+        latency[f"batch{batch}_seq128"] = {"ratio": lat.ratio, "precision": lat.half_width,
+                                             "fp32_ms": lat.baseline_ms, "int8_ms": lat.candidate_ms}
     report = {
         "adapter": args.adapter, "strategy": args.strategy, "criterion": result.criterion.describe(), "met": result.met,
         "dev_pairs": len(dev.gold), "calib_sentences": args.calib,

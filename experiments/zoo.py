@@ -9,8 +9,8 @@ the default build, single-op fallbacks, the all-FP32 build against FP32, save an
 records: space-build time (the adapter's constructor), calibration time, the median time to build
 one candidate (over every candidate built here), the output probe's cost as the sensitivity
 strategy runs it (time and model runs), and the latency of the default INT8 candidate against
-FP32 (median of three interleaved measurements, with their spread). A crash is a build or run
-that raised. Held-out models (``zoo.HELD_OUT``) get their own table.
+FP32 (interleaved pairs until known to +-5%, with the 95% interval width as spread). A crash is a
+build or run that raised. Held-out models (``zoo.HELD_OUT``) get their own table.
 
 Writes ``zoo.md`` and ``zoo.csv`` (``zoo_bench.*`` for ``--size bench``) into ``--out``, after
 every model, so an interrupted run keeps what it measured.
@@ -33,7 +33,7 @@ import pandas as pd
 from autoquant.errors import first_line
 from autoquant.examples import zoo_checks as checks
 from autoquant.examples.zoo import HELD_OUT, SIZES, ZOO, ZooCase, export_onnx
-from autoquant.latency import measure_latency
+from autoquant.latency import measure_ratio
 from autoquant.probe import OutputProbe
 from autoquant.strategies.sensitivity import SensitivityStrategy
 
@@ -145,10 +145,10 @@ def run_one(case: ZooCase, adapter_name: str, args: argparse.Namespace) -> Row:
 
 
 def _latency(adapter: Any, model: Any, budget_s: float) -> tuple[float, float]:
-    """Median of three interleaved measurements of INT8/FP32, and their spread (max-min)/median."""
-    baseline, candidate = adapter.runner(adapter.fp32_model), adapter.runner(model)
-    ratios = sorted(measure_latency(baseline, candidate, budget_s=budget_s).ratio for _ in range(3))
-    return ratios[1], (ratios[2] - ratios[0]) / ratios[1]
+    """INT8/FP32 from interleaved pairs (until known to +-5% or 3 x ``budget_s``), and the width of its 95%
+    interval relative to the ratio."""
+    r = measure_ratio(adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=3 * budget_s)
+    return r.ratio, (r.high - r.low) / r.ratio
 
 
 def _probe(adapter: Any, row: Row) -> None:
@@ -193,7 +193,7 @@ def write_report(rows: list[Row], args: argparse.Namespace, command: str, elapse
         f"that build and run ({sample}); "
         f"all-FP32 = every op FP32 matches the FP32 model (relative L2 error <= {checks.FP32_TOLERANCE:g}); "
         "save/load = same outputs after save_model/load_model. Latency: the default candidate against FP32, "
-        "median of three interleaved measurements; spread = (max-min)/median of the three.\n",
+        "interleaved pairs until the ratio is known to +-5%; spread = width of its 95% interval over the ratio.\n",
     ]
     for title, held in (("Design set", False), (f"Held-out models ({', '.join(HELD_OUT)}): not for tuning", True)):
         part = shown[table["held_out"] == held].drop(columns=["kind", "held_out", "errors"])

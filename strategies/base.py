@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import optuna
 
@@ -13,6 +13,9 @@ from autoquant.probe import OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import records
 from autoquant.trials import tried_keys as _tried_keys
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class SearchExhausted(Exception):
@@ -33,7 +36,7 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     # A per-op ranking table (pandas DataFrame), for strategies that make one.
-    sensitivity: Any = None
+    sensitivity: pd.DataFrame | None = None
 
     def __init__(self, *, seed: int | None = None) -> None:
         self.seed = seed

@@ -8,10 +8,13 @@ rescue them, as with outlier activations in real models).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autoquant.adapters import Adapter
+from autoquant.data import iterate_batches
 from autoquant.space import OpInfo, QuantConfig, Space
 
 
@@ -43,8 +46,8 @@ class FakeAdapter(Adapter):
     def accepts(cls, model: object) -> bool:
         return isinstance(model, FakeModel)
 
-    def __init__(self, model: FakeModel, calib_data: object) -> None:
-        self.model = model
+    def __init__(self, model: FakeModel, calib_data: Any) -> None:
+        self.model, self.calib_data = model, calib_data
         self.space = Space(ops=tuple(OpInfo(name, "Linear") for name in model.sensitivity))
 
     @property
@@ -52,26 +55,39 @@ class FakeAdapter(Adapter):
         return self.model
 
     def calibrate(self) -> None:
-        self.model.calibrations.append(1)
+        if not self.model.calibrations:
+            for _ in iterate_batches(self.calib_data):  # read once, as a real adapter does
+                pass
+            self.model.calibrations.append(1)
 
     def build(self, config: QuantConfig) -> FakeModel:
+        self.space.validate(config)
         return FakeModel(self.model.sensitivity, self.model.baseline, self.model.calibration_helps, config)
 
     def runner(self, model: FakeModel):
-        """The "output" is the model's accuracy, so the probe's error tracks the accuracy loss."""
+        """The "output" is the model's accuracy, so the probe's error tracks the accuracy loss. Every
+        candidate runs in half the FP32 time (0.5 ms against 1 ms), as INT8 should: a pass is faster
+        than FP32 and stops the search (a pass slower than FP32 would not)."""
         import numpy as np
 
-        return lambda: np.array([model.accuracy()])
+        seconds = 0.001 if model.config is None else 0.0005
+
+        def run():
+            time.sleep(seconds)
+            return np.array([model.accuracy()])
+        return run
 
     def save_model(self, model: FakeModel, directory: Path) -> Path:
         path = Path(directory) / "fake.json"
         assert model.config is not None, "only quantized candidates are saved"
-        path.write_text(json.dumps(model.config.to_dict()))
+        path.write_text(json.dumps([model.sensitivity, model.baseline, model.calibration_helps,
+                                    model.config.to_dict()]))
         return path
 
     @classmethod
-    def load_model(cls, path: Path) -> QuantConfig:
-        return QuantConfig.from_dict(json.loads(Path(path).read_text()))
+    def load_model(cls, path: Path) -> FakeModel:
+        sensitivity, baseline, helps, config = json.loads(Path(path).read_text())
+        return FakeModel(sensitivity, baseline, tuple(helps), QuantConfig.from_dict(config))
 
 
 def fake_model(n_ops: int = 6, sensitive: dict[int, float] | None = None, **kwargs) -> FakeModel:

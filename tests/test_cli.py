@@ -1,5 +1,7 @@
 """The autoquant command on a tiny real FX job: help, validate, space, tune, report."""
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,7 +55,9 @@ def test_tune_writes_everything_and_report_rebuilds_it(tmp_path, capsys):
                  "trials.png", "tradeoff.png", "study.db"):
         assert (out / name).exists(), name
     assert len(pd.read_csv(out / "history.csv")) == 5
-    capsys.readouterr()
+    summary = " ".join(capsys.readouterr().out.split())
+    assert "quantized (whole model)" in summary and " of " in summary  # counts by op kind, whole model
+    assert "quantized" in json.loads((out / "result.json").read_text())
 
     for name in ("history.csv", "trials.png", "tradeoff.png"):
         (out / name).unlink()
@@ -133,7 +137,8 @@ def test_overrides_apply_and_report_finds_a_study_without_name(tmp_path, capsys)
     assert written["criterion"] == {"absolute": 0.5, "higher_is_better": True, "allow_large_relative": False}
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
-    assert "study 'unnamed': 1 trial(s)" in " ".join(capsys.readouterr().out.split())
+    # 1 trial, or 2 when the first passes but runs slower than FP32 (the search goes on for a faster one)
+    assert re.search(r"study 'unnamed': [12] trial\(s\)", " ".join(capsys.readouterr().out.split()))
 
 
 def test_space_prints_what_print_space_prints(capsys):

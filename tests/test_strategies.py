@@ -197,7 +197,7 @@ def test_result_saves_and_loads(tmp_path, monkeypatch):
 
     result = tune(fake_model(n_ops=2), "random", max_trials=3)
     result.save(tmp_path / "out")
-    assert autoquant.load(tmp_path / "out") == result.config
+    assert autoquant.load(tmp_path / "out") == result.model  # the fake saves and loads its whole model
     assert autoquant.load_config(tmp_path / "out") == result.config
     assert (tmp_path / "out" / "history.csv").read_text().startswith("trial,state,accuracy")
 
