@@ -44,12 +44,14 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from autoquant.calibration import TensorStats
 from autoquant.data import first_batch, iterate_batches, model_inputs
 from autoquant.errors import BackendError, first_line
+from autoquant.smoothing import ALPHAS
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from . import fx_graph
 from .base import Observation, TensorStatsAdapter, calibration_for
 from .fx_lowering import PackedWeights, reusing_packed_weights
 from .fx_rewrites import int8_friendly
+from .fx_smoothing import Smoother, divide_inputs, smoothed_range, smoothing_groups
 from .fx_units import FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
 
 log = logging.getLogger("autoquant")
@@ -161,8 +163,13 @@ class FXAdapter(TensorStatsAdapter):
                 f"(no Conv/Linear/add/mul/cat/matmul with INT8 kernels was found). {_reasons(unsupported)}"
             )
         dynamic = any("dynamic" in op.approaches for op in ops)
+        # SmoothQuant (static): the Linears of each unit grouped by the tensor they read
+        self._smooth_groups = {u.path: smoothing_groups(u.recording, lambda m: isinstance(m, _RecordingObserver))
+                               for u in self._units}
+        self._smoother = Smoother()
+        alphas = ALPHAS if any(self._smooth_groups.values()) else (None,)
         self.space = Space(ops=tuple(ops), approaches=("static", "dynamic") if dynamic else ("static",),
-                           unsupported=tuple(unsupported))
+                           smooth_alphas=alphas, unsupported=tuple(unsupported))
 
     @property
     def fp32_model(self) -> nn.Module:
@@ -235,6 +242,7 @@ class FXAdapter(TensorStatsAdapter):
     def _observation(self) -> Iterator[Observation]:
         """The model with each unit's recording graph, its observers feeding one TensorStats per tensor."""
         stats: dict[str, TensorStats] = {}
+        smoothed = {_stats_key(u, g.tensor) for u in self._units for g in self._smooth_groups[u.path]}
         for unit in self._units:
             for node in unit.recording.graph.nodes:
                 observer = _module_of(unit.recording, node)
@@ -246,7 +254,7 @@ class FXAdapter(TensorStatsAdapter):
                     elif key in stats:
                         continue  # a tensor observed twice: record it once
                     else:
-                        observer.stats = stats[key] = TensorStats()
+                        observer.stats = stats[key] = TensorStats(channels=key in smoothed)
         model = self._assemble(self._model, {u.path: u.recording for u in self._units}, copy_root=False)
         try:
             yield stats, lambda batch, _index: _run(model, model_inputs(batch))
@@ -281,9 +289,12 @@ class FXAdapter(TensorStatsAdapter):
             qconfigs = candidate.meta["_observed_graph_module_attrs"].node_name_to_qconfig
             for node in fp32:
                 qconfigs[node] = None
+            smoothing = self._smooth(unit, candidate, config, set(fp32)) if config.smooth_alpha is not None else []
             try:
                 with reusing_packed_weights(self._packed):
                     converted[unit.path] = _convert(candidate)
+                for i, (linears, inverse) in enumerate(smoothing):
+                    divide_inputs(converted[unit.path], linears, inverse, f"_autoquant_smooth_{i}")
                 if config.approach == "dynamic":
                     _strip_dynamic_qdq(converted[unit.path])
                 if unit.path == "":
@@ -291,6 +302,29 @@ class FXAdapter(TensorStatsAdapter):
             except Exception as exc:
                 raise BackendError(f"convert_fx failed for {config.describe()}: {first_line(exc, 300)}") from exc
         return _with_device_anchor(self._assemble(self._model, converted, copy_root=True))
+
+    def _smooth(self, unit: Unit, candidate: fx.GraphModule, config: QuantConfig,
+                fp32: set[str]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+        """Smooth the INT8 Linears of each group in ``candidate`` (weights and input range); the
+        (Linears, 1 / s) whose input the converted graph must divide by ``s``."""
+        assert self._stats is not None and config.smooth_alpha is not None
+        nodes = {str(n.target): n for n in candidate.graph.nodes if n.op == "call_module"}
+        observers = {n.args[0].name: n for n in candidate.graph.nodes
+                     if isinstance(_module_of(candidate, n), _RangeObserver)}
+        todo = []
+        for group in self._smooth_groups[unit.path]:
+            int8 = {t: candidate.get_submodule(t) for t in group.linears if nodes[t].name not in fp32}
+            if not int8 or group.tensor not in observers:
+                continue
+            stats = self._stats[_stats_key(unit, group.tensor)]
+            inverse, weights = self._smoother.scales((unit.path, group.tensor, tuple(int8), config.smooth_alpha), stats,
+                                                     int8, config.smooth_alpha)
+            for target, weight in weights.items():
+                candidate.get_submodule(target).weight = weight
+            observer = _module_of(candidate, observers[group.tensor])
+            observer.set_range(*smoothed_range(stats, inverse, config.scheme == "symmetric"))
+            todo.append((tuple(int8), inverse))
+        return todo
 
     def _family(self, unit: Unit, config: QuantConfig) -> fx.GraphModule:
         """The unit prepared once for the config's approach, scheme and weight granularity."""

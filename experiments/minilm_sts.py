@@ -1,4 +1,4 @@
-"""Tune all-MiniLM-L6-v2 (ONNX Runtime, CPU) to INT8 on the STS Benchmark with autoquant.
+"""Tune all-MiniLM-L6-v2 (ONNX Runtime or PyTorch FX, CPU) to INT8 on the STS Benchmark with autoquant.
 
 Calibrates on sts-train sentences, tunes on sts-dev (eval_fn = Spearman of cosine similarities),
 reports on sts-test, and measures the INT8/FP32 latency ratio at batch 1 and batch 32, sequence
@@ -11,6 +11,7 @@ percentile-99.999 calibration. ``--table`` appends one row (the winner: dynamic,
 static+smoothing, with dev/test accuracy, latency and evaluations) to a Markdown table.
 
     flock /work/timing.lock python experiments/minilm_sts.py --relative 0.01 --table experiments/results/minilm_sts.md
+    python experiments/minilm_sts.py --adapter fx    # the Hugging Face BertModel through the FX adapter
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ STS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsb
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", choices=["onnx", "fx"], default="onnx")
     parser.add_argument("--strategy", default="sensitivity")
     parser.add_argument("--relative", type=float, default=0.01)
     parser.add_argument("--max-trials", type=int, default=12)
@@ -57,31 +59,30 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    fp32_path = out / "minilm-fp32.onnx"
-    if not fp32_path.exists():
-        fp32_path.write_bytes(text.export_minilm())
-    model = onnx.load(str(fp32_path))
-
+    model = _model(args.adapter, out)
     sentences = text.train_sentences(args.sts_dir, args.calib, seed=args.seed)
     np.random.default_rng(args.seed).shuffle(sentences)  # the first batch (latency input) is a typical one
     calib = text.encode(sentences, 32)
+    if args.adapter == "fx":
+        calib = text.torch_batches(calib)
     dev = text.read_sts(args.sts_dir, "dev", limit=args.dev_pairs)
     dev_batches = dev.batches()
+    session = ORTSession if args.adapter == "onnx" else text.TorchSession
 
     alphas = [None if a == "off" else float(a) for a in args.smooth.split(",")]
     restrict = autoquant.Restriction(approach=args.approach, granularity="per_channel", scheme="asymmetric",
                                      calibration=["minmax", "percentile-99.999"], smooth_alpha=alphas)
     tuner = autoquant.Tuner(autoquant.AccuracyCriterion(relative=args.relative), strategy=args.strategy,
                             max_trials=args.max_trials, seed=args.seed, restrict=restrict)
-    result = tuner.tune(model, calib, lambda session: dev.spearman(session, dev_batches))
+    result = tuner.tune(model, calib, lambda candidate: dev.spearman(_scored(candidate), dev_batches))
     tune_s = time.perf_counter() - start
     print_summary(result)
     result.save(out)
 
     test = text.read_sts(args.sts_dir, "test")
     test_batches = test.batches()
-    fp32 = result.adapter.fp32_model
-    int8 = ORTSession(result.model)
+    fp32 = _scored(result.adapter.fp32_model)
+    int8 = session(result.model)
     test_fp32, test_int8 = test.spearman(fp32, test_batches), test.spearman(int8, test_batches)
     latency = {}
     for batch in (1, 32):
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         latency[f"batch{batch}_seq128"] = {"ratio": lat.ratio, "precision": lat.half_width,
                                              "fp32_ms": lat.baseline_ms, "int8_ms": lat.candidate_ms}
     report = {
-        "strategy": args.strategy, "criterion": result.criterion.describe(), "met": result.met,
+        "adapter": args.adapter, "strategy": args.strategy, "criterion": result.criterion.describe(), "met": result.met,
         "dev_pairs": len(dev.gold), "calib_sentences": args.calib,
         "dev_fp32": result.baseline_accuracy, "dev_int8": result.accuracy,
         "test_fp32": test_fp32, "test_int8": test_int8, "test_relative_loss": (test_fp32 - test_int8) / test_fp32,
@@ -104,6 +105,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.table:
         _append_row(Path(args.table), args.label, report, result.config)
     return report
+
+
+def _model(adapter: str, out: Path) -> object:
+    """The FP32 model: an ONNX export (cached in ``out``) or the Hugging Face BertModel."""
+    if adapter == "fx":
+        return text.load_minilm()
+    fp32_path = out / "minilm-fp32.onnx"
+    if not fp32_path.exists():
+        fp32_path.write_bytes(text.export_minilm())
+    return onnx.load(str(fp32_path))
+
+
+def _scored(model: object) -> object:
+    """What ``STSSplit.spearman`` runs: an ORT session (fp32_model of the ONNX adapter) or a torch model."""
+    return model if hasattr(model, "run") else text.TorchSession(model)
 
 
 def _append_row(path: Path, label: str, report: dict, config: autoquant.QuantConfig) -> None:

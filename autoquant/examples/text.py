@@ -45,6 +45,36 @@ def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(model_dir()))
 
 
+def load_minilm() -> Any:
+    """all-MiniLM-L6-v2 as a Hugging Face ``BertModel`` in eval mode (for the FX adapter)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(model_dir())).eval()
+
+
+class TorchSession:
+    """A torch encoder behind ONNX Runtime's ``run(names, feeds)``, so ``embed`` and
+    ``STSSplit.spearman`` score an FP32 or FX INT8 model the way they score an ORT session."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def run(self, _names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        return [out.last_hidden_state.numpy()]
+
+
+def torch_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """``encode``'s batches as torch tensors (the FX adapter's calibration input)."""
+    import torch
+
+    return [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
+
+
 def export_minilm() -> bytes:
     """all-MiniLM-L6-v2 as ONNX (opset 17; dynamic batch and sequence): inputs input_ids,
     attention_mask, token_type_ids (int64); output last_hidden_state."""
