@@ -74,6 +74,7 @@ class Smoother:
 def smoothed_range(stats: TensorStats, inverse: torch.Tensor, symmetric: bool) -> tuple[float, float]:
     """Min-max of the activation divided by ``s``, from its per-channel extremes."""
     inv = inverse.numpy().astype(np.float64)
+    assert stats.channel_min is not None and stats.channel_max is not None  # calibrated with channels=True
     lo = float(min(0.0, (stats.channel_min * inv).min()))
     hi = float(max(0.0, (stats.channel_max * inv).max()))
     return (-max(-lo, hi), max(-lo, hi)) if symmetric else (lo, hi)

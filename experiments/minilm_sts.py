@@ -24,6 +24,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -117,7 +118,7 @@ def _model(adapter: str, out: Path) -> object:
     return onnx.load(str(fp32_path))
 
 
-def _scored(model: object) -> object:
+def _scored(model: object) -> Any:
     """What ``STSSplit.spearman`` runs: an ORT session (fp32_model of the ONNX adapter) or a torch model."""
     return model if hasattr(model, "run") else text.TorchSession(model)
 
