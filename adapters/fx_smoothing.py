@@ -33,7 +33,8 @@ class SmoothGroup:
 
 
 def smoothing_groups(recording: fx.GraphModule, is_observer) -> list[SmoothGroup]:  # noqa: ANN001
-    """Observed tensors read by Linears only, with those Linears. An observer that also observes
+    """Observed tensors read by Linears only, with those Linears, where the tensor is always float
+    before its quantize (see ``_always_float``). An observer that also observes
     another tensor (a same-scale op such as flatten or max-pool shares its input's) keeps the
     statistics of that tensor, whose channels are not the Linear's: not smoothed."""
     observers = [n for n in recording.graph.nodes
@@ -44,10 +45,29 @@ def smoothing_groups(recording: fx.GraphModule, is_observer) -> list[SmoothGroup
         if calls[id(recording.get_submodule(str(node.target)))] > 1:
             continue
         users = list(node.users)
+        if not _always_float(recording, node.args[0]):
+            continue
         if users and all(u.op == "call_module" and type(recording.get_submodule(str(u.target))) is nn.Linear
                          and u.args[0] is node for u in users):
             groups.append(SmoothGroup(node.args[0].name, tuple(str(u.target) for u in users)))
     return groups
+
+
+def _always_float(recording: fx.GraphModule, producer: object) -> bool:
+    """The tensor reaches its Linears through a quantize in every candidate: a unit input or the
+    output of an op with no INT8 kernel. An INT8 producer (a Linear+ReLU) hands over a tensor that
+    is already quantized, with no quantize to put the division before."""
+    if not isinstance(producer, fx.Node):
+        return False
+    if producer.op == "placeholder":
+        return True
+    if producer.op == "call_module":
+        return isinstance(recording.get_submodule(str(producer.target)), _FLOAT_MODULES)
+    return producer.op == "call_function" and producer.target in _FLOAT_FUNCTIONS
+
+
+_FLOAT_MODULES = (nn.LayerNorm, nn.GELU)
+_FLOAT_FUNCTIONS = (torch.nn.functional.layer_norm, torch.nn.functional.gelu)
 
 
 class Smoother:

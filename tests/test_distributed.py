@@ -118,13 +118,22 @@ def test_two_workers_split_the_grid(tmp_path, study_name):
 
 @needs_pg
 def test_all_workers_stop_once_the_goal_is_met(tmp_path, study_name):
-    # Met by the first candidate with one op in FP32 (trial 3 or so of the grid's order).
+    # Met by the first candidate with one op in FP32 (trial 3 or so of the grid's order). A pass
+    # stops the workers only when it is faster than FP32 (on this tiny model INT8 often is not):
+    # then the workers stop within one trial each; otherwise they search the whole grid of 8.
     logs = run_workers(job_file(tmp_path, study_name, "criterion: {absolute: 0.00002}"), tmp_path)
     trials = optuna.load_study(study_name=study_name, storage=URL).get_trials()
-    assert any(r.passed for r in records(trials)) and len(trials) < 8
     assert not [t for t in trials if t.state.name == "RUNNING"]
-    for log in logs:  # each stopped for the right reason: its own pass, or another worker's
-        assert " PASS " in log or "Stopping: another worker met the goal." in log, log
+    passes = [r for r in records(trials) if r.passed and r.measurement is not None]
+    assert passes
+    fast = [r.number for r in passes if r.measurement.latency_ratio < 1.0]
+    if fast:  # each stopped for the right reason: its own fast pass, or another worker's
+        assert len(trials) <= min(fast) + 1 + 2  # at most one trial in flight per worker after it
+        for log in logs:
+            assert " PASS " in log or "Stopping: another worker met the goal." in log, log
+    else:
+        assert len(trials) == 8
+        assert any("No passing candidate is faster than FP32" in log for log in logs), logs
 
 
 @needs_pg

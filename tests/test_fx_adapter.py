@@ -395,3 +395,22 @@ def test_dict_output_model_saves_and_reloads(bert, tmp_path):
 def test_wrong_input_signature_is_reported_before_tracing():
     with pytest.raises(CalibrationDataError, match="FP32 model fails on the first calibration batch"):
         FXAdapter(ResNetLet().eval(), [(torch.randn(2, 5, 12, 12), torch.randn(2, 5, 12, 12), 0)])
+
+
+def test_smoothing_is_offered_only_where_the_linear_input_is_float():
+    # A Linear fed by an INT8 Linear+ReLU receives an already quantized tensor: there is no
+    # quantize to divide by s before, so no smoothing (it once failed every smoothed candidate).
+    torch.manual_seed(0)
+    int8_fed = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    batches = [torch.randn(16, 8) for _ in range(2)]
+    assert FXAdapter(int8_fed, batches).space.smooth_alphas == (None,)
+
+    float_fed = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4)).eval()
+    adapter = FXAdapter(float_fed, batches)
+    adapter.calibrate()
+    alphas = [a for a in adapter.space.smooth_alphas if a is not None]
+    assert alphas
+    x = batches[0]
+    for alpha in alphas:
+        out = adapter.build(QuantConfig(smooth_alpha=alpha))(x)
+        assert torch.allclose(out, float_fed(x), atol=0.1)
