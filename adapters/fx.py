@@ -44,14 +44,14 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from autoquant.calibration import TensorStats
 from autoquant.data import first_batch, iterate_batches, model_inputs
 from autoquant.errors import BackendError, first_line
-from autoquant.smoothing import ALPHAS
+from autoquant.smoothing import ALPHAS, smoothed_range
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from . import fx_graph
 from .base import Observation, TensorStatsAdapter, calibration_for
 from .fx_lowering import PackedWeights, reusing_packed_weights
 from .fx_rewrites import int8_friendly
-from .fx_smoothing import Smoother, divide_inputs, smoothed_range, smoothing_groups
+from .fx_smoothing import Smoother, divide_inputs, smoothing_groups
 from .fx_units import FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
 
 log = logging.getLogger("autoquant")
@@ -322,7 +322,7 @@ class FXAdapter(TensorStatsAdapter):
             for target, weight in weights.items():
                 candidate.get_submodule(target).weight = weight
             observer = _module_of(candidate, observers[group.tensor])
-            observer.set_range(*smoothed_range(stats, inverse, config.scheme == "symmetric"))
+            observer.set_range(*smoothed_range(stats, inverse.numpy(), config.scheme == "symmetric"))
             todo.append((tuple(int8), inverse))
         return todo
 

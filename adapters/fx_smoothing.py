@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import fx, nn
 
@@ -89,15 +88,6 @@ class Smoother:
                                         requires_grad=False) for t, w in weights.items()}
             self._cache[key] = (torch.from_numpy(1.0 / s), smoothed)
         return self._cache[key]
-
-
-def smoothed_range(stats: TensorStats, inverse: torch.Tensor, symmetric: bool) -> tuple[float, float]:
-    """Min-max of the activation divided by ``s``, from its per-channel extremes."""
-    inv = inverse.numpy().astype(np.float64)
-    assert stats.channel_min is not None and stats.channel_max is not None  # calibrated with channels=True
-    lo = float(min(0.0, (stats.channel_min * inv).min()))
-    hi = float(max(0.0, (stats.channel_max * inv).max()))
-    return (-max(-lo, hi), max(-lo, hi)) if symmetric else (lo, hi)
 
 
 def divide_inputs(converted: fx.GraphModule, linears: tuple[str, ...], inverse: torch.Tensor, name: str) -> None:

@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from autoquant.calibration import TensorStats
-from autoquant.smoothing import fold_into_norm, fold_into_weight, smoothing_scales, weight_absmax
+from autoquant.smoothing import fold_into_norm, fold_into_weight, smoothed_range, smoothing_scales, weight_absmax
 
 SMOOTHED = "_smoothed"  # suffix of the Mul output that carries the smoothed activation
 
@@ -57,9 +57,8 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], stats: dict[str, T
     nodes = {n.name: n for n in graph.node}
     ranges, muls = {}, {}
     for group in groups:
-        channel = stats[group.activation]
-        lows, highs, act_absmax = channel.channel_min, channel.channel_max, channel.channel_absmax
-        assert lows is not None and highs is not None and act_absmax is not None  # calibrated with channels=True
+        act_absmax = stats[group.activation].channel_absmax
+        assert act_absmax is not None  # calibrated with channels=True
         s = smoothing_scales(act_absmax, weight_absmax(
             [numpy_helper.to_array(weights[w]) for w in group.weights], in_axis=0), alpha)
         for matmul, name in zip(group.matmuls, group.weights, strict=True):
@@ -70,8 +69,7 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], stats: dict[str, T
         tensor, mul = _divide(graph, group, s, alpha, nodes, weights)
         if mul is not None:
             muls.update(dict.fromkeys(group.matmuls, mul))
-        lo, hi = float(min(0.0, (lows / s).min())), float(max(0.0, (highs / s).max()))
-        ranges[tensor] = (-max(-lo, hi), max(-lo, hi)) if symmetric else (lo, hi)
+        ranges[tensor] = smoothed_range(stats[group.activation], 1.0 / s.astype(np.float64), symmetric)
     if muls:  # each Mul goes right before the first MatMul of its group (topological order holds)
         ordered, placed = [], set()
         for node in graph.node:

@@ -19,9 +19,11 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from autoquant.calibration import TensorStats
 from autoquant.errors import ConfigError
 
-__all__ = ["ALPHAS", "check_alpha", "fold_into_norm", "fold_into_weight", "smoothing_scales", "weight_absmax"]
+__all__ = ["ALPHAS", "check_alpha", "fold_into_norm", "fold_into_weight", "smoothed_range", "smoothing_scales",
+           "weight_absmax"]
 
 # The grid the search tries (None = no smoothing first): SmoothQuant's 0.5 default and the larger
 # values its authors and NNCF use for BERT-like encoders.
@@ -77,3 +79,14 @@ def fold_into_weight(weight: ArrayLike, s: np.ndarray, in_axis: int) -> np.ndarr
     shape = [1] * weight.ndim
     shape[in_axis] = s.size
     return (weight * s.reshape(shape)).astype(weight.dtype)
+
+
+def smoothed_range(stats: TensorStats, inverse: ArrayLike, symmetric: bool) -> tuple[float, float]:
+    """Min-max of the activation times ``inverse`` (1 / s), from its per-channel extremes: exact
+    for the smoothed tensor, so no calibration pass per alpha."""
+    if stats.channel_min is None or stats.channel_max is None:
+        raise ValueError("no per-channel statistics for a smoothed tensor (an autoquant bug: report it)")
+    inv = np.asarray(inverse, dtype=np.float64)
+    lo = float(min(0.0, (stats.channel_min * inv).min()))
+    hi = float(max(0.0, (stats.channel_max * inv).max()))
+    return (-max(-lo, hi), max(-lo, hi)) if symmetric else (lo, hi)
