@@ -131,8 +131,8 @@ def test_all_workers_stop_once_the_goal_is_met(tmp_path, study_name):
         assert len(trials) <= min(fast) + 1 + 2  # at most one trial in flight per worker after it
         for log in logs:
             assert " PASS " in log or "Stopping: another worker met the goal." in log, log
-    else:
-        assert len(trials) == 8
+    else:  # the whole grid, each config evaluated once (a worker may add a trial at the grid's end)
+        check_grid(trials, 2)
         assert any("No passing candidate is faster than FP32" in log for log in logs), logs
 
 
