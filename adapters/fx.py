@@ -23,6 +23,7 @@ import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
 from . import fx_graph
 from .base import Observation, TensorStatsAdapter, calibration_for
+from .fx_bf16 import BF16Linear, faster, measure_bf16
 from .fx_lowering import PackedWeights, reusing_packed_weights
 from .fx_rewrites import int8_friendly
 from .fx_smoothing import Smoother, divide_inputs, smoothing_groups
@@ -144,6 +146,7 @@ class FXAdapter(TensorStatsAdapter):
         self._example = model_inputs(first_batch(calib_data))
         self._weights = {g: _WeightObserver(g) for g in ("per_channel", "per_tensor")}
         self._packed = PackedWeights()
+        self._bf16_modules: dict[str, BF16Linear] = {}  # built once per op, shared by candidates
         examples = capture_inputs(model, self._example)
         # FX returns a dict subclass (a Hugging Face ModelOutput) as a plain dict: restored in build
         self._output_class = type(examples.pop("(output)")[0][0])
@@ -163,13 +166,15 @@ class FXAdapter(TensorStatsAdapter):
                 f"(no Conv/Linear/add/mul/cat/matmul with INT8 kernels was found). {_reasons(unsupported)}"
             )
         dynamic = any("dynamic" in op.approaches for op in ops)
+        ops = self._with_bf16(ops, examples)
         # SmoothQuant (static): the Linears of each unit grouped by the tensor they read
         self._smooth_groups = {u.path: smoothing_groups(u.recording, lambda m: isinstance(m, _RecordingObserver))
                                for u in self._units}
         self._smoother = Smoother()
         alphas = ALPHAS if any(self._smooth_groups.values()) else (None,)
         self.space = Space(ops=tuple(ops), approaches=("static", "dynamic") if dynamic else ("static",),
-                           smooth_alphas=alphas, unsupported=tuple(unsupported))
+                           smooth_alphas=alphas, unsupported=tuple(unsupported),
+                           fallbacks=("fp32", "bf16") if self._bf16 else ("fp32",))
 
     @property
     def fp32_model(self) -> nn.Module:
@@ -237,6 +242,21 @@ class FXAdapter(TensorStatsAdapter):
             unit.flow.append(FlowStep(node.name, op_name, inputs))
         return ops, unsupported
 
+    def _with_bf16(self, ops: list[OpInfo], examples: dict[str, tuple[tuple, dict]]) -> list[OpInfo]:
+        """``ops`` with the BF16/FP32 latency of each Linear that falls back faster in BF16
+        (measured on its calibration input; adapters/fx_bf16.py)."""
+        linears = {}
+        for op in ops:
+            module = self._model.get_submodule(op.name) if op.op_type == "Linear" else None
+            if type(module) is nn.Linear and op.name in examples and examples[op.name][0]:
+                linears[op.name] = (module, examples[op.name][0][0])
+        self.bf16_measured = measure_bf16(linears)
+        ratios = {name: r.ratio for name, r in self.bf16_measured.items() if faster(r)}
+        # op name -> (unit path, module target in the unit's graph): where build swaps in the BF16 form
+        self._bf16 = {unit.op_name(target): (unit.path, target) for unit in self._units
+                      for target, _ in unit.recording.named_modules() if unit.op_name(target) in ratios}
+        return [replace(op, bf16_ratio=ratios[op.name]) if op.name in self._bf16 else op for op in ops]
+
     # --- calibration ----------------------------------------------------------------------------
     @contextmanager
     def _observation(self) -> Iterator[Observation]:
@@ -297,11 +317,22 @@ class FXAdapter(TensorStatsAdapter):
                     divide_inputs(converted[unit.path], linears, inverse, f"_autoquant_smooth_{i}")
                 if config.approach == "dynamic":
                     _strip_dynamic_qdq(converted[unit.path])
+                if config.fallback == "bf16":
+                    self._to_bf16(unit, converted[unit.path], config.fp32_ops)
                 if unit.path == "":
                     fx_graph.restore_output_class(converted[unit.path], self._output_class)
             except Exception as exc:
                 raise BackendError(f"convert_fx failed for {config.describe()}: {first_line(exc, 300)}") from exc
         return _with_device_anchor(self._assemble(self._model, converted, copy_root=True))
+
+    def _to_bf16(self, unit: Unit, converted: fx.GraphModule, fp32_ops: frozenset[str]) -> None:
+        """The FP32 Linears of ``unit`` that run faster in BF16, swapped for their BF16 form."""
+        for name in fp32_ops:
+            path, target = self._bf16.get(name, (None, ""))
+            if path == unit.path and type(converted.get_submodule(target)) is nn.Linear:
+                if name not in self._bf16_modules:
+                    self._bf16_modules[name] = BF16Linear(converted.get_submodule(target))
+                converted.set_submodule(target, self._bf16_modules[name])
 
     def _smooth(self, unit: Unit, candidate: fx.GraphModule, config: QuantConfig,
                 fp32: set[str]) -> list[tuple[tuple[str, ...], torch.Tensor]]:

@@ -39,6 +39,7 @@ from autoquant.smoothing import ALPHAS, check_alpha
 from autoquant.space import (
     APPROACHES,
     CALIBRATIONS,
+    FALLBACKS,
     GRANULARITIES,
     SCHEMES,
     Restriction,
@@ -94,6 +95,9 @@ class SpaceSpec(_Strict):
         "SmoothQuant strength(s) to search, numbers in [0, 1]; null in a list means no smoothing "
         "(`[null, 0.5, 0.8]`; `[null]` turns it off). Default: every value the adapter offers (ONNX: "
         + ", ".join(map(str, ALPHAS)).replace("None", "null") + "; static only)"))
+    fallback: str | list[str] | None = Field(None, description=(
+        "precision of the ops that fall back from INT8: " + ", ".join(FALLBACKS) + " (bf16 only where the "
+        "adapter measured it faster than FP32 for that op; FX on CPUs with native BF16)"))
     fp32_ops: list[str] = Field(default_factory=list, description=(
         "ops that stay FP32, by name or glob pattern (`bert.encoder.layer.*.output.dense`); "
         "a pattern that matches no op is an error"))
@@ -102,7 +106,7 @@ class SpaceSpec(_Strict):
     @model_validator(mode="after")
     def _known_values(self) -> SpaceSpec:
         for knob, allowed in (("approach", APPROACHES), ("calibration", CALIBRATIONS),
-                              ("granularity", GRANULARITIES), ("scheme", SCHEMES)):
+                              ("granularity", GRANULARITIES), ("scheme", SCHEMES), ("fallback", FALLBACKS)):
             value = getattr(self, knob)
             for v in [value] if isinstance(value, str) else value or []:
                 _choice(f"space.{knob} value", v, allowed)

@@ -2,16 +2,26 @@
 
 ``measure_ratio`` repeats interleaved pairs until the ratio is known to a stated precision (or a
 time cap is spent), and says how well it is known: the tuner, the probe and the experiments use it.
+
+On a machine shared with other timing jobs, set ``AUTOQUANT_TIMING_LOCK`` to a file: each
+measurement then holds an exclusive ``flock`` on it, so timings never overlap while the rest of a
+run (calibration, evaluation) goes on unlocked. Do not also run the process under ``flock`` on the
+same file: it would wait for itself.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from autoquant.errors import ConfigError
+
+LOCK_VARIABLE = "AUTOQUANT_TIMING_LOCK"
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -61,6 +71,27 @@ def measure_ratio(
     if not (precision > 0 and 0 < confidence < 1 and min_pairs >= 2):
         raise ConfigError(f"measure_ratio needs precision > 0, 0 < confidence < 1 and min_pairs >= 2; got "
                           f"{precision=}, {confidence=}, {min_pairs=}.")
+    with timing_lock():
+        return _measure(baseline, candidate, precision, confidence, budget_s, min_pairs, max_pairs)
+
+
+@contextmanager
+def timing_lock(path: str | None = None) -> Iterator[None]:
+    """Holds an exclusive flock on ``path``, or else on the file ``AUTOQUANT_TIMING_LOCK`` names, if set."""
+    path = path or os.environ.get(LOCK_VARIABLE)
+    if not path:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _measure(baseline: Callable[[], object], candidate: Callable[[], object], precision: float, confidence: float,
+             budget_s: float, min_pairs: int, max_pairs: int) -> LatencyRatio:
     for _ in range(2):  # warm-up: allocators, lazily packed weights, caches
         baseline()
         candidate()

@@ -21,11 +21,14 @@ APPROACHES = ("static", "dynamic")
 CALIBRATIONS = SEARCHED  # the names and the math live in autoquant.calibration
 GRANULARITIES = ("per_channel", "per_tensor")
 SCHEMES = ("asymmetric", "symmetric")
+# The precision an op runs in when it falls back from INT8 (bf16 only on ops measured faster in it).
+FALLBACKS = ("fp32", "bf16")
 KNOBS = ("approach", "calibration", "granularity", "scheme")  # the string-valued knobs
-# Every knob: smooth_alpha's values are numbers and None (no smoothing).
-ALL_KNOBS = (*KNOBS, "smooth_alpha")
+# Every knob: smooth_alpha's values are numbers and None (no smoothing); fallback applies to
+# the FP32 ops of a candidate only, so all-INT8 knob settings do not vary it.
+ALL_KNOBS = (*KNOBS, "smooth_alpha", "fallback")
 _FIELD_OF_KNOB = {"approach": "approaches", "calibration": "calibrations", "granularity": "granularities",
-                  "scheme": "schemes", "smooth_alpha": "smooth_alphas"}
+                  "scheme": "schemes", "smooth_alpha": "smooth_alphas", "fallback": "fallbacks"}
 # Knobs that only apply to static quantization (None under dynamic, where activations are
 # quantized at run time).
 STATIC_KNOBS = ("calibration", "scheme", "smooth_alpha")
@@ -34,11 +37,13 @@ OP_PARAM_PREFIX = "op:"
 
 @dataclass(frozen=True)
 class OpInfo:
-    """A quantizable op: ``name`` is stable across candidates; ``approaches`` where it can run INT8."""
+    """A quantizable op: ``name`` is stable across candidates; ``approaches`` where it can run INT8;
+    ``bf16_ratio`` its measured BF16/FP32 latency where BF16 is faster (None: it falls back to FP32 only)."""
 
     name: str
     op_type: str
     approaches: tuple[str, ...] = ("static",)
+    bf16_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class QuantConfig:
     ``scheme`` do not apply and are None. ``op_calibration`` overrides ``calibration`` for the
     input activations of single ops (static only), e.g. ``{"features.3": "entropy"}``.
     ``smooth_alpha`` is SmoothQuant's migration strength (autoquant.smoothing; static only), None = off.
+    ``fallback`` is the precision of the FP32 ops that the backend runs faster in BF16 ("bf16"), or "fp32".
     """
 
     approach: str = "static"
@@ -86,6 +92,7 @@ class QuantConfig:
     fp32_ops: frozenset[str] = field(default_factory=frozenset)
     op_calibration: Mapping[str, str] = field(default_factory=dict)
     smooth_alpha: float | None = None
+    fallback: str = "fp32"
 
     def __post_init__(self) -> None:
         # Normalise so that equal configs compare equal whatever containers they were given.
@@ -110,6 +117,7 @@ class QuantConfig:
             "op_calibration": dict(self.op_calibration),
             # Only when on: configs stored before the knob existed keep their keys.
             **({"smooth_alpha": self.smooth_alpha} if self.smooth_alpha is not None else {}),
+            **({"fallback": self.fallback} if self.fallback != "fp32" else {}),
         }
 
     @classmethod
@@ -131,6 +139,8 @@ class QuantConfig:
             knobs[1:1] = [str(self.calibration), str(self.scheme)]
         if self.smooth_alpha is not None:
             knobs.append(f"smooth{self.smooth_alpha:g}")
+        if self.fallback != "fp32":
+            knobs.append(f"{self.fallback}-fallback")
         return "/".join(knobs)
 
 
@@ -148,6 +158,7 @@ class Restriction:
     granularity: str | Sequence[str] | None = None
     scheme: str | Sequence[str] | None = None
     smooth_alpha: float | Sequence[float | None] | None = None
+    fallback: str | Sequence[str] | None = None
     fp32_ops: Sequence[str] = ()
     fp32_op_types: Sequence[str] = ()
 
@@ -162,6 +173,7 @@ class Space:
     granularities: tuple[str, ...] = GRANULARITIES
     schemes: tuple[str, ...] = SCHEMES
     smooth_alphas: tuple[float | None, ...] = (None,)  # (None,): the adapter cannot smooth
+    fallbacks: tuple[str, ...] = ("fp32",)  # ("fp32", "bf16") where some op runs faster in BF16
     fixed_fp32: frozenset[str] = frozenset()
     unsupported: tuple[UnsupportedOp, ...] = ()
 
@@ -180,6 +192,10 @@ class Space:
 
     def choices(self, knob: str) -> tuple[str, ...]:
         return getattr(self, _FIELD_OF_KNOB[knob])
+
+    def bf16_ops(self) -> frozenset[str]:
+        """Ops that run BF16 when they fall back under ``fallback="bf16"`` (measured faster)."""
+        return frozenset(op.name for op in self.ops if op.bf16_ratio is not None)
 
     def tunable_ops(self, approach: str) -> tuple[OpInfo, ...]:
         """Ops whose INT8/FP32 choice is searched under ``approach``."""
@@ -288,7 +304,8 @@ class Space:
     # --- the Optuna encoding -------------------------------------------------------------------
     def suggest(self, trial: Any) -> QuantConfig:
         """Ask an Optuna trial for every knob and every op's INT8/FP32 choice."""
-        values = {knob: trial.suggest_categorical(knob, list(self.choices(knob))) for knob in ALL_KNOBS}
+        values = {knob: trial.suggest_categorical(knob, list(self.choices(knob))) for knob in self._suggested()}
+        values.setdefault("fallback", self.fallbacks[0])
         fp32 = {
             op.name
             for op in self.tunable_ops(values["approach"])
@@ -298,12 +315,17 @@ class Space:
 
     def params(self, config: QuantConfig) -> dict[str, str]:
         """The Optuna parameters that make ``suggest`` return ``config`` (for enqueueing it)."""
-        params = {knob: getattr(config, knob) for knob in ALL_KNOBS}
+        params = {knob: getattr(config, knob) for knob in self._suggested()}
         # Knobs that do not apply to this approach still need a value for the sampler's record.
         params = {k: v if v is not None or v in self.choices(k) else self.choices(k)[0] for k, v in params.items()}
         for op in self.tunable_ops(config.approach):
             params[OP_PARAM_PREFIX + op.name] = "fp32" if op.name in config.fp32_ops else "int8"
         return params
+
+    def _suggested(self) -> tuple[str, ...]:
+        """The knobs an Optuna trial is asked for: ``fallback`` only where the space offers a choice
+        (so studies of spaces without BF16 keep their parameters)."""
+        return ALL_KNOBS if len(self.fallbacks) > 1 else tuple(k for k in ALL_KNOBS if k != "fallback")
 
     def canonical(self, config: QuantConfig) -> QuantConfig:
         """Drop what does not apply: activation knobs under dynamic, fallbacks of untunable ops,
@@ -315,6 +337,8 @@ class Space:
             if op in tunable and op not in fp32 and method != config.calibration
         }
         config = replace(config, fp32_ops=fp32, op_calibration=overrides)
+        if not (self.fp32_ops(config) & self.bf16_ops()):
+            config = replace(config, fallback="fp32")  # no op it would change
         if config.approach == "dynamic":
             config = replace(config, calibration=None, scheme=None, smooth_alpha=None, op_calibration={})
         return config

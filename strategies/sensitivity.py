@@ -104,6 +104,7 @@ class SensitivityStrategy(Strategy):
         self._tolerance = 0.01
         self._reference: QuantConfig | None = None  # the knob setting the op profile was measured at
         self._approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach
+        self._bf16_ratios: dict[str, float] = {}  # op -> BF16/FP32 latency, where BF16 is the faster fallback
         self.model: LossModel | None = None
         self._unbuildable: set[str] = set()
 
@@ -116,6 +117,7 @@ class SensitivityStrategy(Strategy):
         if self.probe_batches is not None:
             probe.max_batches = self.probe_batches
         self._space, self._probe = space, probe
+        self._bf16_ratios = {op.name: op.bf16_ratio for op in space.ops if op.bf16_ratio is not None}
         self._tolerance = (criterion or AccuracyCriterion(relative=0.01)).tolerance
         self.ranking, self._reference, self._approach_latency, self.model = [], None, {}, None
         self._unbuildable = set()
@@ -257,6 +259,8 @@ class SensitivityStrategy(Strategy):
             if config.approach != self._reference.approach:
                 continue
             configs += [replace(config, fp32_ops=config.fp32_ops ^ {op}) for op in ranked]
+        if "bf16" in space.fallbacks:  # each fallback set also with its BF16-faster ops in BF16
+            configs += [replace(c, fallback="bf16") for c in configs]
         return [space.canonical(c) for c in configs]
 
     def _score(self, configs: list[QuantConfig], tried: set[str], bound: float | None) -> list[_Candidate]:
@@ -287,8 +291,12 @@ class SensitivityStrategy(Strategy):
         return base * sum(r.score for r in self.ranking if r.op not in config.fp32_ops)
 
     def _latency(self, config: QuantConfig) -> float:
+        """Predicted: the approach's all-INT8 latency plus each FP32 op's cost; a BF16 fallback's
+        cost is scaled by its measured BF16/FP32 ratio (as if its INT8 time were small beside FP32's)."""
         costs = {r.op: r.latency_cost for r in self.ranking}
-        return self._approach_latency.get(config.approach, 0.0) + sum(costs.get(op, 0.0) for op in config.fp32_ops)
+        bf16 = self._bf16_ratios if config.fallback == "bf16" else {}
+        return self._approach_latency.get(config.approach, 0.0) + sum(
+            costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
 
 
 def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, float, bool]]:

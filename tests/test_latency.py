@@ -38,3 +38,23 @@ def test_bad_arguments_are_config_errors():
 def test_fixed_budget_measurement_is_gone():
     # one way to time candidates: every caller moved to measure_ratio (issue 14)
     assert not hasattr(autoquant.latency, "measure_latency")
+
+
+def test_measure_ratio_waits_for_the_timing_lock(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    from autoquant.latency import LOCK_VARIABLE
+
+    lock = tmp_path / "timing.lock"
+    monkeypatch.setenv(LOCK_VARIABLE, str(lock))
+    done = threading.Event()
+    with open(lock, "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another job is timing
+        thread = threading.Thread(target=lambda: (measure_ratio(lambda: None, lambda: None, budget_s=0.01),
+                                                  done.set()))
+        thread.start()
+        assert not done.wait(0.3)  # waits while the lock is held
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    thread.join(5)
+    assert done.is_set()
