@@ -29,7 +29,11 @@ def describe_space(space: Space, adapter: str) -> str:
     lines = [
         f"{adapter} adapter: {len(space.ops)} quantizable op(s) "
         f"({', '.join(f'{n} {t}' for t, n in by_type.items()) or 'none'}); {space.size():,} candidates.",
-        "  knobs: " + "; ".join(f"{k}={'|'.join(space.choices(k))}" for k in KNOBS),
+        "  knobs: " + "; ".join(f"{k}={'|'.join(space.choices(k))}" for k in KNOBS)
+        + (f"; smooth_alpha={'|'.join('off' if a is None else f'{a:g}' for a in space.smooth_alphas)}"
+           if space.smooth_alphas != (None,) else "")
+        + (f"; fallback={'|'.join(space.fallbacks)} (bf16: {len(space.bf16_ops())} op(s) measured faster in BF16)"
+           if len(space.fallbacks) > 1 else ""),
     ]
     if space.unsupported:
         counts = space.op_counts(space.default_config())
