@@ -51,6 +51,7 @@ from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 from . import fx_graph
 from .base import Observation, TensorStatsAdapter, calibration_for
 from .fx_bf16 import BF16Linear, faster, measure_bf16
+from .fx_dynamic import full_range_is_exact, use_full_range
 from .fx_lowering import PackedWeights, reusing_packed_weights
 from .fx_rewrites import int8_friendly
 from .fx_smoothing import Smoother, divide_inputs, smoothing_groups
@@ -317,6 +318,8 @@ class FXAdapter(TensorStatsAdapter):
                     divide_inputs(converted[unit.path], linears, inverse, f"_autoquant_smooth_{i}")
                 if config.approach == "dynamic":
                     _strip_dynamic_qdq(converted[unit.path])
+                    if full_range_is_exact():  # 8-bit activations where the kernel cannot saturate
+                        use_full_range(converted[unit.path])
                 if config.fallback == "bf16":
                     self._to_bf16(unit, converted[unit.path], config.fp32_ops)
                 if unit.path == "":

@@ -29,11 +29,11 @@ def candidates(adapter: FXAdapter) -> dict[str, QuantConfig]:
     adds = frozenset(op.name for op in adapter.space.ops if op.op_type == "add")
     bf16 = adapter.space.bf16_ops()  # the Linears measured faster as a BF16 fallback (1536->384 here)
     return {
-        "dynamic-bf16-fallback": QuantConfig(approach="dynamic", fp32_ops=bf16, fallback="bf16"),
-        "static-adds-fp32-bf16-fallback": QuantConfig(fp32_ops=adds | bf16, fallback="bf16"),
         "dynamic": QuantConfig(approach="dynamic"),
+        "dynamic-bf16-fallback": QuantConfig(approach="dynamic", fp32_ops=bf16, fallback="bf16"),
         "static": QuantConfig(),
         "static-adds-fp32": QuantConfig(fp32_ops=adds),
+        "static-adds-fp32-bf16-fallback": QuantConfig(fp32_ops=adds | bf16, fallback="bf16"),
         "static-smooth0.5-adds-fp32": QuantConfig(fp32_ops=adds, smooth_alpha=0.5),
         "static-entropy": QuantConfig(calibration="entropy"),
     }
