@@ -246,9 +246,9 @@ class FXAdapter(TensorStatsAdapter):
     def _with_bf16(self, ops: list[OpInfo], examples: dict[str, tuple[tuple, dict]]) -> list[OpInfo]:
         """``ops`` with the BF16/FP32 latency of each Linear that falls back faster in BF16
         (measured on its calibration input; adapters/fx_bf16.py)."""
-        linears = {}
-        for op in ops:
-            module = self._model.get_submodule(op.name) if op.op_type == "Linear" else None
+        linears, modules = {}, dict(self._model.named_modules())
+        for op in ops:  # a functional linear's op is named after its node, not a module
+            module = modules.get(op.name)
             if type(module) is nn.Linear and op.name in examples and examples[op.name][0]:
                 linears[op.name] = (module, examples[op.name][0][0])
         self.bf16_measured = measure_bf16(linears)
