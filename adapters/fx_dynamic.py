@@ -32,7 +32,7 @@ def full_range_is_exact() -> bool:
     linear = nn.Linear(64, 4, bias=False)
     with torch.no_grad():
         linear.weight.fill_(1.0)
-    linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # type: ignore[assignment]  # torch reads qconfig off the module
     packed = nnqd.Linear.from_float(linear)._packed_params._packed_params
     x = torch.ones(8, 64)
     x[:, 0] = 0.0  # range [0, 1]: every other activation quantizes to 255
