@@ -113,12 +113,17 @@ class TensorStatsAdapter(Adapter):
     def _stat_keys(self) -> set[str]:
         """The tensors ``calibrate`` keeps statistics for (a cache must hold exactly these)."""
 
-    def _calibrated(self) -> None:
+    def _calibrated(self, stats: dict[str, TensorStats]) -> None:
         """Called when statistics arrive (calibrated or loaded); a backend may check them."""
 
     def calibrate(self) -> None:
-        if self._stats is not None:
-            return
+        self._statistics()
+
+    def _statistics(self) -> dict[str, TensorStats]:
+        """The statistics, collected over the calibration data on first use."""
+        return self._stats if self._stats is not None else self._use_stats(self._collect())
+
+    def _collect(self) -> dict[str, TensorStats]:
         start, batches = time.perf_counter(), 0
         with self._observation() as (stats, observe):
             for batch in iterate_batches(self._calib_data):
@@ -135,20 +140,21 @@ class TensorStatsAdapter(Adapter):
         if nonfinite:
             log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
         log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
-        self._use_stats(stats)
+        return stats
 
-    def _ready(self, config: QuantConfig) -> None:
+    def _ready(self, config: QuantConfig) -> dict[str, TensorStats]:
         """Refuse a config this adapter cannot build (an op it does not have, a knob value outside
-        its space; a calibration method need only be registered), then calibrate."""
+        its space; a calibration method need only be registered); the statistics."""
         methods = tuple(m for m in {config.calibration, *config.op_calibration.values()} if m is not None)
         for method in methods:
             CalibrationMethod.parse(method)  # searched or not: CONTRIBUTING's recipe 2 builds unsearched ones
         replace(self.space, calibrations=methods or self.space.calibrations).validate(config)
-        self.calibrate()
+        return self._statistics()
 
-    def _use_stats(self, stats: dict[str, TensorStats]) -> None:
+    def _use_stats(self, stats: dict[str, TensorStats]) -> dict[str, TensorStats]:
         self._stats, self._ranges = stats, {}
-        self._calibrated()
+        self._calibrated(stats)
+        return stats
 
     def _range(self, tensor: str, calibration: str, symmetric: bool) -> tuple[float, float]:
         """The (lo, hi) range of ``tensor`` under a calibration method, computed once."""
@@ -162,9 +168,7 @@ class TensorStatsAdapter(Adapter):
 
     def save_stats(self, path: Path) -> bool:
         """JSON of ``TensorStats.to_dict`` per observed tensor."""
-        self.calibrate()
-        assert self._stats is not None
-        write_stats(path, self._stats)
+        write_stats(path, self._statistics())
         return True
 
     def load_stats(self, path: Path) -> bool:

@@ -15,13 +15,12 @@ Every convolution and linear is a module of the traced graph however the model w
 from __future__ import annotations
 
 import copy
-import functools
-import importlib
 import inspect
 import logging
 import operator
+import pkgutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -52,7 +51,7 @@ from .base import Observation, TensorStatsAdapter, calibration_for
 from .fx_lowering import PackedWeights, reusing_packed_weights
 from .fx_rewrites import int8_friendly
 from .fx_smoothing import Smoother, divide_inputs, smoothing_groups
-from .fx_units import FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
+from .fx_units import Example, FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
 
 log = logging.getLogger("autoquant")
 
@@ -108,7 +107,11 @@ class _WeightObserver:
         qscheme = torch.per_channel_symmetric if self.granularity == "per_channel" else torch.per_tensor_symmetric
         ranges = self._ranges
 
-        class Cached(base):
+        # A base chosen at run time, in a closure: deep copies of a prepared graph share ``ranges``.
+        class Cached(base):  # type: ignore[valid-type,misc]
+            min_val: torch.Tensor  # the base's buffers
+            max_val: torch.Tensor
+
             def forward(self, w: torch.Tensor) -> torch.Tensor:
                 version = 0 if w.is_inference() else w._version  # inference tensors have no counter
                 key = (w.data_ptr(), version, tuple(w.shape))
@@ -181,26 +184,17 @@ class FXAdapter(TensorStatsAdapter):
         root = Leaf(module) if leaf else module
         try:
             traced = int8_friendly(fx_graph.trace(root, _none_arguments(root, example), self._recorded))
-            unit = Unit(path, traced, example, leaf=leaf)
-            unit.recording = self._prepare(unit, _recording_mapping())
-            _run(unit.recording, example)
+            recording = _prepare(traced, example, _recording_mapping())
+            _run(recording, example)
         except Exception as exc:  # FX raises many types (TraceError, TypeError, NotImplementedError, ...)
             raise TraceError(first_line(exc, 300)) from exc
-        return unit
-
-    def _prepare(self, unit: Unit, mapping: QConfigMapping) -> fx.GraphModule:
-        args, kwargs = unit.example
-        positional = inspect.signature(unit.module.forward).bind(*args, **kwargs).args
-        with warnings.catch_warnings():  # prepare_fx/convert_fx are deprecated in favour of PT2E
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return prepare_fx(copy.deepcopy(unit.module), mapping, positional,
-                              backend_config=get_x86_backend_config())
+        return Unit(path, traced, example, recording, leaf=leaf)
 
     def _discover(self, unit: Unit) -> tuple[list[OpInfo], list[UnsupportedOp]]:
         """Ops that really become INT8 in the converted graph (module types alone can mislead)."""
         prepared = unit.recording
         static = dict(_convert(copy.deepcopy(prepared)).named_modules(remove_duplicate=False))
-        dynamic_prepared = self._prepare(unit, _dynamic_mapping(PerChannelMinMaxObserver.with_args(
+        dynamic_prepared = _prepare(unit.module, unit.example, _dynamic_mapping(PerChannelMinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric)))
         dynamic = dict(_convert(dynamic_prepared).named_modules(remove_duplicate=False))
         modules = dict(prepared.named_modules(remove_duplicate=False))
@@ -289,7 +283,7 @@ class FXAdapter(TensorStatsAdapter):
             qconfigs = candidate.meta["_observed_graph_module_attrs"].node_name_to_qconfig
             for node in fp32:
                 qconfigs[node] = None
-            smoothing = self._smooth(unit, candidate, config, set(fp32)) if config.smooth_alpha is not None else []
+            smoothing = self._smooth(unit, candidate, config, set(fp32))
             try:
                 with reusing_packed_weights(self._packed):
                     converted[unit.path] = _convert(candidate)
@@ -307,22 +301,23 @@ class FXAdapter(TensorStatsAdapter):
                 fp32: set[str]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
         """Smooth the INT8 Linears of each group in ``candidate`` (weights and input range); the
         (Linears, 1 / s) whose input the converted graph must divide by ``s``."""
-        assert self._stats is not None and config.smooth_alpha is not None
+        alpha = config.smooth_alpha
+        if alpha is None:
+            return []
         nodes = {str(n.target): n for n in candidate.graph.nodes if n.op == "call_module"}
-        observers = {n.args[0].name: n for n in candidate.graph.nodes
-                     if isinstance(_module_of(candidate, n), _RangeObserver)}
+        observers = {n.args[0].name: observer for n in candidate.graph.nodes
+                     if isinstance(observer := _module_of(candidate, n), _RangeObserver)}
         todo = []
         for group in self._smooth_groups[unit.path]:
-            int8 = {t: candidate.get_submodule(t) for t in group.linears if nodes[t].name not in fp32}
+            int8 = {t: linear for t in group.linears if nodes[t].name not in fp32
+                    and isinstance(linear := candidate.get_submodule(t), nn.Linear)}  # smoothing_groups: Linears
             if not int8 or group.tensor not in observers:
                 continue
-            stats = self._stats[_stats_key(unit, group.tensor)]
-            inverse, weights = self._smoother.scales((unit.path, group.tensor, tuple(int8), config.smooth_alpha), stats,
-                                                     int8, config.smooth_alpha)
+            stats = self._statistics()[_stats_key(unit, group.tensor)]
+            inverse, weights = self._smoother.scales((unit.path, group.tensor, tuple(int8), alpha), stats, int8, alpha)
             for target, weight in weights.items():
                 candidate.get_submodule(target).weight = weight
-            observer = _module_of(candidate, observers[group.tensor])
-            observer.set_range(*smoothed_range(stats, inverse.numpy(), config.scheme == "symmetric"))
+            observers[group.tensor].set_range(*smoothed_range(stats, inverse.numpy(), config.scheme == "symmetric"))
             todo.append((tuple(int8), inverse))
         return todo
 
@@ -339,11 +334,11 @@ class FXAdapter(TensorStatsAdapter):
                     qscheme=torch.per_tensor_symmetric if config.scheme == "symmetric" else torch.per_tensor_affine,
                 )
                 mapping = _static_mapping(QConfig(activation, weight))
-            unit.prepared[family] = self._prepare(unit, mapping)
+            unit.prepared[family] = _prepare(unit.module, unit.example, mapping)
         return unit.prepared[family]
 
     @staticmethod
-    def _assemble(model: nn.Module, parts: dict[str, nn.Module], *, copy_root: bool) -> nn.Module:
+    def _assemble(model: nn.Module, parts: Mapping[str, nn.Module], *, copy_root: bool) -> nn.Module:
         """The model with each unit replaced by its prepared or converted form."""
         if "" in parts:
             return parts[""]
@@ -393,8 +388,7 @@ class FXAdapter(TensorStatsAdapter):
         scripted = torch.jit.load(str(path), _extra_files=extra)
         if not extra[OUTPUT_CLASS]:
             return scripted
-        module, _, name = _text(extra[OUTPUT_CLASS]).partition(":")
-        return _DictOutput(scripted, functools.reduce(getattr, name.split("."), importlib.import_module(module)))
+        return _DictOutput(scripted, pkgutil.resolve_name(_text(extra[OUTPUT_CLASS])))
 
 
 class _DictOutput(nn.Module):
@@ -434,6 +428,14 @@ def _dynamic_mapping(weight: Any) -> QConfigMapping:
     for op in _FIXED_QPARAMS_OP_TO_OBSERVER:
         mapping.set_object_type(op, None)  # no dynamic kernels: FP32, without torch's warning
     return mapping
+
+
+def _prepare(module: fx.GraphModule, example: Example, mapping: QConfigMapping) -> fx.GraphModule:
+    args, kwargs = example
+    positional = inspect.signature(module.forward).bind(*args, **kwargs).args
+    with warnings.catch_warnings():  # prepare_fx/convert_fx are deprecated in favour of PT2E
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return prepare_fx(copy.deepcopy(module), mapping, positional, backend_config=get_x86_backend_config())
 
 
 def _convert(prepared: fx.GraphModule) -> fx.GraphModule:
@@ -497,7 +499,7 @@ def _with_device_anchor(model: nn.Module) -> nn.Module:
 
 
 def _module_of(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return graph_module.get_submodule(node.target) if node.op == "call_module" else None
+    return graph_module.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
 def _is_quantized(module: nn.Module | None) -> bool:
@@ -511,11 +513,11 @@ def _is_observed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     after a fused ReLU, as in add+relu)."""
     inputs = node.all_input_nodes
     return bool(inputs) and all(
-        n.op == "call_module" and isinstance(modules.get(n.target), ObserverBase) for n in inputs
+        n.op == "call_module" and isinstance(modules.get(str(n.target)), ObserverBase) for n in inputs
     )
 
 
-def _shallow_tree_copy(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Module:
+def _shallow_tree_copy(model: nn.Module, parts: Mapping[str, nn.Module]) -> nn.Module:
     """A copy of the module tree above the units that shares every parameter with ``model``."""
     root = copy.copy(model)
     root._modules = dict(model._modules)

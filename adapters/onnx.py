@@ -104,6 +104,8 @@ class _WeightCachingQDQQuantizer(QDQQuantizer):
     by channel is most of a build (~1 s of ~2 s on MiniLM). Keyed by (weight, axis); weights are
     always int8 symmetric here, so nothing else changes them."""
 
+    tensors_to_quantize: dict[str, Any]  # QDQQuantizer's; narrowed to the uncached weights below
+
     def __init__(self, *args: Any, weight_params: dict, **kwargs: Any) -> None:
         self._weight_params = weight_params
         super().__init__(*args, **kwargs)
@@ -243,14 +245,11 @@ class ONNXAdapter(TensorStatsAdapter):
     def _stat_keys(self) -> set[str]:
         return set(self._tensors)
 
-    def _calibrated(self) -> None:
-        self._warn_overclipping()
-
-    def _warn_overclipping(self) -> None:
+    def _calibrated(self, stats: dict[str, TensorStats]) -> None:
         """One log line naming the tensors where a method's range clips far more than the others',
         under the preferred scheme (the ranges are cached for the builds that use them)."""
         scheme = self.space.schemes[0]
-        flagged = overclipping(self._stats, list(self.space.calibrations),
+        flagged = overclipping(stats, list(self.space.calibrations),
                                ranges=lambda t, m: self._range(t, m, scheme == "symmetric"))
         lines = [f"{method}/{scheme} on {len(ts)}: {', '.join(ts)}" for method, ts in sorted(flagged.items())]
         if lines:
@@ -259,7 +258,7 @@ class ONNXAdapter(TensorStatsAdapter):
 
     # --- candidates ------------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> ORTSession:
-        self._ready(config)
+        stats = self._ready(config)
         model = onnx.ModelProto()
         model.CopyFrom(self._inferred)  # the quantizers edit the model they are given
         per_channel = config.granularity == "per_channel"
@@ -277,7 +276,7 @@ class ONNXAdapter(TensorStatsAdapter):
                 symmetric = config.scheme == "symmetric"
                 smoothed: dict[str, tuple[float, float]] = {}
                 if config.smooth_alpha is not None:
-                    model, smoothed = smooth(model, self._smooth_groups, self._stats, config.smooth_alpha, symmetric)
+                    model, smoothed = smooth(model, self._smooth_groups, stats, config.smooth_alpha, symmetric)
                 # An all-FP32 candidate leaves no follower INT8: it is the FP32 model.
                 nodes = [*self._op_types, *_int8_followers(self._followers, config.fp32_ops)]
                 quantizer = _WeightCachingQDQQuantizer(
@@ -445,7 +444,7 @@ class _Follower:
 
 def _int8_followers(followers: list[_Follower], fp32_ops: frozenset[str]) -> list[str]:
     """The followers that run INT8 in a candidate (in graph order, so producers come first)."""
-    int8, names = set(), []
+    int8, names = set[str](), []
     for node in followers:
         searched = not node.inputs
         if (searched and node.name not in fp32_ops) or (not searched and all(t in int8 for t in node.inputs)):
@@ -487,17 +486,18 @@ def _discover(
         if node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
         weights = [i for i in node.input[1:2] if i in initializers]
+        approaches = ("static", "dynamic") if node.op_type == "MatMul" else ("static",)
         if node.op_type == "MatMul":
             acts = [i for i in node.input if i not in initializers]
             if not acts:
                 continue  # constant folding's business
-            op_type, approaches = ("MatMul" if weights else ACT_X_ACT), ("static", "dynamic")
+            op_type = "MatMul" if weights else ACT_X_ACT
         elif not weights:
             unsupported.append(UnsupportedOp(node.name, node.op_type,
                                              "its weight is not a constant initializer; runs FP32"))
             continue
         else:
-            acts, op_type, approaches = [node.input[0]], node.op_type, ("static",)
+            acts, op_type = [node.input[0]], node.op_type
         # QLinearConv / QGemm also quantize their output (MatMul's stays float: MatMulIntegerToFloat).
         outputs = [node.output[0]] if node.op_type != "MatMul" else []
         missing = [t for t in acts + outputs if t not in float_types and t not in initializers]

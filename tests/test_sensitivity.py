@@ -95,16 +95,17 @@ def test_every_measured_trial_refits_the_model():
     model = fake_model(n_ops=8, sensitive={1: 0.02, 4: 0.03, 6: 0.04})
     result = tune(model, strategy=strategy, objective="latency")
     measured = result.history.dropna(subset=["accuracy"])
-    assert strategy.model.n == len(measured) >= 2
+    search = strategy._search
+    assert search is not None and search.model.n == len(measured) >= 2
     # each measured candidate's loss is predicted within the model's spread
-    probe = strategy._probe
+    probe = search.probe
     for row in measured.itertuples():
         config = QuantConfig(row.approach, row.calibration, row.granularity, row.scheme,
                              frozenset(row.fp32_ops.split()))
         error = probe.error(config)
         if error > 0 and row.loss > 0.001:
-            predicted = strategy.model.predict(config.describe(), error).loss
-            assert abs(math.log(predicted / row.loss)) < 2 * strategy.model.spread
+            predicted = search.model.predict(config.describe(), error).loss
+            assert abs(math.log(predicted / row.loss)) < 2 * search.model.spread
 
 
 def test_latency_objective_goes_on_while_a_faster_candidate_is_likely_then_stops():
