@@ -192,14 +192,6 @@ def _space(args: argparse.Namespace, console: Console) -> None:
     console.print(str(space), markup=False, highlight=False, soft_wrap=True)  # the same text as print(space)
 
 
-def _schema(args: argparse.Namespace, console: Console) -> None:
-    sys.stdout.write(yaml_reference())
-
-
-def _report(args: argparse.Namespace, console: Console) -> None:
-    report(Path(args.target), console)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoquant", description="Accuracy-driven INT8 tuning from YAML jobs.",
                                      epilog="Run 'autoquant VERB --help' for a verb's options.")
@@ -243,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     handlers = {"tune": lambda: _tune(args, console, resume=False), "resume": lambda: _tune(args, console, resume=True),
                 "validate": lambda: _validate(args, console), "space": lambda: _space(args, console),
-                "report": lambda: _report(args, console), "schema": lambda: _schema(args, console)}
+                "report": lambda: report(Path(args.target), console),
+                "schema": lambda: sys.stdout.write(yaml_reference())}
     try:
         handlers[args.verb]()
     except AutoquantError as exc:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoquant.errors import BackendError, ConfigError, first_line, unknown_choice
+from autoquant.errors import BackendError, ConfigError, check_choice, first_line
 from autoquant.latency import measure_ratio
 from autoquant.space import QuantConfig, Space
 
@@ -68,8 +68,7 @@ class OutputProbe:
 
     def __init__(self, adapter: Adapter, space: Space, *, kind: str = "auto",
                  max_batches: int = DEFAULT_MAX_BATCHES) -> None:
-        if kind not in KINDS:
-            raise unknown_choice("probe output kind", kind, KINDS)
+        check_choice("probe output kind", kind, KINDS)
         if max_batches < 1:
             raise ConfigError(f"The probe needs at least one calibration batch, got max_batches={max_batches}.")
         self._adapter, self._space = adapter, space

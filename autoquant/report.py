@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import optuna
@@ -23,9 +24,7 @@ assert set(MEASUREMENT_KEYS) <= set(HISTORY_COLUMNS)
 
 def describe_space(space: Space, adapter: str) -> str:
     """A few lines saying what will be searched and what stays FP32 regardless."""
-    by_type: dict[str, int] = {}
-    for op in space.ops:
-        by_type[op.op_type] = by_type.get(op.op_type, 0) + 1
+    by_type = Counter(op.op_type for op in space.ops)
     lines = [
         f"{adapter} adapter: {len(space.ops)} quantizable op(s) "
         f"({', '.join(f'{n} {t}' for t, n in by_type.items()) or 'none'}); {space.size():,} candidates.",

@@ -36,7 +36,7 @@ import optuna
 import pandas as pd
 
 from autoquant.criterion import AccuracyCriterion
-from autoquant.errors import AutoquantError, ConfigError, unknown_choice
+from autoquant.errors import AutoquantError, ConfigError, check_choice
 from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import measured_by_key, records
@@ -89,12 +89,10 @@ class SensitivityStrategy(Strategy):
                  probe_output: str = "auto", probe_batches: int | None = None,
                  latency_budget_s: float = 0.03) -> None:
         super().__init__(seed=seed)
-        if measure not in MEASURES:
-            raise unknown_choice("sensitivity measure", measure, MEASURES)
+        check_choice("sensitivity measure", measure, MEASURES)
         if not 0 < confidence < 1:
             raise ConfigError(f"confidence is a probability between 0 and 1 (exclusive), got {confidence}.")
-        if probe_output not in KINDS:
-            raise unknown_choice("probe output kind", probe_output, KINDS)
+        check_choice("probe output kind", probe_output, KINDS)
         self.measure, self.confidence = measure, confidence
         self.probe_output, self.probe_batches = probe_output, probe_batches
         self.latency_budget_s = latency_budget_s

@@ -30,12 +30,7 @@ def calibration_data(seed: int = 0, fragile: bool = False, n_samples: int = 512)
 
 def eval_fn(candidate: nn.Module, seed: int = 0, fragile: bool = False) -> float:
     """Top-1 accuracy on the held-out images."""
-    return _evaluator(seed, fragile)(candidate)
-
-
-@lru_cache(maxsize=4)
-def _evaluator(seed: int, fragile: bool):
-    return accuracy_fn(_prepared(seed, fragile)[0])
+    return accuracy_fn(_prepared(seed, fragile)[0])(candidate)
 
 
 # --- the same model on ONNX Runtime (configs/digits-onnx.yaml) -----------------------------------
@@ -56,11 +51,6 @@ def onnx_calibration_data(seed: int = 0, fragile: bool = False, n_samples: int =
 
 def onnx_eval_fn(session, seed: int = 0, fragile: bool = False) -> float:  # noqa: ANN001 (InferenceSession)
     """Top-1 accuracy of an ONNX Runtime session on the held-out images."""
-    return _onnx_evaluator(seed, fragile)(session)
-
-
-@lru_cache(maxsize=4)
-def _onnx_evaluator(seed: int, fragile: bool):
     from autoquant.examples.digits_onnx import accuracy_fn as onnx_accuracy_fn
 
-    return onnx_accuracy_fn(_prepared(seed, fragile)[0])
+    return onnx_accuracy_fn(_prepared(seed, fragile)[0])(session)
