@@ -9,11 +9,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
-from autoquant.data import iterate_batches
+from autoquant.data import first_batch, iterate_batches
 from autoquant.errors import AutoquantError, BackendError, CalibrationDataError, first_line
 from autoquant.space import QuantConfig, Space
 
@@ -94,7 +95,8 @@ class TensorStatsAdapter(Adapter):
     The phases are split as in ONNX Runtime's ``CalibraterBase``: the backend writes only
     ``_observation`` (set up observers, observe one batch, tear down) and ``_stat_keys``; this class
     owns the rest: calibrate once, the batch loop and its errors, the non-finite warning, the
-    statistics cache, and the range of a tensor per calibration method (computed once each).
+    statistics cache, and the range of a tensor per calibration method (computed once each). Given
+    ``_as_inputs`` and ``_run``, it also runs a model on calibration batches (``runner``).
     """
 
     # Appended to the error of a batch the model fails on: what a batch must look like.
@@ -104,6 +106,23 @@ class TensorStatsAdapter(Adapter):
         self._calib_data = calib_data
         self._stats: dict[str, TensorStats] | None = None
         self._ranges: dict[tuple[str, str, bool], tuple[float, float]] = {}
+        self._example = self._as_inputs(first_batch(calib_data), 0)  # the latency batch
+
+    @abstractmethod
+    def _as_inputs(self, batch: Any, index: int) -> Any:
+        """A calibration batch as what ``_run`` passes to the model (checked; ``index`` for errors)."""
+
+    @staticmethod
+    @abstractmethod
+    def _run(model: Any, inputs: Any) -> object:
+        """The outputs of ``model`` on ``inputs``."""
+
+    def runner(self, model: Any) -> Callable[[], object]:
+        return partial(self._run, model, self._example)
+
+    def batch_runners(self, model: Any, limit: int) -> list[Callable[[], object]]:
+        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
+        return [partial(self._run, model, self._as_inputs(batch, i)) for i, batch in batches]
 
     @abstractmethod
     def _observation(self) -> AbstractContextManager[Observation]:

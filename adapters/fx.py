@@ -20,9 +20,8 @@ import logging
 import operator
 import pkgutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from autoquant.calibration import TensorStats
-from autoquant.data import first_batch, iterate_batches, model_inputs
+from autoquant.data import model_inputs
 from autoquant.errors import BackendError, first_line
 from autoquant.smoothing import ALPHAS, smoothed_range
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
@@ -144,7 +143,6 @@ class FXAdapter(TensorStatsAdapter):
         torch.backends.quantized.engine = ENGINE
         self._model = model.eval()
         super().__init__(calib_data)
-        self._example = model_inputs(first_batch(calib_data))
         self._weights = {g: _WeightObserver(g) for g in ("per_channel", "per_tensor")}
         self._packed = PackedWeights()
         examples = capture_inputs(model, self._example)
@@ -185,7 +183,7 @@ class FXAdapter(TensorStatsAdapter):
         try:
             traced = int8_friendly(fx_graph.trace(root, _none_arguments(root, example), self._recorded))
             recording = _prepare(traced, example, _recording_mapping())
-            _run(recording, example)
+            self._run(recording, example)
         except Exception as exc:  # FX raises many types (TraceError, TypeError, NotImplementedError, ...)
             raise TraceError(first_line(exc, 300)) from exc
         return Unit(path, traced, example, recording, leaf=leaf)
@@ -251,7 +249,7 @@ class FXAdapter(TensorStatsAdapter):
                         observer.stats = stats[key] = TensorStats(channels=key in smoothed)
         model = self._assemble(self._model, {u.path: u.recording for u in self._units}, copy_root=False)
         try:
-            yield stats, lambda batch, _index: _run(model, model_inputs(batch))
+            yield stats, lambda batch, _index: self._run(model, model_inputs(batch))
         finally:
             for unit in self._units:
                 for node in unit.recording.graph.nodes:
@@ -352,18 +350,14 @@ class FXAdapter(TensorStatsAdapter):
             setattr(root.get_submodule(parent), child, module)
         return root
 
-    def runner(self, model: nn.Module) -> Callable[[], object]:
-        args, kwargs = self._example
+    def _as_inputs(self, batch: Any, index: int) -> Example:
+        return model_inputs(batch)
 
-        def run() -> object:
-            with torch.inference_mode():
-                return model(*args, **kwargs)
-
-        return run
-
-    def batch_runners(self, model: nn.Module, limit: int) -> list[Callable[[], object]]:
-        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
-        return [partial(_run, model, model_inputs(batch)) for _, batch in batches]
+    @staticmethod
+    def _run(model: nn.Module, example: Example) -> Any:
+        args, kwargs = example
+        with torch.inference_mode():
+            return model(*args, **kwargs)
 
     # --- files ----------------------------------------------------------------------------------
     def save_model(self, model: nn.Module, directory: Path) -> Path:
@@ -549,12 +543,6 @@ def _keep_attributes(unit: nn.Module, original: nn.Module) -> None:
 
 def _keep_module_calls(_module: nn.Module, _args: Any) -> None:
     return None
-
-
-def _run(model: nn.Module, example: tuple[tuple, dict]) -> Any:
-    args, kwargs = example
-    with torch.inference_mode():
-        return model(*args, **kwargs)
 
 
 def _reasons(unsupported: list[UnsupportedOp]) -> str:

@@ -37,10 +37,9 @@ import copy
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,6 @@ from autoquant.calibration import (
     TensorStats,
     overclipping,
 )
-from autoquant.data import first_batch, iterate_batches
 from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean, first_line
 from autoquant.smoothing import ALPHAS
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
@@ -151,7 +149,6 @@ class ONNXAdapter(TensorStatsAdapter):
             raise BackendError(f"ONNX Runtime cannot load this model: {first_line(exc)}") from exc
         self._inputs = [(i.name, i.type, i.shape) for i in self._fp32.get_inputs()]
         super().__init__(calib_data)
-        self._feeds = self._to_feeds(first_batch(calib_data), 0)
         self._weight_params: dict[tuple[str, int | None], Any] = {}
         ops, unsupported, self._tensors, self._followers = _discover(self._inferred)
         if not ops:
@@ -183,7 +180,7 @@ class ONNXAdapter(TensorStatsAdapter):
         return self._fp32
 
     # --- calibration data ------------------------------------------------------------------------
-    def _to_feeds(self, batch: Any, index: int) -> dict[str, np.ndarray]:
+    def _as_inputs(self, batch: Any, index: int) -> dict[str, np.ndarray]:
         """A calibration batch as ORT feeds, checked against the model's inputs."""
         names = [name for name, _, _ in self._inputs]
         if isinstance(batch, Mapping):
@@ -229,14 +226,12 @@ class ONNXAdapter(TensorStatsAdapter):
         for name in names:
             if name not in existing:
                 augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ORTSession(augmented)
         smoothed = {g.activation for g in self._smooth_groups}
         stats = {name: TensorStats(channels=name in smoothed) for name in names}
 
         def observe(batch: Any, index: int) -> None:
-            outputs = session.run(names, self._to_feeds(batch, index))
+            outputs = session.run(names, self._as_inputs(batch, index))
             for name, value in zip(names, outputs, strict=False):
                 stats[name].update(value)  # one batch at a time: memory stays O(tensors x bins)
 
@@ -326,18 +321,9 @@ class ONNXAdapter(TensorStatsAdapter):
             data[tensor] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
         return TensorsData(ORTCalibrationMethod.MinMax, data)
 
-    def runner(self, model: ort.InferenceSession) -> Callable[[], object]:
-        feeds = self._feeds
-
-        def run() -> object:
-            return model.run(None, feeds)
-
-        return run
-
-    def batch_runners(self, model: ort.InferenceSession, limit: int) -> list[Callable[[], object]]:
-        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
-        feeds = [self._to_feeds(batch, i) for i, batch in batches]
-        return [partial(model.run, None, f) for f in feeds]
+    @staticmethod
+    def _run(model: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> object:
+        return model.run(None, feeds)
 
     def result_model(self, model: ORTSession) -> onnx.ModelProto:
         """What ``TuneResult.model`` holds: the quantized ModelProto (plain ORT runs it)."""

@@ -8,8 +8,9 @@ from collections.abc import Iterator, Sequence
 import optuna
 
 from autoquant.space import QuantConfig, Space
+from autoquant.trials import records, tried_keys
 
-from .base import SearchExhausted, Strategy, tried_keys
+from .base import SearchExhausted, Strategy
 
 
 class ExhaustiveStrategy(Strategy):
@@ -23,7 +24,7 @@ class ExhaustiveStrategy(Strategy):
     name = "exhaustive"
 
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
-        tried = tried_keys(trials)
+        tried = tried_keys(records(trials))
         for config in grid(space):
             if config.key() not in tried:
                 return config
