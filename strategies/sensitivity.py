@@ -107,6 +107,16 @@ class SensitivityStrategy(Strategy):
             probe.max_batches = self.probe_batches
         self._search = _Search(self, probe, (criterion or AccuracyCriterion(relative=0.01)).tolerance)
 
+    def profile(self) -> None:
+        """All the probe spends before ops fall back: each approach's latency, each knob setting's
+        error and the per-op profile at the best one (the search does this lazily; experiments time it)."""
+        if not self._approach_latency:
+            self._measure_approaches(self._space)
+        if self.model is None:
+            self.model = LossModel(self._tolerance, [])
+        if self._reference is None:
+            self._profile(self._best_knobs(self._space))
+
     @property
     def probe_cost(self) -> str:
         probe = self._search.probe if self._search is not None else None
