@@ -105,17 +105,12 @@ class SensitivityStrategy(Strategy):
             probe.kind = self.probe_output
         if self.probe_batches is not None:
             probe.max_batches = self.probe_batches
-        self._search = _Search(self, probe, (criterion or AccuracyCriterion(relative=0.01)).tolerance)
+        self._search = _Search(self, space, probe, (criterion or AccuracyCriterion(relative=0.01)).tolerance)
 
     def profile(self) -> None:
         """All the probe spends before ops fall back: each approach's latency, each knob setting's
         error and the per-op profile at the best one (the search does this lazily; experiments time it)."""
-        if not self._approach_latency:
-            self._measure_approaches(self._space)
-        if self.model is None:
-            self.model = LossModel(self._tolerance, [])
-        if self._reference is None:
-            self._profile(self._best_knobs(self._space))
+        self._started().profile()
 
     @property
     def probe_cost(self) -> str:
@@ -128,21 +123,30 @@ class SensitivityStrategy(Strategy):
         return self._search.table() if self._search is not None else None
 
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
+        return self._started().propose(space, trials)
+
+    def _started(self) -> _Search:
         if self._search is None:
             raise ConfigError("SensitivityStrategy needs setup(space, probe) first (the tuner calls it).")
-        return self._search.propose(space, trials)
+        return self._search
 
 
 class _Search:
     """One search's state: the probe, the per-op profile, the loss model (made anew by each setup)."""
 
-    def __init__(self, options: SensitivityStrategy, probe: OutputProbe, tolerance: float) -> None:
-        self.options, self.probe, self.tolerance = options, probe, tolerance
+    def __init__(self, options: SensitivityStrategy, space: Space, probe: OutputProbe, tolerance: float) -> None:
+        self.options, self.space, self.probe, self.tolerance = options, space, probe, tolerance
         self.ranking: list[OpSensitivity] = []
         self.reference: QuantConfig | None = None  # the knob setting the op profile was measured at
         self.approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach
         self.model = LossModel(tolerance, [])
         self.unbuildable: set[str] = set()
+
+    def profile(self) -> None:
+        if not self.approach_latency:
+            self._measure_approaches(self.space)
+        if self.reference is None:
+            self._profile(self._best_knobs(self.space))
 
     # --- the probe, cached; None for a candidate the backend cannot build --------------------------
     def _error(self, config: QuantConfig) -> float | None:
@@ -162,10 +166,10 @@ class _Search:
         except AutoquantError:  # the probe logged why
             return 1.0
 
-    def _profile(self, space: Space, reference: QuantConfig) -> QuantConfig:
+    def _profile(self, reference: QuantConfig) -> QuantConfig:
         """Per op at ``reference`` (all INT8): its share of the probe error and its latency cost."""
-        names = [op.name for op in space.tunable_ops(reference.approach)]
-        types = {op.name: op.op_type for op in space.ops}
+        names = [op.name for op in self.space.tunable_ops(reference.approach)]
+        types = {op.name: op.op_type for op in self.space.ops}
         base = self._error(reference) or 0.0
         scores, savings = {}, {}
         for name in names:
@@ -233,7 +237,7 @@ class _Search:
         for _ in range(EXACT_PROBES):
             pool = self._score(knob_only, tried, bound)
             if not pool or min(c.latency for c in pool) > fastest:  # a fallback may be faster
-                reference = self.reference or self._profile(space, self._best_knobs(space))
+                reference = self.reference or self._profile(self._best_knobs(space))
                 pool = self._score(knob_only + self._fallbacks(space, tried, reference.approach), tried, bound)
             if not pool:
                 return None

@@ -63,6 +63,17 @@ def test_registered_and_checks_its_options():
         SensitivityStrategy(probe_output="logit")
 
 
+def test_profile_before_any_trial_ranks_every_op():
+    strategy = SensitivityStrategy()
+    with pytest.raises(ConfigError, match="setup"):
+        strategy.profile()
+    adapter = FakeAdapter(fake_model(n_ops=4, sensitive={2: 0.02}), [None])
+    strategy.setup(adapter.space, OutputProbe(adapter, adapter.space))
+    assert strategy.sensitivity is None  # nothing is probed until asked
+    strategy.profile()
+    assert strategy.sensitivity is not None and strategy.sensitivity["op"].tolist()[0] == "op2"
+
+
 def test_no_probe_when_the_default_passes():
     result = tune(fake_model(n_ops=4))
     assert result.trials == 1 and result.sensitivity is None and result.probe_cost == ""
