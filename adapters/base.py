@@ -140,9 +140,8 @@ class TensorStatsAdapter(Adapter):
 
     def _statistics(self) -> dict[str, TensorStats]:
         """The statistics, collected over the calibration data on first use."""
-        return self._stats if self._stats is not None else self._use_stats(self._collect())
-
-    def _collect(self) -> dict[str, TensorStats]:
+        if self._stats is not None:
+            return self._stats
         start, batches = time.perf_counter(), 0
         with self._observation() as (stats, observe):
             for batch in iterate_batches(self._calib_data):
@@ -159,7 +158,7 @@ class TensorStatsAdapter(Adapter):
         if nonfinite:
             log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
         log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
-        return stats
+        return self._use_stats(stats)
 
     def _ready(self, config: QuantConfig) -> dict[str, TensorStats]:
         """Refuse a config this adapter cannot build (an op it does not have, a knob value outside

@@ -69,6 +69,7 @@ FP32_FUNCTIONS = {
 }
 # Modules that compute nothing at inference: never offered as ops.
 NO_OPS = (nn.modules.dropout._DropoutNd, nn.Identity)
+_PER_CHANNEL_WEIGHT = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
 
 
 class _RecordingObserver(MinMaxObserver):
@@ -192,8 +193,7 @@ class FXAdapter(TensorStatsAdapter):
         """Ops that really become INT8 in the converted graph (module types alone can mislead)."""
         prepared = unit.recording
         static = dict(_convert(copy.deepcopy(prepared)).named_modules(remove_duplicate=False))
-        dynamic_prepared = _prepare(unit.module, unit.example, _dynamic_mapping(PerChannelMinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric)))
+        dynamic_prepared = _prepare(unit.module, unit.example, _dynamic_mapping(_PER_CHANNEL_WEIGHT))
         dynamic = dict(_convert(dynamic_prepared).named_modules(remove_duplicate=False))
         modules = dict(prepared.named_modules(remove_duplicate=False))
         observers = {n for n in prepared.graph.nodes if isinstance(_module_of(prepared, n), ObserverBase)}
@@ -235,34 +235,28 @@ class FXAdapter(TensorStatsAdapter):
         """The model with each unit's recording graph, its observers feeding one TensorStats per tensor."""
         stats: dict[str, TensorStats] = {}
         smoothed = {_stats_key(u, g.tensor) for u in self._units for g in self._smooth_groups[u.path]}
-        for unit in self._units:
-            for node in unit.recording.graph.nodes:
-                observer = _module_of(unit.recording, node)
-                if isinstance(observer, _RecordingObserver):
-                    key = _stats_key(unit, node.args[0].name)
-                    if observer.stats is not None:
-                        # Same-scale ops (max-pool, flatten) share their input's observer: same range.
-                        stats.setdefault(key, observer.stats)
-                    elif key in stats:
-                        continue  # a tensor observed twice: record it once
-                    else:
-                        observer.stats = stats[key] = TensorStats(channels=key in smoothed)
+        for key, observer in self._recording_observers():
+            if observer.stats is not None:
+                # Same-scale ops (max-pool, flatten) share their input's observer: same range.
+                stats.setdefault(key, observer.stats)
+            elif key not in stats:  # a tensor observed twice is recorded once
+                observer.stats = stats[key] = TensorStats(channels=key in smoothed)
         model = self._assemble(self._model, {u.path: u.recording for u in self._units}, copy_root=False)
         try:
             yield stats, lambda batch, _index: self._run(model, model_inputs(batch))
         finally:
-            for unit in self._units:
-                for node in unit.recording.graph.nodes:
-                    observer = _module_of(unit.recording, node)
-                    if isinstance(observer, _RecordingObserver):
-                        observer.stats = None
+            for _, observer in self._recording_observers():
+                observer.stats = None
 
     def _stat_keys(self) -> set[str]:
-        return {
-            _stats_key(unit, node.args[0].name)
-            for unit in self._units for node in unit.recording.graph.nodes
-            if isinstance(_module_of(unit.recording, node), _RecordingObserver)
-        }
+        return {key for key, _ in self._recording_observers()}
+
+    def _recording_observers(self) -> Iterator[tuple[str, _RecordingObserver]]:
+        """(statistics key, observer) of every recording observer, in graph order."""
+        for unit in self._units:
+            for node in unit.recording.graph.nodes:
+                if isinstance(observer := _module_of(unit.recording, node), _RecordingObserver):
+                    yield _stats_key(unit, node.args[0].name), observer
 
     # --- candidates -----------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> nn.Module:
@@ -275,7 +269,9 @@ class FXAdapter(TensorStatsAdapter):
                 observer = _module_of(candidate, node)
                 if isinstance(observer, _RangeObserver):
                     key = _stats_key(unit, node.args[0].name)
-                    observer.set_range(*self._range(key, _calibration_for(node, unit, config), symmetric))
+                    # an op's calibration override applies to the tensors it reads
+                    readers = [unit.node_ops[u.name] for u in node.users if u.name in unit.node_ops]
+                    observer.set_range(*self._range(key, calibration_for(config, readers), symmetric))
             fp32 = [unit.nodes[name] for name in config.fp32_ops if name in unit.nodes]
             fp32 = fp32 if config.approach == "dynamic" else unit.fp32_nodes(config.fp32_ops)
             qconfigs = candidate.meta["_observed_graph_module_attrs"].node_name_to_qconfig
@@ -411,8 +407,7 @@ def _static_mapping(qconfig: QConfig) -> QConfigMapping:
 
 
 def _recording_mapping() -> QConfigMapping:
-    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-    return _static_mapping(QConfig(_RecordingObserver.with_args(dtype=torch.quint8), weight))
+    return _static_mapping(QConfig(_RecordingObserver.with_args(dtype=torch.quint8), _PER_CHANNEL_WEIGHT))
 
 
 def _dynamic_mapping(weight: Any) -> QConfigMapping:
@@ -452,11 +447,6 @@ def _none_arguments(module: nn.Module, example: tuple[tuple, dict]) -> dict[str,
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     bound.apply_defaults()
     return {name: None for name, value in bound.arguments.items() if value is None}
-
-
-def _calibration_for(observer: fx.Node, unit: Unit, config: QuantConfig) -> str:
-    """An op's calibration override applies to the tensors it reads."""
-    return calibration_for(config, [unit.node_ops[u.name] for u in observer.users if u.name in unit.node_ops])
 
 
 def _stats_key(unit: Unit, node_name: str) -> str:

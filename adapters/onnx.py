@@ -312,13 +312,11 @@ class ONNXAdapter(TensorStatsAdapter):
         """(lo, hi) per tensor from the cached statistics; an op's calibration override applies to
         the activations it reads (a tensor read by several INT8 ops takes the first override).
         ``smoothed``: the ranges of smoothed activations (min-max, see onnx_smoothing)."""
+        # A tensor smoothed in place (folded into a LayerNorm) takes its smoothed range.
+        ranges = smoothed | {t: self._range(t, calibration_for(config, readers), symmetric)
+                             for t, readers in self._tensors.items() if t not in smoothed}
         data = {t: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
-                for t, (lo, hi) in smoothed.items()}
-        for tensor, readers in self._tensors.items():
-            if tensor in data:  # smoothed in place (folded into a LayerNorm): its range is the smoothed one
-                continue
-            lo, hi = self._range(tensor, calibration_for(config, readers), symmetric)
-            data[tensor] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+                for t, (lo, hi) in ranges.items()}
         return TensorsData(ORTCalibrationMethod.MinMax, data)
 
     @staticmethod
