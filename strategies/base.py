@@ -11,6 +11,8 @@ import optuna
 from autoquant.criterion import AccuracyCriterion
 from autoquant.probe import OutputProbe
 from autoquant.space import QuantConfig, Space
+from autoquant.trials import records
+from autoquant.trials import tried_keys as _tried_keys
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,3 +60,8 @@ class Strategy(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed})"
+
+
+def tried_keys(trials: Sequence[optuna.trial.FrozenTrial]) -> set[str]:
+    """Config keys of trials that ran or are running (finished, failed or in flight)."""
+    return _tried_keys(records(trials))

@@ -8,9 +8,8 @@ from collections.abc import Iterator, Sequence
 import optuna
 
 from autoquant.space import QuantConfig, Space
-from autoquant.trials import records, tried_keys
 
-from .base import SearchExhausted, Strategy
+from .base import SearchExhausted, Strategy, tried_keys
 
 
 class ExhaustiveStrategy(Strategy):
@@ -24,7 +23,7 @@ class ExhaustiveStrategy(Strategy):
     name = "exhaustive"
 
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
-        tried = tried_keys(records(trials))
+        tried = tried_keys(trials)
         for config in grid(space):
             if config.key() not in tried:
                 return config

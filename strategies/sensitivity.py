@@ -39,9 +39,9 @@ from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, check_choice
 from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
-from autoquant.trials import TrialRecord, measured_by_key, records, tried_keys
+from autoquant.trials import measured_by_key, records
 
-from .base import SearchExhausted, Strategy
+from .base import SearchExhausted, Strategy, tried_keys
 from .evidence import LossModel, Observation, Prediction
 from .exhaustive import grid
 
@@ -207,8 +207,8 @@ class _Search:
 
     # --- the search ----------------------------------------------------------------------------------
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
-        rows = records(trials)
-        tried, measured = tried_keys(rows), _measured(rows)
+        tried = tried_keys(trials)
+        measured = _measured(trials)
         self.model = LossModel(self.tolerance, [
             Observation(c.describe(), error, loss) for c, loss, _ in measured
             if (error := self._error(c)) is not None])
@@ -310,7 +310,7 @@ class _Search:
         return self.approach_latency.get(config.approach, 0.0) + sum(costs.get(op, 0.0) for op in config.fp32_ops)
 
 
-def _measured(trials: list[TrialRecord]) -> list[tuple[QuantConfig, float, bool]]:
+def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, float, bool]]:
     """(config, loss, passed) of every evaluated trial, duplicates once."""
-    return [(t.config, t.measurement.loss, t.passed) for t in measured_by_key(trials).values()
+    return [(t.config, t.measurement.loss, t.passed) for t in measured_by_key(records(trials)).values()
             if t.config is not None and t.measurement is not None]
