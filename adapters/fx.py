@@ -162,7 +162,8 @@ class FXAdapter(TensorStatsAdapter):
         if not ops:
             raise BackendError(
                 "Nothing in this model can be quantized by the FX x86 backend "
-                f"(no Conv/Linear/add/mul/cat/matmul with INT8 kernels was found). {_reasons(unsupported)}"
+                "(no Conv/Linear/add/mul/cat/matmul with INT8 kernels was found). "
+                + "; ".join(f"{u.name} ({u.op_type}): {u.reason}" for u in unsupported[:10])
             )
         dynamic = any("dynamic" in op.approaches for op in ops)
         # SmoothQuant (static): the Linears of each unit grouped by the tensor they read
@@ -183,7 +184,8 @@ class FXAdapter(TensorStatsAdapter):
         root = Leaf(module) if leaf else module
         try:
             traced = int8_friendly(fx_graph.trace(root, _none_arguments(root, example), self._recorded))
-            recording = _prepare(traced, example, _recording_mapping())
+            recording_qconfig = QConfig(_RecordingObserver.with_args(dtype=torch.quint8), _PER_CHANNEL_WEIGHT)
+            recording = _prepare(traced, example, _static_mapping(recording_qconfig))
             self._run(recording, example)
         except Exception as exc:  # FX raises many types (TraceError, TypeError, NotImplementedError, ...)
             raise TraceError(first_line(exc, 300)) from exc
@@ -266,8 +268,7 @@ class FXAdapter(TensorStatsAdapter):
             candidate = _shared_copy(self._family(unit, config))
             symmetric = config.scheme == "symmetric"
             for node in candidate.graph.nodes:
-                observer = _module_of(candidate, node)
-                if isinstance(observer, _RangeObserver):
+                if isinstance(observer := _module_of(candidate, node), _RangeObserver):
                     key = _stats_key(unit, node.args[0].name)
                     # an op's calibration override applies to the tensors it reads
                     readers = [unit.node_ops[u.name] for u in node.users if u.name in unit.node_ops]
@@ -342,7 +343,7 @@ class FXAdapter(TensorStatsAdapter):
             _keep_attributes(module, model.get_submodule(path))
             # torch.nn's fused fast paths (TransformerEncoderLayer, MultiheadAttention) read the
             # float weights of their children and skip calling them, unless a hook is attached.
-            module.register_forward_pre_hook(_keep_module_calls)
+            module.register_forward_pre_hook(lambda *_: None)  # any hook will do
             setattr(root.get_submodule(parent), child, module)
         return root
 
@@ -404,10 +405,6 @@ def _static_mapping(qconfig: QConfig) -> QConfigMapping:
     for op, observer in _FIXED_QPARAMS_OP_TO_OBSERVER.items():
         mapping.set_object_type(op, QConfig(observer, qconfig.weight))
     return mapping
-
-
-def _recording_mapping() -> QConfigMapping:
-    return _static_mapping(QConfig(_RecordingObserver.with_args(dtype=torch.quint8), _PER_CHANNEL_WEIGHT))
 
 
 def _dynamic_mapping(weight: Any) -> QConfigMapping:
@@ -529,11 +526,3 @@ def _keep_attributes(unit: nn.Module, original: nn.Module) -> None:
     for name, tensor in original.named_parameters(recurse=False):
         if not hasattr(unit, name):
             object.__setattr__(unit, name, tensor)
-
-
-def _keep_module_calls(_module: nn.Module, _args: Any) -> None:
-    return None
-
-
-def _reasons(unsupported: list[UnsupportedOp]) -> str:
-    return "; ".join(f"{u.name} ({u.op_type}): {u.reason}" for u in unsupported[:10])

@@ -41,13 +41,12 @@ CONFIG_FILE = "config.yaml"
 def make_tuner(job: LoadedJob, *, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
                stats_cache: Path | None = None, restart: bool = False) -> Tuner:
     spec = job.spec
+    search = spec.strategy.model_dump(exclude={"name", "options"})  # the rest are Tuner's keywords
     return Tuner(
-        spec.criterion.criterion(), strategy=spec.strategy.strategy(), max_trials=spec.strategy.max_trials,
-        timeout=spec.strategy.timeout, seed=spec.strategy.seed, restrict=spec.space.restriction(),
+        spec.criterion.criterion(), strategy=spec.strategy.strategy(), restrict=spec.space.restriction(),
         storage=job.storage(), study_name=job.name, latency_budget_s=spec.latency_budget_s,
-        latency_precision=spec.latency_precision,
-        stats_cache=stats_cache or job.output / STATS_FILE, on_trial=on_trial, objective=spec.strategy.objective,
-        restart=restart, trial_timeout=spec.strategy.trial_timeout, isolate=spec.strategy.isolate,
+        latency_precision=spec.latency_precision, stats_cache=stats_cache or job.output / STATS_FILE,
+        on_trial=on_trial, restart=restart, **search,
     )
 
 

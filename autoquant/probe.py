@@ -180,16 +180,14 @@ def compare(kind: str, reference: list[list[np.ndarray]], outputs: list[list[np.
         kl = float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=1)))
         agreement = float(np.mean(ref.argmax(1) == out.argmax(1)))
         return ProbeScore(max(kl, 0.0), kind, agreement)
-    ref = np.concatenate([a.astype(np.float64).ravel() for batch in reference for a in batch])
-    out = np.concatenate([a.astype(np.float64).ravel() for batch in outputs for a in batch])
-    if kind == "embedding":
-        rows = [(r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1]))
-                for rb, ob in zip(reference, outputs, strict=False) for r, o in zip(rb, ob, strict=False)]
-        ref_rows = np.concatenate([r for r, _ in rows]).astype(np.float64)
-        out_rows = np.concatenate([o for _, o in rows]).astype(np.float64)
+    if kind == "embedding":  # rows of the last axis, compared by cosine
+        ref_rows = np.concatenate([a.reshape(-1, a.shape[-1]) for batch in reference for a in batch]).astype(np.float64)
+        out_rows = np.concatenate([a.reshape(-1, a.shape[-1]) for batch in outputs for a in batch]).astype(np.float64)
         norms = np.linalg.norm(ref_rows, axis=1) * np.linalg.norm(out_rows, axis=1)
         cosine = np.sum(ref_rows * out_rows, axis=1) / np.maximum(norms, 1e-30)
         return ProbeScore(float(np.mean(1.0 - cosine)), kind)
+    ref = np.concatenate([a.astype(np.float64).ravel() for batch in reference for a in batch])
+    out = np.concatenate([a.astype(np.float64).ravel() for batch in outputs for a in batch])
     return ProbeScore(float(np.sum((out - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30)), kind)
 
 

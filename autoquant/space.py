@@ -27,9 +27,6 @@ KNOBS = ("approach", "calibration", "granularity", "scheme")  # the string-value
 ALL_KNOBS = (*KNOBS, "smooth_alpha")
 _FIELD_OF_KNOB = {"approach": "approaches", "calibration": "calibrations", "granularity": "granularities",
                   "scheme": "schemes", "smooth_alpha": "smooth_alphas"}
-# Knobs that only apply to static quantization (None under dynamic, where activations are
-# quantized at run time).
-STATIC_KNOBS = ("calibration", "scheme", "smooth_alpha")
 OP_PARAM_PREFIX = "op:"
 
 
