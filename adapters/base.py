@@ -45,8 +45,9 @@ class Adapter(ABC):
         """The unquantized model, in the form eval_fn receives."""
 
     @abstractmethod
-    def calibrate(self) -> None:
-        """Collect activation statistics over the calibration data (once; later calls do nothing)."""
+    def calibrate(self, on_batch: Callable[[int], None] | None = None) -> None:
+        """Collect activation statistics over the calibration data (once; later calls do nothing),
+        calling ``on_batch(batches_done)`` after each batch (the tuner's progress display)."""
 
     @abstractmethod
     def build(self, config: QuantConfig) -> Any:
@@ -116,7 +117,7 @@ class TensorStatsAdapter(Adapter):
     def _calibrated(self) -> None:
         """Called when statistics arrive (calibrated or loaded); a backend may check them."""
 
-    def calibrate(self) -> None:
+    def calibrate(self, on_batch: Callable[[int], None] | None = None) -> None:
         if self._stats is not None:
             return
         start, batches = time.perf_counter(), 0
@@ -131,6 +132,8 @@ class TensorStatsAdapter(Adapter):
                         f"The model failed on calibration batch {batches}: {first_line(exc)}. {self.batch_hint}"
                     ) from exc
                 batches += 1
+                if on_batch is not None:
+                    on_batch(batches)
         nonfinite = {k: s.nonfinite for k, s in stats.items() if s.nonfinite}
         if nonfinite:
             log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)

@@ -147,6 +147,8 @@ class SensitivityStrategy(Strategy):
         space = self._space
         names = [op.name for op in space.tunable_ops(reference.approach)]
         types = {op.name: op.op_type for op in space.ops}
+        self._probe.expect(replace(reference, fp32_ops=frozenset(names) - {n} if self.measure == "int8" else {n})
+                           for n in names)
         base = self._error(reference) or 0.0
         scores, savings = {}, {}
         for name in names:
@@ -187,6 +189,7 @@ class SensitivityStrategy(Strategy):
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
         if self._probe is None:
             raise ConfigError("SensitivityStrategy needs setup(space, probe) first (the tuner calls it).")
+        self._probe.expect(space.canonical(c) for c in space.knob_configs())  # scored first (progress display)
         tried = tried_keys(trials)
         measured = _measured(trials)
         self.model = LossModel(self._tolerance, [
