@@ -46,8 +46,9 @@ class Adapter(ABC):
         """The unquantized model, in the form eval_fn receives."""
 
     @abstractmethod
-    def calibrate(self) -> None:
-        """Collect activation statistics over the calibration data (once; later calls do nothing)."""
+    def calibrate(self, on_batch: Callable[[int], None] | None = None) -> None:
+        """Collect activation statistics over the calibration data (once; later calls do nothing),
+        calling ``on_batch(batches_done)`` after each batch (the tuner's progress display)."""
 
     @abstractmethod
     def build(self, config: QuantConfig) -> Any:
@@ -135,10 +136,10 @@ class TensorStatsAdapter(Adapter):
     def _calibrated(self, stats: dict[str, TensorStats]) -> None:
         """Called when statistics arrive (calibrated or loaded); a backend may check them."""
 
-    def calibrate(self) -> None:
-        self._statistics()
+    def calibrate(self, on_batch: Callable[[int], None] | None = None) -> None:
+        self._statistics(on_batch)
 
-    def _statistics(self) -> dict[str, TensorStats]:
+    def _statistics(self, on_batch: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
         """The statistics, collected over the calibration data on first use."""
         if self._stats is not None:
             return self._stats
@@ -154,6 +155,8 @@ class TensorStatsAdapter(Adapter):
                         f"The model failed on calibration batch {batches}: {first_line(exc)}. {self.batch_hint}"
                     ) from exc
                 batches += 1
+                if on_batch is not None:
+                    on_batch(batches)
         nonfinite = {k: s.nonfinite for k, s in stats.items() if s.nonfinite}
         if nonfinite:
             log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)

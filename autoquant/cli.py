@@ -27,6 +27,7 @@ from autoquant import __version__, storage
 from autoquant.config import JOB_COPY, STATS_FILE, LoadedJob, load_job, mask_url, parse_job
 from autoquant.errors import AutoquantError, ConfigError
 from autoquant.plots import plot_history
+from autoquant.progress import StderrLines
 from autoquant.report import history_frame, print_summary
 from autoquant.result import HISTORY_FILE, TuneResult
 from autoquant.trials import BASELINE, best_trial, counted, records, study_records
@@ -63,10 +64,11 @@ def study_trials(job: LoadedJob) -> int | None:
 
 
 def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path | None = None,
-            restart: bool = False) -> TuneResult:
+            restart: bool = False, verbose: bool = True) -> TuneResult:
     """Tune, then write result.json, history.csv, config.yaml, plots and the model to the output.
 
-    ``stats_cache`` (default: in the output folder) lets runs of the same model share one calibration.
+    ``stats_cache`` (default: in the output folder) lets runs of the same model share one calibration;
+    ``verbose=False``: no progress display or lines (``--quiet``).
     """
     console = console or Console()
     out = job.output
@@ -82,7 +84,8 @@ def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path
     tuner = make_tuner(job, stats_cache=stats_cache, restart=restart)
     model = job.load_model()
     try:
-        result = tuner.tune(model, job.load_calibration(), job.load_eval(), adapter=job.adapter)
+        result = tuner.tune(model, job.load_calibration(), job.load_eval(), adapter=job.adapter,
+                             verbose=verbose)
     except TuneInterrupted as exc:
         if exc.partial_result is not None:
             print_summary(exc.partial_result, console)
@@ -168,7 +171,7 @@ def _tune(args: argparse.Namespace, console: Console, *, resume: bool) -> None:
     if resume and not study_trials(job):
         raise ConfigError(f"Nothing to resume: no study '{job.name}' with trials in {mask_url(job.storage_url)}. "
                           "Use 'autoquant tune' to start it.")
-    run_job(job, console, restart=args.restart)
+    run_job(job, console, restart=args.restart, verbose=not args.quiet)
 
 
 def _validate(args: argparse.Namespace, console: Console) -> None:
@@ -216,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="override the output folder")
         p.add_argument("--restart", action="store_true",
                        help="delete the job's study and calibration cache and start over (after a model change)")
+        p.add_argument("--quiet", action="store_true",
+                       help="no progress display and no progress lines (warnings, errors and the summary remain)")
     job_verb("validate", "Check a job without running it: the schema, and that its callables import.")
     job_verb("space", "Load the model and list the ops and knobs the adapter exposes, after the job's "
                       "restrictions, and the parts that stay FP32 and why.")
@@ -231,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    quiet = getattr(args, "quiet", False)
+    # autoquant's own handler, so that on a terminal the tuner draws its progress display under the lines
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        handlers=[StderrLines("%(asctime)s %(message)s", "%H:%M:%S")])
     handlers = {"tune": lambda: _tune(args, console, resume=False), "resume": lambda: _tune(args, console, resume=True),
                 "validate": lambda: _validate(args, console), "space": lambda: _space(args, console),
                 "report": lambda: report(Path(args.target), console),

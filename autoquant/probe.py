@@ -12,13 +12,15 @@ FP32's with an error that fits the output:
 
 ``kind="auto"`` picks by shape as listed. Every candidate is built and run once (cached by its
 canonical key); ``cost`` says how many builds and model runs the probe made and how long they took.
+``on_score(done, total)`` is told each time a candidate is scored, ``total`` counting those a
+strategy announced with ``expect`` (the tuner's progress display).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +69,8 @@ class OutputProbe:
     """Scores candidates by their outputs on calibration batches, without the user's eval_fn."""
 
     def __init__(self, adapter: Adapter, space: Space, *, kind: str = "auto",
-                 max_batches: int = DEFAULT_MAX_BATCHES) -> None:
+                 max_batches: int = DEFAULT_MAX_BATCHES,
+                 on_score: Callable[[int, int | None], None] | None = None) -> None:
         check_choice("probe output kind", kind, KINDS)
         if max_batches < 1:
             raise ConfigError(f"The probe needs at least one calibration batch, got max_batches={max_batches}.")
@@ -78,6 +81,7 @@ class OutputProbe:
         self._last: tuple[str, Any] | None = None
         self.cost = ProbeCost()
         self.failures: dict[str, str] = {}  # config key -> why the backend could not build or run it
+        self._on_score, self._expected = on_score, set[str]()
 
     @property
     def calls(self) -> int:
@@ -119,7 +123,18 @@ class OutputProbe:
             finally:
                 self.cost.seconds += time.perf_counter() - start
             self._scores[key] = compare(self.kind, reference, outputs)
+            self._report(key)
         return self._scores[key]
+
+    def expect(self, configs: Iterable[QuantConfig]) -> None:
+        """Candidates a strategy is about to score: the progress display counts them in its total."""
+        self._expected.update(self._space.canonical(c).key() for c in configs)
+
+    def _report(self, key: str) -> None:
+        done = self._scores.keys() | self.failures.keys()
+        self._expected.add(key)
+        if self._on_score is not None:
+            self._on_score(len(done), len(self._expected | done))
 
     def _build(self, config: QuantConfig) -> Any:
         """Builds a canonical candidate; the last one is kept, so its latency needs no second build."""
@@ -140,6 +155,7 @@ class OutputProbe:
         """Remember (and log once) why ``config`` cannot be probed; the error to raise."""
         self.failures[config.key()] = f"Probe: candidate {config.describe()} failed ({first_line(exc)})"
         log.warning("%s; the search steps past it.", self.failures[config.key()])
+        self._report(config.key())
         return BackendError(self.failures[config.key()])
 
     def known(self, config: QuantConfig) -> ProbeScore | None:

@@ -108,7 +108,8 @@ def sensitivity_table(ranking: pd.DataFrame, fp32_ops: Sequence[str] = (), limit
     for row in ranking.head(limit).itertuples(index=False):
         table.add_row(str(row.rank), row.op, row.op_type, f"{row.sensitivity:.3g}", row.calibration or "-",
                       "FP32" if row.op in fp32_ops else "INT8")
-    if len(ranking) > limit:
-        table.caption = f"{len(ranking) - limit} more op(s) in sensitivity.csv"
+    more = f"; {len(ranking) - limit} more op(s) in sensitivity.csv" if len(ranking) > limit else ""
+    table.caption = ("calibration: the method of the all-INT8 candidate each op was measured against (the "
+                     f"ranking's reference; not the op's own setting in the result){more}")
     return table
 

@@ -170,6 +170,8 @@ class _Search:
         """Per op at ``reference`` (all INT8): its share of the probe error and its latency cost."""
         names = [op.name for op in self.space.tunable_ops(reference.approach)]
         types = {op.name: op.op_type for op in self.space.ops}
+        self.probe.expect(replace(reference, fp32_ops=frozenset(names) - {n} if self.options.measure == "int8"
+                                  else frozenset({n})) for n in names)
         base = self._error(reference) or 0.0
         scores, savings = {}, {}
         for name in names:
@@ -207,6 +209,7 @@ class _Search:
 
     # --- the search ----------------------------------------------------------------------------------
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
+        self.probe.expect(space.canonical(c) for c in space.knob_configs())  # scored first (progress display)
         tried = tried_keys(trials)
         measured = _measured(trials)
         self.model = LossModel(self.tolerance, [

@@ -86,6 +86,18 @@ def test_one_sensitive_op_falls_back_alone():
     assert "candidates built" in result.probe_cost
 
 
+def test_the_ranking_table_says_what_its_calibration_column_is():
+    from rich.console import Console
+
+    from autoquant.report import sensitivity_table
+
+    result = tune(fake_model(n_ops=6, sensitive={2: 0.05}))
+    console = Console(width=200, record=True)
+    console.print(sensitivity_table(result.sensitivity, result.fp32_ops))
+    text = " ".join(console.export_text().split())
+    assert "calibration: the method of the all-INT8 candidate each op was measured against" in text
+
+
 def test_a_knob_setting_that_rescues_every_op_is_tried_before_any_fallback():
     result = tune(fake_model(n_ops=4, sensitive={1: 0.05}, calibration_helps=("op1",)))
     assert result.met and result.trials == 2 and result.fp32_ops == []
