@@ -36,6 +36,7 @@ from torch.ao.quantization import (
     QConfig,
     QConfigMapping,
 )
+from torch.ao.quantization.backend_config import BackendConfig, BackendPatternConfig
 from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
 from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
@@ -47,9 +48,9 @@ from autoquant.errors import BackendError, first_line
 from autoquant.smoothing import ALPHAS, smoothed_range
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
-from . import fx_graph
+from . import fx_graph, fx_shapes
 from .base import Observation, TensorStatsAdapter, calibration_for
-from .fx_lowering import PackedWeights, reusing_packed_weights
+from .fx_lowering import PackedWeights, int8_padding, reusing_packed_weights
 from .fx_rewrites import int8_friendly
 from .fx_smoothing import Smoother, divide_inputs, smoothing_groups
 from .fx_units import FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
@@ -180,7 +181,7 @@ class FXAdapter(TensorStatsAdapter):
         leaf = not list(module.children())
         root = Leaf(module) if leaf else module
         try:
-            traced = int8_friendly(fx_graph.trace(root, _none_arguments(root, example), self._recorded))
+            traced = int8_friendly(self._trace(path, root, example))
             unit = Unit(path, traced, example, leaf=leaf)
             unit.recording = self._prepare(unit, _recording_mapping())
             _run(unit.recording, example)
@@ -188,13 +189,39 @@ class FXAdapter(TensorStatsAdapter):
             raise TraceError(first_line(exc, 300)) from exc
         return unit
 
+    def _trace(self, path: str, root: nn.Module, example: tuple[tuple, dict]) -> fx.GraphModule:
+        """The unit's graph; where its forward computes with its input's shape (FX cannot trace
+        that), the graph at the calibration batches' shapes, if they all have the same."""
+        constants = _none_arguments(root, example)
+        try:
+            return fx_graph.trace(root, constants, self._recorded)
+        except Exception as plain:
+            varying = self._varying_axes()
+            if varying - {0}:
+                raise
+            where = f"Part '{path}' of the INT8 model" if path else "The INT8 model"
+            try:
+                traced = fx_shapes.trace_at_shapes(root, example, constants, self._recorded, where)
+            except Exception:
+                raise plain from None  # the shape-specialised trace fails too: report the plain one
+            if varying and not traced.meta[fx_shapes.FREE_BATCH]:
+                raise plain  # its graph depends on the batch size, which the calibration batches vary
+            return traced
+
+    @functools.cache  # noqa: B019 (one adapter holds its data anyway)
+    def _varying_axes(self) -> frozenset[int]:
+        """The input axes whose size differs between calibration batches."""
+        shapes = [_input_shapes(model_inputs(batch)) for batch in iterate_batches(self._calib_data)]
+        return frozenset(axis for s in shapes[1:] if len(s) == len(shapes[0])
+                         for a, b in zip(s, shapes[0], strict=True) for axis in _differing_axes(a, b)) | (
+            frozenset({-1}) if any(len(s) != len(shapes[0]) for s in shapes) else frozenset())
+
     def _prepare(self, unit: Unit, mapping: QConfigMapping) -> fx.GraphModule:
         args, kwargs = unit.example
         positional = inspect.signature(unit.module.forward).bind(*args, **kwargs).args
         with warnings.catch_warnings():  # prepare_fx/convert_fx are deprecated in favour of PT2E
             warnings.simplefilter("ignore", DeprecationWarning)
-            return prepare_fx(copy.deepcopy(unit.module), mapping, positional,
-                              backend_config=get_x86_backend_config())
+            return prepare_fx(copy.deepcopy(unit.module), mapping, positional, backend_config=_backend_config())
 
     def _discover(self, unit: Unit) -> tuple[list[OpInfo], list[UnsupportedOp]]:
         """Ops that really become INT8 in the converted graph (module types alone can mislead)."""
@@ -293,6 +320,7 @@ class FXAdapter(TensorStatsAdapter):
             try:
                 with reusing_packed_weights(self._packed):
                     converted[unit.path] = _convert(candidate)
+                int8_padding(converted[unit.path])
                 for i, (linears, inverse) in enumerate(smoothing):
                     divide_inputs(converted[unit.path], linears, inverse, f"_autoquant_smooth_{i}")
                 if config.approach == "dynamic":
@@ -412,6 +440,19 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@functools.cache
+def _backend_config() -> BackendConfig:
+    """The x86 backend config, with ``F.pad`` running on INT8 tensors: torch pads a quantized
+    tensor with the real value (0 becomes the zero point), so the padding shares its input's
+    quantization instead of running FP32 between dequantize and quantize before each conv
+    (TF-style padding)."""
+    config = get_x86_backend_config()
+    shared = next(p for p in config.configs if p.pattern is torch.flatten)  # a same-qparams op
+    return config.set_backend_pattern_config(
+        BackendPatternConfig(nn.functional.pad).set_observation_type(shared.observation_type)
+        .set_dtype_configs(shared.dtype_configs))
+
+
 def _static_mapping(qconfig: QConfig) -> QConfigMapping:
     """``qconfig`` everywhere but on the x86 backend's fixed-qparams ops (sigmoid, softmax, tanh,
     hardsigmoid), whose INT8 kernels need their fixed output ranges (torch warns and leaves them
@@ -456,6 +497,16 @@ def _none_arguments(module: nn.Module, example: tuple[tuple, dict]) -> dict[str,
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     bound.apply_defaults()
     return {name: None for name, value in bound.arguments.items() if value is None}
+
+
+def _input_shapes(example: tuple[tuple, dict]) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor)]
+
+
+def _differing_axes(a: tuple[int, ...], b: tuple[int, ...]) -> set[int]:
+    if len(a) != len(b):
+        return {-1}  # another rank: never specialised
+    return {axis for axis, (x, y) in enumerate(zip(a, b, strict=True)) if x != y}
 
 
 def _calibration_for(observer: fx.Node, unit: Unit, config: QuantConfig) -> str:
