@@ -30,11 +30,7 @@ FALLBACKS = 3
 ALL_FALLBACKS = ("tf_effnet", "dense_unet")
 
 # (model, adapter, check) -> the first line of the error observed. Delete an entry when it passes.
-KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    ("deberta_v2", "onnx", "coverage"):
-        "AssertionError: 2 Conv/Linear neither in the space nor in space.unsupported: "
-        "/model/deberta/encoder/layer.0/attention/self/pos_key_proj/MatMul, /model/deberta/e",
-}
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 
 
 @functools.cache
