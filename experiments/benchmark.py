@@ -1,4 +1,4 @@
-"""The benchmark suite: every strategy on seven models at three criteria, against an exhaustive oracle.
+"""The benchmark suite: every strategy on eight models at three criteria, against an exhaustive oracle.
 
     python experiments/benchmark.py --out experiments/results                      # the whole suite
     python experiments/benchmark.py --models digits-fragile dwcnn --criteria 0.01 0.001 \
@@ -6,7 +6,8 @@
 
 Cases (``--models``): the digits CNN plain and fragile on PyTorch FX (``digits``, ``digits-fragile``)
 and exported to ONNX (``digits-onnx``, ``digits-onnx-fragile``); all-MiniLM-L6-v2 on STS-B dev
-through ONNX Runtime, static approach only (``minilm-sts``; needs the text extra and
+through ONNX Runtime, static approach only (``minilm-sts``), and the same model's Hugging Face
+BertModel through the FX adapter (``minilm-sts-fx``; both need the text extra and
 ../shared/data/stsbenchmark); and two architectures trained here, held out of the strategy's design
 (``dwcnn``: a MobileNet-style depthwise CNN; ``transformer``: a patch transformer-encoder classifier;
 see experiments/benchmark_models.py). Criteria: relative losses (default 1%, 0.5%, 0.1%).
@@ -55,7 +56,7 @@ import benchmark_models  # noqa: E402  (experiments/ is not a package)
 
 NC_INSTALL = ('pip install "setuptools<81" six pycocotools opencv-python-headless Deprecated prettytable psutil '
               'schema && pip install --no-deps neural-compressor==2.6')
-CASES = ("digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile", "minilm-sts", "dwcnn",
+CASES = ("digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile", "minilm-sts", "minilm-sts-fx", "dwcnn",
          "transformer")
 HELD_OUT = ("dwcnn", "transformer")
 # never run while the default strategy was designed
@@ -93,7 +94,8 @@ def build_cases(names: list[str], seed: int, cache: Path) -> list[Case]:
              "transformer": lambda: Case("transformer", _cached(cache / f"transformer-{seed}.pt",
                                                                 lambda: benchmark_models.patch_transformer(data, seed)),
                                          calibration, eval_fn, True),
-             "minilm-sts": lambda: minilm_case(seed)}
+             "minilm-sts": lambda: minilm_case(seed),
+             "minilm-sts-fx": lambda: minilm_case(seed, fx=True)}
     if any("onnx" in n for n in names):
         digits_onnx = importlib.import_module("autoquant.examples.digits_onnx")
         feeds, onnx_eval = digits_onnx.calibration_batches(data), digits_onnx.accuracy_fn(data)
@@ -114,20 +116,25 @@ def _cached(path: Path, train: Callable[[], nn.Module]) -> nn.Module:
     return model
 
 
-def minilm_case(seed: int) -> Case | None:
-    """all-MiniLM-L6-v2 on STS-B dev (Spearman) through ONNX Runtime, static approach only."""
+def minilm_case(seed: int, fx: bool = False) -> Case | None:
+    """all-MiniLM-L6-v2 on STS-B dev (Spearman): through ONNX Runtime, static approach only, or (``fx``)
+    the Hugging Face BertModel through the FX adapter, whole space (Neural Compressor's image-batch
+    set-up does not apply to it)."""
     try:
         import onnx
 
         from autoquant.examples import text
 
-        model = onnx.load_from_string(text.export_minilm())
+        model = text.load_minilm() if fx else onnx.load_from_string(text.export_minilm())
         calibration = text.encode(text.train_sentences(STS_DIR, 256, seed=seed), 32)
         dev = text.read_sts(STS_DIR, "dev")
     except Exception as exc:  # missing extra, weights or data: the benchmark runs without it
         log.warning("Skipping MiniLM: %s: %s", type(exc).__name__, exc)
         return None
     batches = dev.batches()
+    if fx:
+        return Case("minilm-sts-fx", model, text.torch_batches(calibration),
+                    lambda module: dev.spearman(text.TorchSession(module), batches), False)
     return Case("minilm-sts", model, calibration, lambda session: dev.spearman(session, batches), False,
                 Restriction(approach="static"))
 

@@ -152,13 +152,13 @@ def _latency(adapter: Any, model: Any, budget_s: float) -> tuple[float, float]:
 
 
 def _probe(adapter: Any, row: Row) -> None:
-    """The sensitivity strategy's ranking, which is what the tuner spends on the probe."""
+    """The sensitivity strategy's full profile: the most the tuner spends on the probe."""
     probe = OutputProbe(adapter, adapter.space)
     strategy = SensitivityStrategy()
     strategy.setup(adapter.space, probe)
     start = time.perf_counter()
     try:
-        strategy.rank()
+        strategy.profile()
     except Exception as exc:
         row.crashes += 1
         row.errors["probe"] = first_line(exc, 300)

@@ -120,6 +120,16 @@ class SensitivityStrategy(Strategy):
         self.ranking, self._reference, self._approach_latency, self.model = [], None, {}, None
         self._unbuildable = set()
 
+    def profile(self) -> None:
+        """All the probe spends before ops fall back: each approach's latency, each knob setting's
+        error and the per-op profile at the best one (the search does this lazily; experiments time it)."""
+        if not self._approach_latency:
+            self._measure_approaches(self._space)
+        if self.model is None:
+            self.model = LossModel(self._tolerance, [])
+        if self._reference is None:
+            self._profile(self._best_knobs(self._space))
+
     @property
     def probe_cost(self) -> str:
         return self._probe.cost.describe() if self._probe is not None and self._probe.cost.builds else ""
