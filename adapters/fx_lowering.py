@@ -17,8 +17,8 @@ from unittest import mock
 
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 from torch.ao.quantization.fx import _lower_to_native_backend as lowering
+from torch.nn import functional as F
 
 
 class PackedWeights:
@@ -82,7 +82,10 @@ def int8_padding(gm: fx.GraphModule) -> None:
         if not (isinstance(dequantized, fx.Node) and dequantized.op == "call_method"
                 and dequantized.target == "dequantize" and len(dequantized.users) == 1):
             continue
-        pad.replace_input_with(dequantized, dequantized.args[0])
+        int8 = dequantized.args[0]
+        if not isinstance(int8, fx.Node):
+            continue
+        pad.replace_input_with(dequantized, int8)
         node.replace_all_uses_with(pad)
         gm.graph.erase_node(node)
         gm.graph.erase_node(dequantized)
