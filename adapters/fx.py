@@ -191,30 +191,32 @@ class FXAdapter(TensorStatsAdapter):
 
     def _trace(self, path: str, root: nn.Module, example: tuple[tuple, dict]) -> fx.GraphModule:
         """The unit's graph; where its forward computes with its input's shape (FX cannot trace
-        that), the graph at the calibration batches' shapes, if they all have the same."""
+        that), the graph at the example's shapes, if the sizes it depends on are the same in every
+        calibration batch (otherwise the unit is split as before)."""
         constants = _none_arguments(root, example)
         try:
             return fx_graph.trace(root, constants, self._recorded)
         except Exception as plain:
-            varying = self._varying_axes()
-            if varying - {0}:
-                raise
             where = f"Part '{path}' of the INT8 model" if path else "The INT8 model"
             try:
                 traced = fx_shapes.trace_at_shapes(root, example, constants, self._recorded, where)
             except Exception:
                 raise plain from None  # the shape-specialised trace fails too: report the plain one
-            if varying and not traced.meta[fx_shapes.FREE_BATCH]:
-                raise plain  # its graph depends on the batch size, which the calibration batches vary
+            if not self._varying_axes() <= traced.meta[fx_shapes.FREE_AXES]:
+                raise plain  # its graph depends on a size that differs between calibration batches
             return traced
 
     @functools.cache  # noqa: B019 (one adapter holds its data anyway)
     def _varying_axes(self) -> frozenset[int]:
         """The input axes whose size differs between calibration batches."""
         shapes = [_input_shapes(model_inputs(batch)) for batch in iterate_batches(self._calib_data)]
-        return frozenset(axis for s in shapes[1:] if len(s) == len(shapes[0])
-                         for a, b in zip(s, shapes[0], strict=True) for axis in _differing_axes(a, b)) | (
-            frozenset({-1}) if any(len(s) != len(shapes[0]) for s in shapes) else frozenset())
+        varying: set[int] = set()
+        for other in shapes[1:]:
+            if len(other) != len(shapes[0]):
+                return frozenset({-1})  # another number of inputs: no axis to compare
+            for a, b in zip(other, shapes[0], strict=True):
+                varying |= _differing_axes(a, b)
+        return frozenset(varying)
 
     def _prepare(self, unit: Unit, mapping: QConfigMapping) -> fx.GraphModule:
         args, kwargs = unit.example

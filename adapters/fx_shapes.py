@@ -8,8 +8,9 @@ as a meta tensor (a shape without data: nothing is computed), so shape reads ret
 code runs as it would on the example; the graph is then valid for inputs of the example's shapes.
 
 Each traced graph checks its tensor inputs' shapes when it runs (``expect_shapes``): a batch of
-another shape raises a clear error instead of computing a wrong padding. The batch dimension is left
-free when a trace at another batch size gives the same graph.
+another shape raises a clear error instead of computing a wrong padding. An axis is left free when a
+trace with every input one larger along it gives the same graph (the batch axis, usually; the image
+size of a network that only checks its channel count).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from torch.fx.node import has_side_effect
 from .fx_graph import Tracer, trace
 
 Example = tuple[tuple[Any, ...], dict[str, Any]]
-FREE_BATCH = "autoquant_free_batch"  # graph meta: whether the input check leaves the batch dimension free
+FREE_AXES = "autoquant_free_axes"  # graph meta: the input axes whose size the graph does not depend on
 
 
 @fx.wrap
 def expect_shapes(inputs: tuple, shapes: tuple, where: str) -> None:
-    """Raise unless each input tensor has its traced shape (None: a dimension left free)."""
+    """Raise unless each input tensor has its traced shape (None: any size, shown as *)."""
     for tensor, shape in zip(inputs, shapes, strict=True):
         got = tuple(tensor.shape)
         if len(got) != len(shape) or any(want is not None and want != g for want, g in zip(shape, got, strict=True)):
@@ -125,34 +126,30 @@ class ShapeProxy(fx.Proxy):
 def trace_at_shapes(module: nn.Module, example: Example, concrete_args: dict | None = None,
                     recorded: dict[int, list] | None = None, where: str = "this module") -> fx.GraphModule:
     """``module`` traced (``fx_graph.trace``) with shape reads answered from ``example``, and a
-    check of its input shapes in front; the batch dimension is free when the graph does not depend on it."""
+    check in front of the input sizes the graph depends on."""
     inputs = _placeholders(module, example, concrete_args)
     gm = trace(module, concrete_args, recorded, ShapeTracer(_metas(inputs), recorded))
-    free_batch = _batch_free(module, inputs, concrete_args, recorded, gm.code)
     tensors = [(name, value) for name, value in inputs.items() if isinstance(value, torch.Tensor)]
-    shapes = tuple(tuple(None if free_batch and axis == 0 else n for axis, n in enumerate(value.shape))
-                   for _, value in tensors)
+    free = frozenset(axis for axis in range(max((t.dim() for _, t in tensors), default=0))
+                     if _same_graph_when_grown(module, inputs, axis, concrete_args, recorded, gm.code))
+    shapes = tuple(tuple(None if axis in free else n for axis, n in enumerate(value.shape)) for _, value in tensors)
     placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
-    last = list(placeholders.values())[-1]
-    with gm.graph.inserting_after(last):
+    with gm.graph.inserting_after(list(placeholders.values())[-1]):
         check = gm.graph.call_function(expect_shapes, (tuple(placeholders[name] for name, _ in tensors), shapes, where))
     check.meta["is_wrapped"] = True  # generated code wraps it, so that re-tracing (prepare_fx) records the call
     gm.recompile()
-    gm.meta[FREE_BATCH] = free_batch
+    gm.meta[FREE_AXES] = free
     return gm
 
 
-def _batch_free(module: nn.Module, inputs: dict[str, Any], concrete_args: dict | None,
-                recorded: dict[int, list] | None, code: str) -> bool:
-    """Whether a trace with every tensor input's first dimension one larger gives the same code."""
-    tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
-    if not tensors or any(t.dim() == 0 for t in tensors) or len({t.shape[0] for t in tensors}) != 1:
-        return False
-    grown = {k: v.new_empty((v.shape[0] + 1, *v.shape[1:])) if isinstance(v, torch.Tensor) else v
-             for k, v in _metas(inputs).items()}
+def _same_graph_when_grown(module: nn.Module, inputs: dict[str, Any], axis: int, concrete_args: dict | None,
+                           recorded: dict[int, list] | None, code: str) -> bool:
+    """Whether a trace with every tensor input one larger along ``axis`` gives the same code."""
+    grown = {k: v.new_empty(tuple(n + (i == axis) for i, n in enumerate(v.shape))) if isinstance(v, torch.Tensor)
+             else v for k, v in _metas(inputs).items()}
     try:
         return trace(module, concrete_args, recorded, ShapeTracer(grown, recorded)).code == code
-    except Exception:  # the other batch size does not trace: keep it fixed
+    except Exception:  # that size does not trace (a size check raised): keep the axis fixed
         return False
 
 
@@ -172,4 +169,4 @@ def _attribute(root: nn.Module, target: str) -> Any:
 
 
 def _text(shapes: tuple) -> str:
-    return ", ".join("[" + ", ".join("N" if n is None else str(n) for n in shape) + "]" for shape in shapes)
+    return ", ".join("[" + ", ".join("*" if n is None else str(n) for n in shape) + "]" for shape in shapes)

@@ -366,7 +366,7 @@ def image_batches(shapes):
 
 def test_shape_dependent_padding_traces_at_the_calibration_shape():
     model = with_bn_statistics(SamePadNet())
-    data = image_batches([(8, 3, 12, 12)] * 3 + [(5, 3, 12, 12)])  # a last, smaller batch: batch size is free
+    data = image_batches([(8, 3, 12, 12)] * 3 + [(5, 3, 12, 12)])  # a last, smaller batch: the graph allows it
     adapter = FXAdapter(model, data)
     assert not adapter.space.unsupported  # one graph: the whole model, not one unit per conv
     assert {op.name: op.op_type for op in adapter.space.ops} == {"down.conv": "Conv2d", "same.conv": "Conv2d",
@@ -377,8 +377,32 @@ def test_shape_dependent_padding_traces_at_the_calibration_shape():
     assert "dequantize" not in quantized.code.split("head")[0]  # ReLU6 runs on the INT8 tensors: no FP32 between
     for x in (data[0], data[-1], data[0][:1]):
         torch.testing.assert_close(quantized(x), model(x), atol=0.1, rtol=0.1)
-    with pytest.raises(ValueError, match=r"traced for inputs of shape \[N, 3, 12, 12\].*shape \[8, 3, 16, 16\]"):
+    with pytest.raises(ValueError, match=r"traced for inputs of shape \[\*, 3, 12, 12\].*shape \[8, 3, 16, 16\]"):
         quantized(torch.randn(8, 3, 16, 16))  # another padding: a clear error, not a wrong result
+
+
+class ChannelCheckNet(nn.Module):
+    """Checks its input's channel count, as Hugging Face's ResNet does: FX cannot trace the ``if``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("expected 3 channels")
+        return self.conv(x)
+
+
+def test_a_graph_that_only_checks_the_channels_leaves_batch_and_image_size_free():
+    model = with_bn_statistics(ChannelCheckNet())
+    adapter = FXAdapter(model, image_batches([(4, 3, 12, 12)] * 2))
+    assert not adapter.space.unsupported and [op.name for op in adapter.space.ops] == ["conv.0"]
+    quantized = adapter.build(QuantConfig())
+    x = torch.randn(2, 3, 20, 20)
+    torch.testing.assert_close(quantized(x), model(x), atol=0.1, rtol=0.1)
+    with pytest.raises(ValueError, match=r"traced for inputs of shape \[\*, 3, \*, \*\]"):
+        quantized(torch.randn(2, 4, 12, 12))
 
 
 def test_shape_dependent_padding_with_varying_calibration_shapes_splits_as_before():
