@@ -190,16 +190,17 @@ class FXAdapter(TensorStatsAdapter):
         return unit
 
     def _trace(self, path: str, root: nn.Module, example: tuple[tuple, dict]) -> fx.GraphModule:
-        """The unit's graph; where its forward computes with its input's shape (FX cannot trace
-        that), the graph at the example's shapes, if the sizes it depends on are the same in every
-        calibration batch (otherwise the unit is split as before)."""
+        """The unit's graph; where the model's forward computes with its input's shape (FX cannot
+        trace that), the graph at the example's shapes, if the sizes it depends on are the same in
+        every calibration batch (otherwise the model is split into units as before)."""
         constants = _none_arguments(root, example)
         try:
             return fx_graph.trace(root, constants, self._recorded)
         except Exception as plain:
-            where = f"Part '{path}' of the INT8 model" if path else "The INT8 model"
+            if path:  # a part: the model's code around it may read its modules' float attributes
+                raise  # (ViT reads ``projection.weight.dtype``), which a traced part's INT8 modules lack
             try:
-                traced = fx_shapes.trace_at_shapes(root, example, constants, self._recorded, where)
+                traced = fx_shapes.trace_at_shapes(root, example, constants, self._recorded, "The INT8 model")
             except Exception:
                 raise plain from None  # the shape-specialised trace fails too: report the plain one
             if not self._varying_axes() <= traced.meta[fx_shapes.FREE_AXES]:
