@@ -6,7 +6,7 @@ import importlib
 import os
 from typing import Any
 
-from autoquant.errors import ConfigError, unknown_choice
+from autoquant.errors import ConfigError, check_choice
 
 from .base import Adapter
 
@@ -15,9 +15,7 @@ ADAPTERS = {"fx": "autoquant.adapters.fx:FXAdapter", "onnx": "autoquant.adapters
 
 
 def adapter_class(name: str) -> type[Adapter]:
-    if name not in ADAPTERS:
-        raise unknown_choice("adapter", name, list(ADAPTERS))
-    module, cls = ADAPTERS[name].split(":")
+    module, cls = ADAPTERS[check_choice("adapter", name, ADAPTERS)].split(":")
     return getattr(importlib.import_module(module), cls)
 
 

@@ -9,11 +9,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 from autoquant.calibration import CalibrationMethod, TensorStats, compute_range, read_stats, write_stats
-from autoquant.data import iterate_batches
+from autoquant.data import first_batch, iterate_batches
 from autoquant.errors import AutoquantError, BackendError, CalibrationDataError, first_line
 from autoquant.space import QuantConfig, Space
 
@@ -45,8 +46,9 @@ class Adapter(ABC):
         """The unquantized model, in the form eval_fn receives."""
 
     @abstractmethod
-    def calibrate(self) -> None:
-        """Collect activation statistics over the calibration data (once; later calls do nothing)."""
+    def calibrate(self, on_batch: Callable[[int], None] | None = None) -> None:
+        """Collect activation statistics over the calibration data (once; later calls do nothing),
+        calling ``on_batch(batches_done)`` after each batch (the tuner's progress display)."""
 
     @abstractmethod
     def build(self, config: QuantConfig) -> Any:
@@ -94,7 +96,8 @@ class TensorStatsAdapter(Adapter):
     The phases are split as in ONNX Runtime's ``CalibraterBase``: the backend writes only
     ``_observation`` (set up observers, observe one batch, tear down) and ``_stat_keys``; this class
     owns the rest: calibrate once, the batch loop and its errors, the non-finite warning, the
-    statistics cache, and the range of a tensor per calibration method (computed once each).
+    statistics cache, and the range of a tensor per calibration method (computed once each). Given
+    ``_as_inputs`` and ``_run``, it also runs a model on calibration batches (``runner``).
     """
 
     # Appended to the error of a batch the model fails on: what a batch must look like.
@@ -104,6 +107,23 @@ class TensorStatsAdapter(Adapter):
         self._calib_data = calib_data
         self._stats: dict[str, TensorStats] | None = None
         self._ranges: dict[tuple[str, str, bool], tuple[float, float]] = {}
+        self._example = self._as_inputs(first_batch(calib_data), 0)  # the latency batch
+
+    @abstractmethod
+    def _as_inputs(self, batch: Any, index: int) -> Any:
+        """A calibration batch as what ``_run`` passes to the model (checked; ``index`` for errors)."""
+
+    @staticmethod
+    @abstractmethod
+    def _run(model: Any, inputs: Any) -> object:
+        """The outputs of ``model`` on ``inputs``."""
+
+    def runner(self, model: Any) -> Callable[[], object]:
+        return partial(self._run, model, self._example)
+
+    def batch_runners(self, model: Any, limit: int) -> list[Callable[[], object]]:
+        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
+        return [partial(self._run, model, self._as_inputs(batch, i)) for i, batch in batches]
 
     @abstractmethod
     def _observation(self) -> AbstractContextManager[Observation]:
@@ -113,12 +133,16 @@ class TensorStatsAdapter(Adapter):
     def _stat_keys(self) -> set[str]:
         """The tensors ``calibrate`` keeps statistics for (a cache must hold exactly these)."""
 
-    def _calibrated(self) -> None:
+    def _calibrated(self, stats: dict[str, TensorStats]) -> None:
         """Called when statistics arrive (calibrated or loaded); a backend may check them."""
 
-    def calibrate(self) -> None:
+    def calibrate(self, on_batch: Callable[[int], None] | None = None) -> None:
+        self._statistics(on_batch)
+
+    def _statistics(self, on_batch: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
+        """The statistics, collected over the calibration data on first use."""
         if self._stats is not None:
-            return
+            return self._stats
         start, batches = time.perf_counter(), 0
         with self._observation() as (stats, observe):
             for batch in iterate_batches(self._calib_data):
@@ -131,24 +155,27 @@ class TensorStatsAdapter(Adapter):
                         f"The model failed on calibration batch {batches}: {first_line(exc)}. {self.batch_hint}"
                     ) from exc
                 batches += 1
+                if on_batch is not None:
+                    on_batch(batches)
         nonfinite = {k: s.nonfinite for k, s in stats.items() if s.nonfinite}
         if nonfinite:
             log.warning("Ignored non-finite activation values while calibrating (count per tensor): %s", nonfinite)
         log.info("Calibrated %d tensors over %d batch(es) in %.1f s.", len(stats), batches, time.perf_counter() - start)
-        self._use_stats(stats)
+        return self._use_stats(stats)
 
-    def _ready(self, config: QuantConfig) -> None:
+    def _ready(self, config: QuantConfig) -> dict[str, TensorStats]:
         """Refuse a config this adapter cannot build (an op it does not have, a knob value outside
-        its space; a calibration method need only be registered), then calibrate."""
+        its space; a calibration method need only be registered); the statistics."""
         methods = tuple(m for m in {config.calibration, *config.op_calibration.values()} if m is not None)
         for method in methods:
             CalibrationMethod.parse(method)  # searched or not: CONTRIBUTING's recipe 2 builds unsearched ones
         replace(self.space, calibrations=methods or self.space.calibrations).validate(config)
-        self.calibrate()
+        return self._statistics()
 
-    def _use_stats(self, stats: dict[str, TensorStats]) -> None:
+    def _use_stats(self, stats: dict[str, TensorStats]) -> dict[str, TensorStats]:
         self._stats, self._ranges = stats, {}
-        self._calibrated()
+        self._calibrated(stats)
+        return stats
 
     def _range(self, tensor: str, calibration: str, symmetric: bool) -> tuple[float, float]:
         """The (lo, hi) range of ``tensor`` under a calibration method, computed once."""
@@ -162,9 +189,7 @@ class TensorStatsAdapter(Adapter):
 
     def save_stats(self, path: Path) -> bool:
         """JSON of ``TensorStats.to_dict`` per observed tensor."""
-        self.calibrate()
-        assert self._stats is not None
-        write_stats(path, self._stats)
+        write_stats(path, self._statistics())
         return True
 
     def load_stats(self, path: Path) -> bool:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import inspect
 import logging
 import operator
+import pkgutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from autoquant.calibration import TensorStats
-from autoquant.data import first_batch, iterate_batches, model_inputs
+from autoquant.data import iterate_batches, model_inputs
 from autoquant.errors import BackendError, first_line
 from autoquant.smoothing import ALPHAS, smoothed_range
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
@@ -53,7 +52,7 @@ from .base import Observation, TensorStatsAdapter, calibration_for
 from .fx_lowering import PackedWeights, int8_padding, reusing_packed_weights
 from .fx_rewrites import int8_friendly
 from .fx_smoothing import Smoother, divide_inputs, smoothing_groups
-from .fx_units import FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
+from .fx_units import Example, FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
 
 log = logging.getLogger("autoquant")
 
@@ -72,6 +71,7 @@ FP32_FUNCTIONS = {
 }
 # Modules that compute nothing at inference: never offered as ops.
 NO_OPS = (nn.modules.dropout._DropoutNd, nn.Identity)
+_PER_CHANNEL_WEIGHT = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
 
 
 class _RecordingObserver(MinMaxObserver):
@@ -109,7 +109,11 @@ class _WeightObserver:
         qscheme = torch.per_channel_symmetric if self.granularity == "per_channel" else torch.per_tensor_symmetric
         ranges = self._ranges
 
-        class Cached(base):
+        # A base chosen at run time, in a closure: deep copies of a prepared graph share ``ranges``.
+        class Cached(base):  # type: ignore[valid-type,misc]
+            min_val: torch.Tensor  # the base's buffers
+            max_val: torch.Tensor
+
             def forward(self, w: torch.Tensor) -> torch.Tensor:
                 version = 0 if w.is_inference() else w._version  # inference tensors have no counter
                 key = (w.data_ptr(), version, tuple(w.shape))
@@ -142,7 +146,6 @@ class FXAdapter(TensorStatsAdapter):
         torch.backends.quantized.engine = ENGINE
         self._model = model.eval()
         super().__init__(calib_data)
-        self._example = model_inputs(first_batch(calib_data))
         self._weights = {g: _WeightObserver(g) for g in ("per_channel", "per_tensor")}
         self._packed = PackedWeights()
         examples = capture_inputs(model, self._example)
@@ -161,7 +164,8 @@ class FXAdapter(TensorStatsAdapter):
         if not ops:
             raise BackendError(
                 "Nothing in this model can be quantized by the FX x86 backend "
-                f"(no Conv/Linear/add/mul/cat/matmul with INT8 kernels was found). {_reasons(unsupported)}"
+                "(no Conv/Linear/add/mul/cat/matmul with INT8 kernels was found). "
+                + "; ".join(f"{u.name} ({u.op_type}): {u.reason}" for u in unsupported[:10])
             )
         dynamic = any("dynamic" in op.approaches for op in ops)
         # SmoothQuant (static): the Linears of each unit grouped by the tensor they read
@@ -182,12 +186,12 @@ class FXAdapter(TensorStatsAdapter):
         root = Leaf(module) if leaf else module
         try:
             traced = int8_friendly(self._trace(path, root, example))
-            unit = Unit(path, traced, example, leaf=leaf)
-            unit.recording = self._prepare(unit, _recording_mapping())
-            _run(unit.recording, example)
+            recording_qconfig = QConfig(_RecordingObserver.with_args(dtype=torch.quint8), _PER_CHANNEL_WEIGHT)
+            recording = _prepare(traced, example, _static_mapping(recording_qconfig))
+            self._run(recording, example)
         except Exception as exc:  # FX raises many types (TraceError, TypeError, NotImplementedError, ...)
             raise TraceError(first_line(exc, 300)) from exc
-        return unit
+        return Unit(path, traced, example, recording, leaf=leaf)
 
     def _trace(self, path: str, root: nn.Module, example: tuple[tuple, dict]) -> fx.GraphModule:
         """The unit's graph; where the model's forward computes with its input's shape (FX cannot
@@ -219,19 +223,11 @@ class FXAdapter(TensorStatsAdapter):
                 varying |= _differing_axes(a, b)
         return frozenset(varying)
 
-    def _prepare(self, unit: Unit, mapping: QConfigMapping) -> fx.GraphModule:
-        args, kwargs = unit.example
-        positional = inspect.signature(unit.module.forward).bind(*args, **kwargs).args
-        with warnings.catch_warnings():  # prepare_fx/convert_fx are deprecated in favour of PT2E
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return prepare_fx(copy.deepcopy(unit.module), mapping, positional, backend_config=_backend_config())
-
     def _discover(self, unit: Unit) -> tuple[list[OpInfo], list[UnsupportedOp]]:
         """Ops that really become INT8 in the converted graph (module types alone can mislead)."""
         prepared = unit.recording
         static = dict(_convert(copy.deepcopy(prepared)).named_modules(remove_duplicate=False))
-        dynamic_prepared = self._prepare(unit, _dynamic_mapping(PerChannelMinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric)))
+        dynamic_prepared = _prepare(unit.module, unit.example, _dynamic_mapping(_PER_CHANNEL_WEIGHT))
         dynamic = dict(_convert(dynamic_prepared).named_modules(remove_duplicate=False))
         modules = dict(prepared.named_modules(remove_duplicate=False))
         observers = {n for n in prepared.graph.nodes if isinstance(_module_of(prepared, n), ObserverBase)}
@@ -273,34 +269,28 @@ class FXAdapter(TensorStatsAdapter):
         """The model with each unit's recording graph, its observers feeding one TensorStats per tensor."""
         stats: dict[str, TensorStats] = {}
         smoothed = {_stats_key(u, g.tensor) for u in self._units for g in self._smooth_groups[u.path]}
-        for unit in self._units:
-            for node in unit.recording.graph.nodes:
-                observer = _module_of(unit.recording, node)
-                if isinstance(observer, _RecordingObserver):
-                    key = _stats_key(unit, node.args[0].name)
-                    if observer.stats is not None:
-                        # Same-scale ops (max-pool, flatten) share their input's observer: same range.
-                        stats.setdefault(key, observer.stats)
-                    elif key in stats:
-                        continue  # a tensor observed twice: record it once
-                    else:
-                        observer.stats = stats[key] = TensorStats(channels=key in smoothed)
+        for key, observer in self._recording_observers():
+            if observer.stats is not None:
+                # Same-scale ops (max-pool, flatten) share their input's observer: same range.
+                stats.setdefault(key, observer.stats)
+            elif key not in stats:  # a tensor observed twice is recorded once
+                observer.stats = stats[key] = TensorStats(channels=key in smoothed)
         model = self._assemble(self._model, {u.path: u.recording for u in self._units}, copy_root=False)
         try:
-            yield stats, lambda batch, _index: _run(model, model_inputs(batch))
+            yield stats, lambda batch, _index: self._run(model, model_inputs(batch))
         finally:
-            for unit in self._units:
-                for node in unit.recording.graph.nodes:
-                    observer = _module_of(unit.recording, node)
-                    if isinstance(observer, _RecordingObserver):
-                        observer.stats = None
+            for _, observer in self._recording_observers():
+                observer.stats = None
 
     def _stat_keys(self) -> set[str]:
-        return {
-            _stats_key(unit, node.args[0].name)
-            for unit in self._units for node in unit.recording.graph.nodes
-            if isinstance(_module_of(unit.recording, node), _RecordingObserver)
-        }
+        return {key for key, _ in self._recording_observers()}
+
+    def _recording_observers(self) -> Iterator[tuple[str, _RecordingObserver]]:
+        """(statistics key, observer) of every recording observer, in graph order."""
+        for unit in self._units:
+            for node in unit.recording.graph.nodes:
+                if isinstance(observer := _module_of(unit.recording, node), _RecordingObserver):
+                    yield _stats_key(unit, node.args[0].name), observer
 
     # --- candidates -----------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> nn.Module:
@@ -310,16 +300,17 @@ class FXAdapter(TensorStatsAdapter):
             candidate = _shared_copy(self._family(unit, config))
             symmetric = config.scheme == "symmetric"
             for node in candidate.graph.nodes:
-                observer = _module_of(candidate, node)
-                if isinstance(observer, _RangeObserver):
+                if isinstance(observer := _module_of(candidate, node), _RangeObserver):
                     key = _stats_key(unit, node.args[0].name)
-                    observer.set_range(*self._range(key, _calibration_for(node, unit, config), symmetric))
+                    # an op's calibration override applies to the tensors it reads
+                    readers = [unit.node_ops[u.name] for u in node.users if u.name in unit.node_ops]
+                    observer.set_range(*self._range(key, calibration_for(config, readers), symmetric))
             fp32 = [unit.nodes[name] for name in config.fp32_ops if name in unit.nodes]
             fp32 = fp32 if config.approach == "dynamic" else unit.fp32_nodes(config.fp32_ops)
             qconfigs = candidate.meta["_observed_graph_module_attrs"].node_name_to_qconfig
             for node in fp32:
                 qconfigs[node] = None
-            smoothing = self._smooth(unit, candidate, config, set(fp32)) if config.smooth_alpha is not None else []
+            smoothing = self._smooth(unit, candidate, config, set(fp32))
             try:
                 with reusing_packed_weights(self._packed):
                     converted[unit.path] = _convert(candidate)
@@ -338,22 +329,23 @@ class FXAdapter(TensorStatsAdapter):
                 fp32: set[str]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
         """Smooth the INT8 Linears of each group in ``candidate`` (weights and input range); the
         (Linears, 1 / s) whose input the converted graph must divide by ``s``."""
-        assert self._stats is not None and config.smooth_alpha is not None
+        alpha = config.smooth_alpha
+        if alpha is None:
+            return []
         nodes = {str(n.target): n for n in candidate.graph.nodes if n.op == "call_module"}
-        observers = {n.args[0].name: n for n in candidate.graph.nodes
-                     if isinstance(_module_of(candidate, n), _RangeObserver)}
+        observers = {n.args[0].name: observer for n in candidate.graph.nodes
+                     if isinstance(observer := _module_of(candidate, n), _RangeObserver)}
         todo = []
         for group in self._smooth_groups[unit.path]:
-            int8 = {t: candidate.get_submodule(t) for t in group.linears if nodes[t].name not in fp32}
+            int8 = {t: linear for t in group.linears if nodes[t].name not in fp32
+                    and isinstance(linear := candidate.get_submodule(t), nn.Linear)}  # smoothing_groups: Linears
             if not int8 or group.tensor not in observers:
                 continue
-            stats = self._stats[_stats_key(unit, group.tensor)]
-            inverse, weights = self._smoother.scales((unit.path, group.tensor, tuple(int8), config.smooth_alpha), stats,
-                                                     int8, config.smooth_alpha)
+            stats = self._statistics()[_stats_key(unit, group.tensor)]
+            inverse, weights = self._smoother.scales((unit.path, group.tensor, tuple(int8), alpha), stats, int8, alpha)
             for target, weight in weights.items():
                 candidate.get_submodule(target).weight = weight
-            observer = _module_of(candidate, observers[group.tensor])
-            observer.set_range(*smoothed_range(stats, inverse.numpy(), config.scheme == "symmetric"))
+            observers[group.tensor].set_range(*smoothed_range(stats, inverse.numpy(), config.scheme == "symmetric"))
             todo.append((tuple(int8), inverse))
         return todo
 
@@ -370,11 +362,11 @@ class FXAdapter(TensorStatsAdapter):
                     qscheme=torch.per_tensor_symmetric if config.scheme == "symmetric" else torch.per_tensor_affine,
                 )
                 mapping = _static_mapping(QConfig(activation, weight))
-            unit.prepared[family] = self._prepare(unit, mapping)
+            unit.prepared[family] = _prepare(unit.module, unit.example, mapping)
         return unit.prepared[family]
 
     @staticmethod
-    def _assemble(model: nn.Module, parts: dict[str, nn.Module], *, copy_root: bool) -> nn.Module:
+    def _assemble(model: nn.Module, parts: Mapping[str, nn.Module], *, copy_root: bool) -> nn.Module:
         """The model with each unit replaced by its prepared or converted form."""
         if "" in parts:
             return parts[""]
@@ -384,22 +376,18 @@ class FXAdapter(TensorStatsAdapter):
             _keep_attributes(module, model.get_submodule(path))
             # torch.nn's fused fast paths (TransformerEncoderLayer, MultiheadAttention) read the
             # float weights of their children and skip calling them, unless a hook is attached.
-            module.register_forward_pre_hook(_keep_module_calls)
+            module.register_forward_pre_hook(lambda *_: None)  # any hook will do
             setattr(root.get_submodule(parent), child, module)
         return root
 
-    def runner(self, model: nn.Module) -> Callable[[], object]:
-        args, kwargs = self._example
+    def _as_inputs(self, batch: Any, index: int) -> Example:
+        return model_inputs(batch)
 
-        def run() -> object:
-            with torch.inference_mode():
-                return model(*args, **kwargs)
-
-        return run
-
-    def batch_runners(self, model: nn.Module, limit: int) -> list[Callable[[], object]]:
-        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
-        return [partial(_run, model, model_inputs(batch)) for _, batch in batches]
+    @staticmethod
+    def _run(model: nn.Module, example: Example) -> Any:
+        args, kwargs = example
+        with torch.inference_mode():
+            return model(*args, **kwargs)
 
     # --- files ----------------------------------------------------------------------------------
     def save_model(self, model: nn.Module, directory: Path) -> Path:
@@ -424,8 +412,7 @@ class FXAdapter(TensorStatsAdapter):
         scripted = torch.jit.load(str(path), _extra_files=extra)
         if not extra[OUTPUT_CLASS]:
             return scripted
-        module, _, name = _text(extra[OUTPUT_CLASS]).partition(":")
-        return _DictOutput(scripted, functools.reduce(getattr, name.split("."), importlib.import_module(module)))
+        return _DictOutput(scripted, pkgutil.resolve_name(_text(extra[OUTPUT_CLASS])))
 
 
 class _DictOutput(nn.Module):
@@ -466,11 +453,6 @@ def _static_mapping(qconfig: QConfig) -> QConfigMapping:
     return mapping
 
 
-def _recording_mapping() -> QConfigMapping:
-    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-    return _static_mapping(QConfig(_RecordingObserver.with_args(dtype=torch.quint8), weight))
-
-
 def _dynamic_mapping(weight: Any) -> QConfigMapping:
     activation = PlaceholderObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True)
     # Global: the backend only has dynamic kernels for Linear (and fused Linear+ReLU needs one qconfig).
@@ -478,6 +460,14 @@ def _dynamic_mapping(weight: Any) -> QConfigMapping:
     for op in _FIXED_QPARAMS_OP_TO_OBSERVER:
         mapping.set_object_type(op, None)  # no dynamic kernels: FP32, without torch's warning
     return mapping
+
+
+def _prepare(module: fx.GraphModule, example: Example, mapping: QConfigMapping) -> fx.GraphModule:
+    args, kwargs = example
+    positional = inspect.signature(module.forward).bind(*args, **kwargs).args
+    with warnings.catch_warnings():  # prepare_fx/convert_fx are deprecated in favour of PT2E
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return prepare_fx(copy.deepcopy(module), mapping, positional, backend_config=_backend_config())
 
 
 def _convert(prepared: fx.GraphModule) -> fx.GraphModule:
@@ -510,11 +500,6 @@ def _differing_axes(a: tuple[int, ...], b: tuple[int, ...]) -> set[int]:
     if len(a) != len(b):
         return {-1}  # another rank: never specialised
     return {axis for axis, (x, y) in enumerate(zip(a, b, strict=True)) if x != y}
-
-
-def _calibration_for(observer: fx.Node, unit: Unit, config: QuantConfig) -> str:
-    """An op's calibration override applies to the tensors it reads."""
-    return calibration_for(config, [unit.node_ops[u.name] for u in observer.users if u.name in unit.node_ops])
 
 
 def _stats_key(unit: Unit, node_name: str) -> str:
@@ -551,7 +536,7 @@ def _with_device_anchor(model: nn.Module) -> nn.Module:
 
 
 def _module_of(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return graph_module.get_submodule(node.target) if node.op == "call_module" else None
+    return graph_module.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
 def _is_quantized(module: nn.Module | None) -> bool:
@@ -565,11 +550,11 @@ def _is_observed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     after a fused ReLU, as in add+relu)."""
     inputs = node.all_input_nodes
     return bool(inputs) and all(
-        n.op == "call_module" and isinstance(modules.get(n.target), ObserverBase) for n in inputs
+        n.op == "call_module" and isinstance(modules.get(str(n.target)), ObserverBase) for n in inputs
     )
 
 
-def _shallow_tree_copy(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Module:
+def _shallow_tree_copy(model: nn.Module, parts: Mapping[str, nn.Module]) -> nn.Module:
     """A copy of the module tree above the units that shares every parameter with ``model``."""
     root = copy.copy(model)
     root._modules = dict(model._modules)
@@ -597,17 +582,3 @@ def _keep_attributes(unit: nn.Module, original: nn.Module) -> None:
     for name, tensor in original.named_parameters(recurse=False):
         if not hasattr(unit, name):
             object.__setattr__(unit, name, tensor)
-
-
-def _keep_module_calls(_module: nn.Module, _args: Any) -> None:
-    return None
-
-
-def _run(model: nn.Module, example: tuple[tuple, dict]) -> Any:
-    args, kwargs = example
-    with torch.inference_mode():
-        return model(*args, **kwargs)
-
-
-def _reasons(unsupported: list[UnsupportedOp]) -> str:
-    return "; ".join(f"{u.name} ({u.op_type}): {u.reason}" for u in unsupported[:10])

@@ -40,8 +40,8 @@ class Unit:
     path: str
     module: fx.GraphModule  # the part, traced with every conv/linear as a module (fx_graph.trace)
     example: Example
+    recording: fx.GraphModule  # prepared with recording observers: the calibration pass runs it
     leaf: bool = False  # a lone Conv/Linear, wrapped so that it stays a module call
-    recording: fx.GraphModule | None = None
     nodes: dict[str, str] = field(default_factory=dict)  # op name -> FX node name
     node_ops: dict[str, str] = field(default_factory=dict)  # FX node name -> op name
     flow: list[FlowStep] = field(default_factory=list)  # every op node in graph order

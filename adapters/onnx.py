@@ -37,10 +37,9 @@ import copy
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,6 @@ from autoquant.calibration import (
     TensorStats,
     overclipping,
 )
-from autoquant.data import first_batch, iterate_batches
 from autoquant.errors import BackendError, CalibrationDataError, ConfigError, did_you_mean, first_line
 from autoquant.smoothing import ALPHAS
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
@@ -103,6 +101,8 @@ class _WeightCachingQDQQuantizer(QDQQuantizer):
     """QDQQuantizer that reuses weight scales/zero points across candidates: computing them channel
     by channel is most of a build (~1 s of ~2 s on MiniLM). Keyed by (weight, axis); weights are
     always int8 symmetric here, so nothing else changes them."""
+
+    tensors_to_quantize: dict[str, Any]  # QDQQuantizer's; narrowed to the uncached weights below
 
     def __init__(self, *args: Any, weight_params: dict, **kwargs: Any) -> None:
         self._weight_params = weight_params
@@ -149,7 +149,6 @@ class ONNXAdapter(TensorStatsAdapter):
             raise BackendError(f"ONNX Runtime cannot load this model: {first_line(exc)}") from exc
         self._inputs = [(i.name, i.type, i.shape) for i in self._fp32.get_inputs()]
         super().__init__(calib_data)
-        self._feeds = self._to_feeds(first_batch(calib_data), 0)
         self._weight_params: dict[tuple[str, int | None], Any] = {}
         ops, unsupported, self._tensors, self._followers = _discover(self._inferred)
         unsupported += _folded_away(original, proto)
@@ -182,7 +181,7 @@ class ONNXAdapter(TensorStatsAdapter):
         return self._fp32
 
     # --- calibration data ------------------------------------------------------------------------
-    def _to_feeds(self, batch: Any, index: int) -> dict[str, np.ndarray]:
+    def _as_inputs(self, batch: Any, index: int) -> dict[str, np.ndarray]:
         """A calibration batch as ORT feeds, checked against the model's inputs."""
         names = [name for name, _, _ in self._inputs]
         if isinstance(batch, Mapping):
@@ -228,14 +227,12 @@ class ONNXAdapter(TensorStatsAdapter):
         for name in names:
             if name not in existing:
                 augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ORTSession(augmented)
         smoothed = {g.activation for g in self._smooth_groups}
         stats = {name: TensorStats(channels=name in smoothed) for name in names}
 
         def observe(batch: Any, index: int) -> None:
-            outputs = session.run(names, self._to_feeds(batch, index))
+            outputs = session.run(names, self._as_inputs(batch, index))
             for name, value in zip(names, outputs, strict=False):
                 stats[name].update(value)  # one batch at a time: memory stays O(tensors x bins)
 
@@ -244,14 +241,11 @@ class ONNXAdapter(TensorStatsAdapter):
     def _stat_keys(self) -> set[str]:
         return set(self._tensors)
 
-    def _calibrated(self) -> None:
-        self._warn_overclipping()
-
-    def _warn_overclipping(self) -> None:
+    def _calibrated(self, stats: dict[str, TensorStats]) -> None:
         """One log line naming the tensors where a method's range clips far more than the others',
         under the preferred scheme (the ranges are cached for the builds that use them)."""
         scheme = self.space.schemes[0]
-        flagged = overclipping(self._stats, list(self.space.calibrations),
+        flagged = overclipping(stats, list(self.space.calibrations),
                                ranges=lambda t, m: self._range(t, m, scheme == "symmetric"))
         lines = [f"{method}/{scheme} on {len(ts)}: {', '.join(ts)}" for method, ts in sorted(flagged.items())]
         if lines:
@@ -260,7 +254,7 @@ class ONNXAdapter(TensorStatsAdapter):
 
     # --- candidates ------------------------------------------------------------------------------
     def build(self, config: QuantConfig) -> ORTSession:
-        self._ready(config)
+        stats = self._ready(config)
         model = onnx.ModelProto()
         model.CopyFrom(self._inferred)  # the quantizers edit the model they are given
         per_channel = config.granularity == "per_channel"
@@ -278,7 +272,7 @@ class ONNXAdapter(TensorStatsAdapter):
                 symmetric = config.scheme == "symmetric"
                 smoothed: dict[str, tuple[float, float]] = {}
                 if config.smooth_alpha is not None:
-                    model, smoothed = smooth(model, self._smooth_groups, self._stats, config.smooth_alpha, symmetric)
+                    model, smoothed = smooth(model, self._smooth_groups, stats, config.smooth_alpha, symmetric)
                 # An all-FP32 candidate leaves no follower INT8: it is the FP32 model.
                 nodes = [*self._op_types, *_int8_followers(self._followers, config.fp32_ops)]
                 quantizer = _WeightCachingQDQQuantizer(
@@ -319,27 +313,16 @@ class ONNXAdapter(TensorStatsAdapter):
         """(lo, hi) per tensor from the cached statistics; an op's calibration override applies to
         the activations it reads (a tensor read by several INT8 ops takes the first override).
         ``smoothed``: the ranges of smoothed activations (min-max, see onnx_smoothing)."""
+        # A tensor smoothed in place (folded into a LayerNorm) takes its smoothed range.
+        ranges = smoothed | {t: self._range(t, calibration_for(config, readers), symmetric)
+                             for t, readers in self._tensors.items() if t not in smoothed}
         data = {t: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
-                for t, (lo, hi) in smoothed.items()}
-        for tensor, readers in self._tensors.items():
-            if tensor in data:  # smoothed in place (folded into a LayerNorm): its range is the smoothed one
-                continue
-            lo, hi = self._range(tensor, calibration_for(config, readers), symmetric)
-            data[tensor] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+                for t, (lo, hi) in ranges.items()}
         return TensorsData(ORTCalibrationMethod.MinMax, data)
 
-    def runner(self, model: ort.InferenceSession) -> Callable[[], object]:
-        feeds = self._feeds
-
-        def run() -> object:
-            return model.run(None, feeds)
-
-        return run
-
-    def batch_runners(self, model: ort.InferenceSession, limit: int) -> list[Callable[[], object]]:
-        batches = zip(range(limit), iterate_batches(self._calib_data), strict=False)
-        feeds = [self._to_feeds(batch, i) for i, batch in batches]
-        return [partial(model.run, None, f) for f in feeds]
+    @staticmethod
+    def _run(model: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> object:
+        return model.run(None, feeds)
 
     def result_model(self, model: ORTSession) -> onnx.ModelProto:
         """What ``TuneResult.model`` holds: the quantized ModelProto (plain ORT runs it)."""
@@ -455,7 +438,7 @@ class _Follower:
 
 def _int8_followers(followers: list[_Follower], fp32_ops: frozenset[str]) -> list[str]:
     """The followers that run INT8 in a candidate (in graph order, so producers come first)."""
-    int8, names = set(), []
+    int8, names = set[str](), []
     for node in followers:
         searched = not node.inputs
         if (searched and node.name not in fp32_ops) or (not searched and all(t in int8 for t in node.inputs)):
@@ -497,6 +480,7 @@ def _discover(
         if node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
         weights = [i for i in node.input[1:2] if i in initializers]
+        approaches = ("static", "dynamic") if node.op_type == "MatMul" else ("static",)
         if node.op_type == "MatMul":
             acts = [i for i in node.input if i not in initializers]
             if not acts:  # e.g. DeBERTa's projection of its relative-position embeddings
@@ -504,13 +488,13 @@ def _discover(
                                                  "both inputs are constant initializers: it computes a constant, "
                                                  "which ONNX Runtime's constant folding removes; nothing to quantize"))
                 continue
-            op_type, approaches = ("MatMul" if weights else ACT_X_ACT), ("static", "dynamic")
+            op_type = "MatMul" if weights else ACT_X_ACT
         elif not weights:
             unsupported.append(UnsupportedOp(node.name, node.op_type,
                                              "its weight is not a constant initializer; runs FP32"))
             continue
         else:
-            acts, op_type, approaches = [node.input[0]], node.op_type, ("static",)
+            acts, op_type = [node.input[0]], node.op_type
         # QLinearConv / QGemm also quantize their output (MatMul's stays float: MatMulIntegerToFloat).
         outputs = [node.output[0]] if node.op_type != "MatMul" else []
         missing = [t for t in acts + outputs if t not in float_types and t not in initializers]

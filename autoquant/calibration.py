@@ -14,7 +14,6 @@ exactly, so the merged histogram is bit for bit the one a single pass at the fin
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from autoquant.errors import CalibrationDataError, ConfigError
+from autoquant.errors import CalibrationDataError, ConfigError, did_you_mean
 
 __all__ = ["METHODS", "SEARCHED", "CalibrationMethod", "TensorStats", "clipped_fraction", "compute_range",
            "overclipping", "read_stats", "write_stats"]
@@ -72,10 +71,8 @@ def _valid_forms() -> str:
 
 def _unknown_method(text: object) -> str:
     key = str(text).strip().lower()
-    names = [*SEARCHED, *METHODS]
-    hint = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, names, n=1)), None)
-    message = f"Unknown calibration method {text!r}; valid forms: {_valid_forms()}."
-    return message + (f" Did you mean {hint!r}?" if hint else "")
+    hint = did_you_mean(_ALIASES.get(key, key), [*SEARCHED, *METHODS])
+    return f"Unknown calibration method {text!r}; valid forms: {_valid_forms()}.{hint}"
 
 
 @dataclass(frozen=True)

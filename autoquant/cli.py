@@ -27,6 +27,7 @@ from autoquant import __version__, storage
 from autoquant.config import JOB_COPY, STATS_FILE, LoadedJob, load_job, mask_url, parse_job
 from autoquant.errors import AutoquantError, ConfigError
 from autoquant.plots import plot_history
+from autoquant.progress import StderrLines
 from autoquant.report import history_frame, print_summary
 from autoquant.result import HISTORY_FILE, TuneResult
 from autoquant.trials import BASELINE, best_trial, counted, records, study_records
@@ -41,13 +42,12 @@ CONFIG_FILE = "config.yaml"
 def make_tuner(job: LoadedJob, *, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
                stats_cache: Path | None = None, restart: bool = False) -> Tuner:
     spec = job.spec
+    search = spec.strategy.model_dump(exclude={"name", "options"})  # the rest are Tuner's keywords
     return Tuner(
-        spec.criterion.criterion(), strategy=spec.strategy.strategy(), max_trials=spec.strategy.max_trials,
-        timeout=spec.strategy.timeout, seed=spec.strategy.seed, restrict=spec.space.restriction(),
+        spec.criterion.criterion(), strategy=spec.strategy.strategy(), restrict=spec.space.restriction(),
         storage=job.storage(), study_name=job.name, latency_budget_s=spec.latency_budget_s,
-        latency_precision=spec.latency_precision,
-        stats_cache=stats_cache or job.output / STATS_FILE, on_trial=on_trial, objective=spec.strategy.objective,
-        restart=restart, trial_timeout=spec.strategy.trial_timeout, isolate=spec.strategy.isolate,
+        latency_precision=spec.latency_precision, stats_cache=stats_cache or job.output / STATS_FILE,
+        on_trial=on_trial, restart=restart, **search,
     )
 
 
@@ -64,10 +64,11 @@ def study_trials(job: LoadedJob) -> int | None:
 
 
 def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path | None = None,
-            restart: bool = False) -> TuneResult:
+            restart: bool = False, verbose: bool = True) -> TuneResult:
     """Tune, then write result.json, history.csv, config.yaml, plots and the model to the output.
 
-    ``stats_cache`` (default: in the output folder) lets runs of the same model share one calibration.
+    ``stats_cache`` (default: in the output folder) lets runs of the same model share one calibration;
+    ``verbose=False``: no progress display or lines (``--quiet``).
     """
     console = console or Console()
     out = job.output
@@ -83,7 +84,8 @@ def run_job(job: LoadedJob, console: Console | None = None, *, stats_cache: Path
     tuner = make_tuner(job, stats_cache=stats_cache, restart=restart)
     model = job.load_model()
     try:
-        result = tuner.tune(model, job.load_calibration(), job.load_eval(), adapter=job.adapter)
+        result = tuner.tune(model, job.load_calibration(), job.load_eval(), adapter=job.adapter,
+                             verbose=verbose)
     except TuneInterrupted as exc:
         if exc.partial_result is not None:
             print_summary(exc.partial_result, console)
@@ -169,7 +171,7 @@ def _tune(args: argparse.Namespace, console: Console, *, resume: bool) -> None:
     if resume and not study_trials(job):
         raise ConfigError(f"Nothing to resume: no study '{job.name}' with trials in {mask_url(job.storage_url)}. "
                           "Use 'autoquant tune' to start it.")
-    run_job(job, console, restart=args.restart)
+    run_job(job, console, restart=args.restart, verbose=not args.quiet)
 
 
 def _validate(args: argparse.Namespace, console: Console) -> None:
@@ -190,14 +192,6 @@ def _space(args: argparse.Namespace, console: Console) -> None:
     space = tuner.space(job.load_model(), job.load_calibration(), adapter=job.adapter)
     console.print(f"adapter: {job.spec.adapter}", highlight=False)
     console.print(str(space), markup=False, highlight=False, soft_wrap=True)  # the same text as print(space)
-
-
-def _schema(args: argparse.Namespace, console: Console) -> None:
-    sys.stdout.write(yaml_reference())
-
-
-def _report(args: argparse.Namespace, console: Console) -> None:
-    report(Path(args.target), console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="override the output folder")
         p.add_argument("--restart", action="store_true",
                        help="delete the job's study and calibration cache and start over (after a model change)")
+        p.add_argument("--quiet", action="store_true",
+                       help="no progress display and no progress lines (warnings, errors and the summary remain)")
     job_verb("validate", "Check a job without running it: the schema, and that its callables import.")
     job_verb("space", "Load the model and list the ops and knobs the adapter exposes, after the job's "
                       "restrictions, and the parts that stay FP32 and why.")
@@ -240,10 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    quiet = getattr(args, "quiet", False)
+    # autoquant's own handler, so that on a terminal the tuner draws its progress display under the lines
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        handlers=[StderrLines("%(asctime)s %(message)s", "%H:%M:%S")])
     handlers = {"tune": lambda: _tune(args, console, resume=False), "resume": lambda: _tune(args, console, resume=True),
                 "validate": lambda: _validate(args, console), "space": lambda: _space(args, console),
-                "report": lambda: _report(args, console), "schema": lambda: _schema(args, console)}
+                "report": lambda: report(Path(args.target), console),
+                "schema": lambda: sys.stdout.write(yaml_reference())}
     try:
         handlers[args.verb]()
     except AutoquantError as exc:

@@ -16,7 +16,7 @@ import inspect
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from pydantic_core import ErrorDetails
 
 from autoquant.adapters import ADAPTERS, is_onnx_path
 from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
-from autoquant.errors import ConfigError, unknown_choice
+from autoquant.errors import ConfigError, check_choice, unknown_choice
 from autoquant.smoothing import ALPHAS, check_alpha
 from autoquant.space import (
     APPROACHES,
@@ -53,12 +53,6 @@ JOB_COPY = "job.yaml"
 
 # The Tuner's defaults are the YAML defaults: defined once, in Tuner.__init__.
 _TUNER = {name: p.default for name, p in inspect.signature(Tuner.__init__).parameters.items()}
-
-
-def _choice(what: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise unknown_choice(what, value, list(allowed))
-    return value
 
 
 class _Strict(BaseModel):
@@ -105,7 +99,7 @@ class SpaceSpec(_Strict):
                               ("granularity", GRANULARITIES), ("scheme", SCHEMES)):
             value = getattr(self, knob)
             for v in [value] if isinstance(value, str) else value or []:
-                _choice(f"space.{knob} value", v, allowed)
+                check_choice(f"space.{knob} value", v, allowed)
         alphas = self.smooth_alpha if isinstance(self.smooth_alpha, list) else [self.smooth_alpha]
         for alpha in alphas:
             check_alpha(alpha)
@@ -154,20 +148,19 @@ class StrategySpec(_Strict):
     @field_validator("objective")
     @classmethod
     def _objective(cls, value: str) -> str:
-        return _choice("objective", value, OBJECTIVES)
+        return check_choice("objective", value, OBJECTIVES)
 
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        return _choice("strategy", value, list(STRATEGIES))
+        return check_choice("strategy", value, STRATEGIES)
 
     @model_validator(mode="after")
     def _options(self) -> StrategySpec:
         params = inspect.signature(STRATEGIES[self.name]).parameters
         allowed = [n for n, p in params.items() if n != "seed" and p.kind is not p.VAR_KEYWORD]
         for key in self.options:
-            if key not in allowed:
-                raise unknown_choice("option", key, allowed, where=f" of strategy '{self.name}'")
+            check_choice("option", key, allowed, where=f" of strategy '{self.name}'")
         self.strategy()  # the strategy's own checks of the values
         return self
 
@@ -212,7 +205,7 @@ class Job(_Strict):
     @field_validator("adapter")
     @classmethod
     def _adapter(cls, value: str) -> str:
-        return _choice("adapter", value, ["auto", *ADAPTERS])
+        return check_choice("adapter", value, ["auto", *ADAPTERS])
 
     @field_validator("strategy", mode="before")
     @classmethod

@@ -42,6 +42,14 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[Any]:
         )
 
 
+def batch_count(data: Iterable[Any]) -> int | None:
+    """How many batches ``data`` holds, if it says (a list or DataLoader does; a generator does not)."""
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def first_batch(data: Iterable[Any]) -> Any:
     """The first batch (for tracing and for latency measurement)."""
     return next(iterate_batches(data))

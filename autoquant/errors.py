@@ -52,6 +52,14 @@ def unknown_choice(what: str, value: object, allowed: Sequence[str], *, where: s
     return ConfigError(f"Unknown {what} '{value}'{where}.{did_you_mean(value, allowed)} Allowed: {shown}.")
 
 
+def check_choice(what: str, value: str, allowed: Iterable[str], *, where: str = "") -> str:
+    """``value`` if it is one of ``allowed``, else the ``unknown_choice`` error."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise unknown_choice(what, value, allowed, where=where)
+    return value
+
+
 def first_line(exc: BaseException, limit: int = 400) -> str:
     """``Type: first line of the message``, bounded: backends raise pages of text."""
     text = str(exc).strip().splitlines()

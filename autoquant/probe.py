@@ -12,19 +12,21 @@ FP32's with an error that fits the output:
 
 ``kind="auto"`` picks by shape as listed. Every candidate is built and run once (cached by its
 canonical key); ``cost`` says how many builds and model runs the probe made and how long they took.
+``on_score(done, total)`` is told each time a candidate is scored, ``total`` counting those a
+strategy announced with ``expect`` (the tuner's progress display).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoquant.errors import BackendError, ConfigError, first_line, unknown_choice
+from autoquant.errors import BackendError, ConfigError, check_choice, first_line
 from autoquant.latency import measure_ratio
 from autoquant.space import QuantConfig, Space
 
@@ -67,9 +69,9 @@ class OutputProbe:
     """Scores candidates by their outputs on calibration batches, without the user's eval_fn."""
 
     def __init__(self, adapter: Adapter, space: Space, *, kind: str = "auto",
-                 max_batches: int = DEFAULT_MAX_BATCHES) -> None:
-        if kind not in KINDS:
-            raise unknown_choice("probe output kind", kind, KINDS)
+                 max_batches: int = DEFAULT_MAX_BATCHES,
+                 on_score: Callable[[int, int | None], None] | None = None) -> None:
+        check_choice("probe output kind", kind, KINDS)
         if max_batches < 1:
             raise ConfigError(f"The probe needs at least one calibration batch, got max_batches={max_batches}.")
         self._adapter, self._space = adapter, space
@@ -79,6 +81,7 @@ class OutputProbe:
         self._last: tuple[str, Any] | None = None
         self.cost = ProbeCost()
         self.failures: dict[str, str] = {}  # config key -> why the backend could not build or run it
+        self._on_score, self._expected = on_score, set[str]()
 
     @property
     def calls(self) -> int:
@@ -120,7 +123,18 @@ class OutputProbe:
             finally:
                 self.cost.seconds += time.perf_counter() - start
             self._scores[key] = compare(self.kind, reference, outputs)
+            self._report(key)
         return self._scores[key]
+
+    def expect(self, configs: Iterable[QuantConfig]) -> None:
+        """Candidates a strategy is about to score: the progress display counts them in its total."""
+        self._expected.update(self._space.canonical(c).key() for c in configs)
+
+    def _report(self, key: str) -> None:
+        done = self._scores.keys() | self.failures.keys()
+        self._expected.add(key)
+        if self._on_score is not None:
+            self._on_score(len(done), len(self._expected | done))
 
     def _build(self, config: QuantConfig) -> Any:
         """Builds a canonical candidate; the last one is kept, so its latency needs no second build."""
@@ -141,6 +155,7 @@ class OutputProbe:
         """Remember (and log once) why ``config`` cannot be probed; the error to raise."""
         self.failures[config.key()] = f"Probe: candidate {config.describe()} failed ({first_line(exc)})"
         log.warning("%s; the search steps past it.", self.failures[config.key()])
+        self._report(config.key())
         return BackendError(self.failures[config.key()])
 
     def known(self, config: QuantConfig) -> ProbeScore | None:
@@ -181,16 +196,14 @@ def compare(kind: str, reference: list[list[np.ndarray]], outputs: list[list[np.
         kl = float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=1)))
         agreement = float(np.mean(ref.argmax(1) == out.argmax(1)))
         return ProbeScore(max(kl, 0.0), kind, agreement)
-    ref = np.concatenate([a.astype(np.float64).ravel() for batch in reference for a in batch])
-    out = np.concatenate([a.astype(np.float64).ravel() for batch in outputs for a in batch])
-    if kind == "embedding":
-        rows = [(r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1]))
-                for rb, ob in zip(reference, outputs, strict=False) for r, o in zip(rb, ob, strict=False)]
-        ref_rows = np.concatenate([r for r, _ in rows]).astype(np.float64)
-        out_rows = np.concatenate([o for _, o in rows]).astype(np.float64)
+    if kind == "embedding":  # rows of the last axis, compared by cosine
+        ref_rows = np.concatenate([a.reshape(-1, a.shape[-1]) for batch in reference for a in batch]).astype(np.float64)
+        out_rows = np.concatenate([a.reshape(-1, a.shape[-1]) for batch in outputs for a in batch]).astype(np.float64)
         norms = np.linalg.norm(ref_rows, axis=1) * np.linalg.norm(out_rows, axis=1)
         cosine = np.sum(ref_rows * out_rows, axis=1) / np.maximum(norms, 1e-30)
         return ProbeScore(float(np.mean(1.0 - cosine)), kind)
+    ref = np.concatenate([a.astype(np.float64).ravel() for batch in reference for a in batch])
+    out = np.concatenate([a.astype(np.float64).ravel() for batch in outputs for a in batch])
     return ProbeScore(float(np.sum((out - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30)), kind)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import optuna
@@ -23,9 +24,7 @@ assert set(MEASUREMENT_KEYS) <= set(HISTORY_COLUMNS)
 
 def describe_space(space: Space, adapter: str) -> str:
     """A few lines saying what will be searched and what stays FP32 regardless."""
-    by_type: dict[str, int] = {}
-    for op in space.ops:
-        by_type[op.op_type] = by_type.get(op.op_type, 0) + 1
+    by_type = Counter(op.op_type for op in space.ops)
     lines = [
         f"{adapter} adapter: {len(space.ops)} quantizable op(s) "
         f"({', '.join(f'{n} {t}' for t, n in by_type.items()) or 'none'}); {space.size():,} candidates.",
@@ -109,7 +108,8 @@ def sensitivity_table(ranking: pd.DataFrame, fp32_ops: Sequence[str] = (), limit
     for row in ranking.head(limit).itertuples(index=False):
         table.add_row(str(row.rank), row.op, row.op_type, f"{row.sensitivity:.3g}", row.calibration or "-",
                       "FP32" if row.op in fp32_ops else "INT8")
-    if len(ranking) > limit:
-        table.caption = f"{len(ranking) - limit} more op(s) in sensitivity.csv"
+    more = f"; {len(ranking) - limit} more op(s) in sensitivity.csv" if len(ranking) > limit else ""
+    table.caption = ("calibration: the method of the all-INT8 candidate each op was measured against (the "
+                     f"ranking's reference; not the op's own setting in the result){more}")
     return table
 

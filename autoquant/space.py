@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,9 +27,6 @@ KNOBS = ("approach", "calibration", "granularity", "scheme")  # the string-value
 ALL_KNOBS = (*KNOBS, "smooth_alpha")
 _FIELD_OF_KNOB = {"approach": "approaches", "calibration": "calibrations", "granularity": "granularities",
                   "scheme": "schemes", "smooth_alpha": "smooth_alphas"}
-# Knobs that only apply to static quantization (None under dynamic, where activations are
-# quantized at run time).
-STATIC_KNOBS = ("calibration", "scheme", "smooth_alpha")
 OP_PARAM_PREFIX = "op:"
 
 
@@ -235,9 +233,7 @@ class Space:
 
     def __str__(self) -> str:
         """What can be quantized, what cannot and why: the table ``autoquant space`` prints."""
-        by_type: dict[str, int] = {}
-        for op in self.ops:
-            by_type[op.op_type] = by_type.get(op.op_type, 0) + 1
+        by_type = Counter(op.op_type for op in self.ops)
         kinds = ", ".join(f"{n} {t}" for t, n in by_type.items()) or "none"
         rows = [("op", "type", "approaches", "searched")] + [
             (op.name, op.op_type, ", ".join(op.approaches), "no (FP32 by request)" if op.name in self.fixed_fp32

@@ -15,15 +15,15 @@ import optuna
 import sqlalchemy.exc
 from optuna.exceptions import StorageInternalError
 
-from autoquant import stats_cache
+from autoquant import progress, stats_cache
 from autoquant.adapters import Adapter, adapter_class, adapter_for
 from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
+from autoquant.data import batch_count
 from autoquant.errors import AutoquantError, ConfigError, first_line, unknown_choice
 from autoquant.evaluation import CandidateFailed, EvalFn, evaluate, evaluate_candidate
 from autoquant.fingerprint import Fingerprint, fingerprint
 from autoquant.latency import LatencyRatio, measure_ratio
 from autoquant.probe import OutputProbe
-from autoquant.progress import Progress
 from autoquant.report import config_text, describe_space, history_frame
 from autoquant.result import TuneResult, counts_text
 from autoquant.space import QuantConfig, Restriction, Space
@@ -160,14 +160,16 @@ class Tuner:
         """Quantize ``model``; ``eval_fn(candidate) -> float`` scores each candidate on the real backend.
 
         ``adapter`` is picked from the model's type unless named ("fx") or given as an Adapter class.
-        With ``verbose`` (the default), progress lines (space, baseline, calibration, probe, each trial,
-        summary) go to stderr when the caller has configured no logging; ``verbose=False`` silences them.
+        With ``verbose`` (the default), progress goes to stderr: on a terminal a display by phase
+        (calibration, probe, trials: done of N, best so far, time left) under the log lines (space,
+        baseline, each trial, summary); elsewhere, or under the caller's own logging handlers, a line
+        per trial. ``verbose=False`` silences it (see ``autoquant.progress``).
         """
-        with _progress_lines(verbose):
-            return self._tune(model, calib_data, eval_fn, adapter)
+        with progress.shown(verbose) as view:
+            return self._tune(model, calib_data, eval_fn, adapter, view)
 
     def _tune(self, model: Any, calib_data: Iterable[Any], eval_fn: EvalFn,
-              adapter: str | type[Adapter] | None) -> TuneResult:
+              adapter: str | type[Adapter] | None, view: progress.View) -> TuneResult:
         start = time.perf_counter()
         backend = self._adapter(model, calib_data, adapter)
         space = self._space(backend)
@@ -179,9 +181,9 @@ class Tuner:
             baseline = evaluate(eval_fn, backend.fp32_model, "the FP32 model")
             study.set_user_attr(BASELINE, baseline)
         log.info("FP32 baseline: %.6g; goal: %s", baseline, self.criterion.describe())
-        self._calibrate(backend, fp)
-        self.strategy.setup(space, OutputProbe(backend, space), self.criterion)
-        run = _Run(self, backend, space, study, eval_fn, baseline, start)
+        self._calibrate(backend, fp, view, batch_count(calib_data))
+        self.strategy.setup(space, OutputProbe(backend, space, on_score=view.on("probe")), self.criterion)
+        run = _Run(self, backend, space, study, eval_fn, baseline, start, view)
         with run.signals.installed():
             try:
                 run.search()
@@ -215,15 +217,16 @@ class Tuner:
         check_study(study, fp)
         return study
 
-    def _calibrate(self, backend: Adapter, fp: Fingerprint) -> None:
+    def _calibrate(self, backend: Adapter, fp: Fingerprint, view: progress.View, batches: int | None) -> None:
         """Calibrate, or load the statistics cached by an earlier run of the same job."""
         cache = self.stats_cache
         if cache is not None and self.restart:
             cache.unlink(missing_ok=True)
         if cache is not None and stats_cache.load(backend, cache, fp):
             log.info("Loaded calibration statistics from %s (no recalibration).", cache)
+            view.update("calibration", 0, 0, "loaded from the cache")
             return
-        backend.calibrate()
+        backend.calibrate(on_batch=lambda done: view.update("calibration", done, batches))
         if cache is not None:
             stats_cache.save(backend, cache, fp)
 
@@ -285,14 +288,13 @@ class _Run:
     """One call of ``Tuner.tune``: the loop and its bookkeeping."""
 
     def __init__(self, tuner: Tuner, backend: Adapter, space: Space, study: optuna.Study,
-                 eval_fn: EvalFn, baseline: float, start: float) -> None:
+                 eval_fn: EvalFn, baseline: float, start: float, view: progress.View) -> None:
         self.tuner, self.backend, self.space, self.study = tuner, backend, space, study
-        self.eval_fn, self.baseline, self.start = eval_fn, baseline, start
+        self.eval_fn, self.baseline, self.start, self.view = eval_fn, baseline, start, view
         self.criterion = tuner.criterion
         self.fp32_runner = backend.runner(backend.fp32_model)
         self.met_here = False
         self.signals = _StopSignals()
-        self.progress = Progress(tuner.max_trials, tuner.timeout, tuner.criterion, objective=tuner.objective)
         self.said_slower = False
 
     def search(self) -> None:
@@ -322,13 +324,19 @@ class _Run:
                                                      "tune of this study")
                 raise self._interrupted(how, trial.number) from None
             frozen = self.study.get_trials(deepcopy=False)[trial.number]
-            self.progress(self.study, frozen)
+            self.view.trial(self._status())
             if self.tuner.on_trial is not None:
                 self.tuner.on_trial(self.study, frozen)
             if self.signals.received:
                 raise self._interrupted(self.signals.received)
+        self.view.stop(self._status().stopped(reason))
         if reason:
             log.info("Stopping: %s.", reason)
+
+    def _status(self) -> progress.TrialStatus:
+        return progress.trial_status(self.study, max_trials=self.tuner.max_trials, timeout=self.tuner.timeout,
+                                     criterion=self.criterion, objective=self.tuner.objective,
+                                     elapsed_s=time.perf_counter() - self.start)
 
     def _stop_reason(self) -> str | None:
         """Why the search stops now ("" when this worker just met the goal), or None to go on."""
@@ -481,26 +489,6 @@ class _Run:
         if cost:
             log.info("Output probe (no eval_fn): %s.", cost)
         return cost
-
-
-@contextmanager
-def _progress_lines(verbose: bool) -> Iterator[None]:
-    """Show autoquant's INFO lines on stderr for one call, unless the caller set up logging itself
-    (then its handlers decide) or asked for silence. The caller's logging is left as it was."""
-    logger = logging.getLogger("autoquant")
-    if not verbose or logger.handlers or logging.getLogger().handlers:
-        yield
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("autoquant: %(message)s"))
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 OBJECTIVES = ("accuracy", "latency")

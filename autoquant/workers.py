@@ -23,7 +23,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 
 from autoquant.space import QuantConfig
-from autoquant.trials import CONFIG_KEY, ERROR, HEARTBEAT, STALE, WORKER, TrialRecord, TrialState, records
+from autoquant.trials import CONFIG_KEY, ERROR, HEARTBEAT, STALE, WORKER, TrialRecord, TrialState, study_records
 
 log = logging.getLogger("autoquant")
 
@@ -124,7 +124,7 @@ def abandon(study: optuna.Study, trial_id: int, reason: str) -> bool:
 
 def to_rerun(study: optuna.Study) -> list[QuantConfig]:
     """Configs of stale trials (killed or stopped) that no later trial has taken up, oldest first."""
-    trials = records(study.get_trials(deepcopy=False))
+    trials = study_records(study)
     later: set[str] = set()
     rerun: list[QuantConfig] = []
     for t in reversed(trials):

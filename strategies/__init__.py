@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoquant.errors import unknown_choice
+from autoquant.errors import check_choice
 
 from .base import SearchExhausted, Strategy
 from .bayesian import BayesianStrategy
@@ -19,9 +19,7 @@ def get_strategy(name: str | Strategy, *, seed: int | None = None) -> Strategy:
     """A strategy instance from its name (or the instance itself)."""
     if isinstance(name, Strategy):
         return name
-    if name not in STRATEGIES:
-        raise unknown_choice("strategy", name, list(STRATEGIES))
-    return STRATEGIES[name](seed=seed)
+    return STRATEGIES[check_choice("strategy", name, STRATEGIES)](seed=seed)
 
 
 __all__ = ["STRATEGIES", "SearchExhausted", "Strategy", "get_strategy"]

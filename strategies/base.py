@@ -35,8 +35,6 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
-    # A per-op ranking table (pandas DataFrame), for strategies that make one.
-    sensitivity: pd.DataFrame | None = None
 
     def __init__(self, *, seed: int | None = None) -> None:
         self.seed = seed
@@ -46,6 +44,11 @@ class Strategy(ABC):
 
     def setup(self, space: Space, probe: OutputProbe, criterion: AccuracyCriterion | None = None) -> None:
         """Called once before the search with the goal; the default needs nothing."""
+
+    @property
+    def sensitivity(self) -> pd.DataFrame | None:
+        """A per-op ranking table, for strategies that make one."""
+        return None
 
     @property
     def probe_cost(self) -> str:

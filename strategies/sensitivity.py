@@ -36,7 +36,7 @@ import optuna
 import pandas as pd
 
 from autoquant.criterion import AccuracyCriterion
-from autoquant.errors import AutoquantError, ConfigError, unknown_choice
+from autoquant.errors import AutoquantError, ConfigError, check_choice
 from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import measured_by_key, records
@@ -89,25 +89,15 @@ class SensitivityStrategy(Strategy):
                  probe_output: str = "auto", probe_batches: int | None = None,
                  latency_budget_s: float = 0.03) -> None:
         super().__init__(seed=seed)
-        if measure not in MEASURES:
-            raise unknown_choice("sensitivity measure", measure, MEASURES)
+        check_choice("sensitivity measure", measure, MEASURES)
         if not 0 < confidence < 1:
             raise ConfigError(f"confidence is a probability between 0 and 1 (exclusive), got {confidence}.")
-        if probe_output not in KINDS:
-            raise unknown_choice("probe output kind", probe_output, KINDS)
+        check_choice("probe output kind", probe_output, KINDS)
         self.measure, self.confidence = measure, confidence
         self.probe_output, self.probe_batches = probe_output, probe_batches
         self.latency_budget_s = latency_budget_s
-        self.ranking: list[OpSensitivity] = []
-        self._space: Space | None = None
-        self._probe: OutputProbe | None = None
-        self._tolerance = 0.01
-        self._reference: QuantConfig | None = None  # the knob setting the op profile was measured at
-        self._approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach
-        self.model: LossModel | None = None
-        self._unbuildable: set[str] = set()
+        self._search: _Search | None = None  # made by setup
 
-    # --- before the search -------------------------------------------------------------------------
     def setup(self, space: Space, probe: OutputProbe, criterion: AccuracyCriterion | None = None) -> None:
         """Keeps the probe; nothing is probed until the search needs it, so a job whose default
         candidate passes spends nothing on it."""
@@ -115,56 +105,81 @@ class SensitivityStrategy(Strategy):
             probe.kind = self.probe_output
         if self.probe_batches is not None:
             probe.max_batches = self.probe_batches
-        self._space, self._probe = space, probe
-        self._tolerance = (criterion or AccuracyCriterion(relative=0.01)).tolerance
-        self.ranking, self._reference, self._approach_latency, self.model = [], None, {}, None
-        self._unbuildable = set()
+        self._search = _Search(self, space, probe, (criterion or AccuracyCriterion(relative=0.01)).tolerance)
 
     def profile(self) -> None:
         """All the probe spends before ops fall back: each approach's latency, each knob setting's
         error and the per-op profile at the best one (the search does this lazily; experiments time it)."""
-        if not self._approach_latency:
-            self._measure_approaches(self._space)
-        if self.model is None:
-            self.model = LossModel(self._tolerance, [])
-        if self._reference is None:
-            self._profile(self._best_knobs(self._space))
+        self._started().profile()
 
     @property
     def probe_cost(self) -> str:
-        return self._probe.cost.describe() if self._probe is not None and self._probe.cost.builds else ""
+        probe = self._search.probe if self._search is not None else None
+        return probe.cost.describe() if probe is not None and probe.cost.builds else ""
+
+    @property
+    def sensitivity(self) -> pd.DataFrame | None:
+        """The ranking as a table (rank, op, op_type, sensitivity, latency_cost, measure, calibration)."""
+        return self._search.table() if self._search is not None else None
+
+    def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
+        return self._started().propose(space, trials)
+
+    def _started(self) -> _Search:
+        if self._search is None:
+            raise ConfigError("SensitivityStrategy needs setup(space, probe) first (the tuner calls it).")
+        return self._search
+
+
+class _Search:
+    """One search's state: the probe, the per-op profile, the loss model (made anew by each setup)."""
+
+    def __init__(self, options: SensitivityStrategy, space: Space, probe: OutputProbe, tolerance: float) -> None:
+        self.options, self.space, self.probe, self.tolerance = options, space, probe, tolerance
+        self.ranking: list[OpSensitivity] = []
+        self.reference: QuantConfig | None = None  # the knob setting the op profile was measured at
+        self.approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach
+        self.model = LossModel(tolerance, [])
+        self.unbuildable: set[str] = set()
+
+    def profile(self) -> None:
+        if not self.approach_latency:
+            self._measure_approaches(self.space)
+        if self.reference is None:
+            self._profile(self._best_knobs(self.space))
 
     # --- the probe, cached; None for a candidate the backend cannot build --------------------------
     def _error(self, config: QuantConfig) -> float | None:
         key = config.key()
-        if key in self._unbuildable:
+        if key in self.unbuildable:
             return None
         try:
-            return self._probe.error(config)
+            return self.probe.error(config)
         except AutoquantError:  # the probe logged why
-            self._unbuildable.add(key)
+            self.unbuildable.add(key)
             return None
 
     def _latency_ratio(self, config: QuantConfig) -> float:
         """The probe's latency ratio; 1.0 (no saving) for a candidate the backend cannot build."""
         try:
-            return self._probe.latency_ratio(config, self.latency_budget_s)
+            return self.probe.latency_ratio(config, self.options.latency_budget_s)
         except AutoquantError:  # the probe logged why
             return 1.0
 
-    def _profile(self, reference: QuantConfig) -> None:
+    def _profile(self, reference: QuantConfig) -> QuantConfig:
         """Per op at ``reference`` (all INT8): its share of the probe error and its latency cost."""
-        space = self._space
-        names = [op.name for op in space.tunable_ops(reference.approach)]
-        types = {op.name: op.op_type for op in space.ops}
+        names = [op.name for op in self.space.tunable_ops(reference.approach)]
+        types = {op.name: op.op_type for op in self.space.ops}
+        self.probe.expect(replace(reference, fp32_ops=frozenset(names) - {n} if self.options.measure == "int8"
+                                  else frozenset({n})) for n in names)
         base = self._error(reference) or 0.0
         scores, savings = {}, {}
         for name in names:
             alone = replace(reference, fp32_ops=frozenset(names) - {name})
-            if self.measure == "int8":
+            if self.options.measure == "int8":
                 scores[name] = max(self._error(alone) or 0.0, 0.0)
             else:
-                scores[name] = max(base - (self._error(replace(reference, fp32_ops={name})) or base), 0.0)
+                scores[name] = max(base - (self._error(replace(reference, fp32_ops=frozenset({name}))) or base), 0.0)
             savings[name] = max(1.0 - self._latency_ratio(alone), 0.0)
         # Savings measured one op at a time overlap (shared overheads), so they are scaled to add up
         # to what all of them save together.
@@ -177,29 +192,27 @@ class SensitivityStrategy(Strategy):
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
         self.ranking = [OpSensitivity(n, types[n], shares[n], costs[n]) for n in order]
-        self._reference = reference
+        self.reference = reference
         log.info("sensitivity: per-op profile at %s: %s", reference.describe(),
                  ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in self.ranking[:8]))
+        return reference
 
-    @property
-    def sensitivity(self) -> pd.DataFrame | None:
-        """The ranking as a table (rank, op, op_type, sensitivity, latency_cost, measure, calibration)."""
-        if not self.ranking:
+    def table(self) -> pd.DataFrame | None:
+        if not self.ranking or self.reference is None:  # no profile yet (both are set together)
             return None
         return pd.DataFrame([
             {"rank": i + 1, "op": r.op, "op_type": r.op_type, "sensitivity": r.score,
-             "latency_cost": r.latency_cost, "measure": f"{self.measure} ({self._probe.kind})",
-             "calibration": self._reference.calibration or ""}
+             "latency_cost": r.latency_cost, "measure": f"{self.options.measure} ({self.probe.kind})",
+             "calibration": self.reference.calibration or ""}
             for i, r in enumerate(self.ranking)
         ])
 
     # --- the search ----------------------------------------------------------------------------------
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
-        if self._probe is None:
-            raise ConfigError("SensitivityStrategy needs setup(space, probe) first (the tuner calls it).")
+        self.probe.expect(space.canonical(c) for c in space.knob_configs())  # scored first (progress display)
         tried = tried_keys(trials)
         measured = _measured(trials)
-        self.model = LossModel(self._tolerance, [
+        self.model = LossModel(self.tolerance, [
             Observation(c.describe(), error, loss) for c, loss, _ in measured
             if (error := self._error(c)) is not None])
         passing = [c for c, _, passed in measured if passed]
@@ -221,15 +234,14 @@ class SensitivityStrategy(Strategy):
     def _choose(self, space: Space, tried: set[str], bound: float | None) -> _Candidate | None:
         """The fastest likely-to-pass untried candidate, probed exactly (None if there is none)."""
         knob_only = [space.canonical(c) for c in space.knob_configs()]
-        if len(space.approaches) > 1 and not self._approach_latency:
+        if len(space.approaches) > 1 and not self.approach_latency:
             self._measure_approaches(space)
-        fastest = min(self._approach_latency.values(), default=0.0)
+        fastest = min(self.approach_latency.values(), default=0.0)
         for _ in range(EXACT_PROBES):
             pool = self._score(knob_only, tried, bound)
             if not pool or min(c.latency for c in pool) > fastest:  # a fallback may be faster
-                if self._reference is None:
-                    self._profile(self._best_knobs(space))
-                pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
+                reference = self.reference or self._profile(self._best_knobs(space))
+                pool = self._score(knob_only + self._fallbacks(space, tried, reference.approach), tried, bound)
             if not pool:
                 return None
             best = min(pool, key=lambda c: (c.latency, len(c.config.fp32_ops), -c.prediction.p_pass))
@@ -241,30 +253,30 @@ class SensitivityStrategy(Strategy):
     def _measure_approaches(self, space: Space) -> None:
         """Latency of each approach's default all-INT8 candidate (static and dynamic differ a lot)."""
         for config in space.knob_configs():
-            if config.approach not in self._approach_latency:
+            if config.approach not in self.approach_latency:
                 ratio = self._latency_ratio(config)
-                self._approach_latency[config.approach] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
+                self.approach_latency[config.approach] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
         log.info("sensitivity: all-INT8 latency by approach: %s",
-                 ", ".join(f"{a} {r:.3f}" for a, r in self._approach_latency.items()))
+                 ", ".join(f"{a} {r:.3f}" for a, r in self.approach_latency.items()))
 
     def _best_knobs(self, space: Space) -> QuantConfig:
         """The all-INT8 knob setting of the fastest approach with the best chance to pass."""
-        approach = min(space.approaches, key=lambda a: self._approach_latency.get(a, 0.0))
+        approach = min(space.approaches, key=lambda a: self.approach_latency.get(a, 0.0))
         configs = [space.canonical(c) for c in space.knob_configs() if c.approach == approach]
         errors = {c.key(): self._error(c) for c in configs}
         buildable = [c for c in configs if errors[c.key()] is not None] or configs
         return max(buildable, key=lambda c: self.model.predict(c.describe(), errors[c.key()] or 0.0).p_pass)
 
-    def _fallbacks(self, space: Space, tried: set[str]) -> list[QuantConfig]:
+    def _fallbacks(self, space: Space, tried: set[str], approach: str) -> list[QuantConfig]:
         """Ranked prefixes at the best knob settings, and one-op changes of every tried candidate."""
         ranked = [r.op for r in self.ranking]
-        knobs = sorted((space.canonical(c) for c in space.knob_configs() if c.approach == self._reference.approach),
+        knobs = sorted((space.canonical(c) for c in space.knob_configs() if c.approach == approach),
                        key=lambda c: -self.model.predict(c.describe(), self._error(c) or float("inf")).p_pass)
         configs = [replace(k, fp32_ops=frozenset(ranked[:n])) for k in knobs[:TOP_KNOBS]
                    for n in range(1, len(ranked) + 1)]
         for key in sorted(tried):
             config = QuantConfig.from_dict(json.loads(key))
-            if config.approach != self._reference.approach:
+            if config.approach != approach:
                 continue
             configs += [replace(config, fp32_ops=config.fp32_ops ^ {op}) for op in ranked]
         return [space.canonical(c) for c in configs]
@@ -280,10 +292,10 @@ class SensitivityStrategy(Strategy):
             error = self._predicted_error(config)
             if error is None:
                 continue
-            exact = self._probe.known(config) is not None
+            exact = self.probe.known(config) is not None
             prediction = self.model.predict(config.describe(), error)
             latency = self._latency(config)
-            if prediction.p_pass >= self.confidence and (bound is None or latency < bound - 1e-9):
+            if prediction.p_pass >= self.options.confidence and (bound is None or latency < bound - 1e-9):
                 pool.append(_Candidate(config, latency, error, exact, prediction))
         return pool
 
@@ -298,7 +310,7 @@ class SensitivityStrategy(Strategy):
 
     def _latency(self, config: QuantConfig) -> float:
         costs = {r.op: r.latency_cost for r in self.ranking}
-        return self._approach_latency.get(config.approach, 0.0) + sum(costs.get(op, 0.0) for op in config.fp32_ops)
+        return self.approach_latency.get(config.approach, 0.0) + sum(costs.get(op, 0.0) for op in config.fp32_ops)
 
 
 def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, float, bool]]:

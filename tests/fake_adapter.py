@@ -54,10 +54,11 @@ class FakeAdapter(Adapter):
     def fp32_model(self) -> FakeModel:
         return self.model
 
-    def calibrate(self) -> None:
+    def calibrate(self, on_batch=None) -> None:
         if not self.model.calibrations:
-            for _ in iterate_batches(self.calib_data):  # read once, as a real adapter does
-                pass
+            for done, _ in enumerate(iterate_batches(self.calib_data), 1):  # read once, as a real adapter does
+                if on_batch is not None:
+                    on_batch(done)
             self.model.calibrations.append(1)
 
     def build(self, config: QuantConfig) -> FakeModel:

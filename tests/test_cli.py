@@ -65,6 +65,8 @@ def test_tune_writes_everything_and_report_rebuilds_it(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "5 trial(s)" in text and "chosen (*)" in text
     history = pd.read_csv(out / "history.csv")
+    cells = "".join(text.replace("│", "").split())  # at rich's 80 columns the config column folds, never cuts
+    assert all(config.replace(" ", "") in cells for config in history["config"])
     assert list(history["trial"]) == [0, 1, 2, 3, 4] and history["accuracy"].notna().all()
     for name in ("trials.png", "tradeoff.png"):
         data = (out / name).read_bytes()

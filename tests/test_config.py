@@ -110,6 +110,16 @@ def test_every_shipped_config_validates():
         assert job.name and job.spec.strategy.max_trials >= 1
 
 
+def test_shipped_jobs_use_the_default_strategy():
+    import inspect
+
+    from autoquant import Tuner
+
+    default = inspect.signature(Tuner.__init__).parameters["strategy"].default
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        assert load_job(path).spec.strategy.name == default, path.name
+
+
 def test_large_relative_passes_with_the_explicit_override(tmp_path):
     job = load_job(write(tmp_path, GOOD + "criterion: {relative: 1.5, allow_large_relative: true}\n"))
     assert job.spec.criterion.criterion().relative == 1.5

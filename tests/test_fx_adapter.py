@@ -475,6 +475,20 @@ def test_dict_output_model_saves_and_reloads(bert, tmp_path):
     torch.testing.assert_close(out.last_hidden_state, quantized(**data[1]).last_hidden_state)
 
 
+def test_a_tuned_dict_output_model_saves_reloads_and_scores_as_reported(bert, tmp_path):
+    model, data, _ = bert
+    reference = model(**data[1]).last_hidden_state.detach()
+
+    def eval_fn(candidate):  # closeness to FP32 on a batch: the output is a dict-like ModelOutput
+        return -float(((candidate(**data[1]).last_hidden_state - reference) ** 2).mean().detach())
+
+    result = autoquant.Tuner(max_trials=1, latency_budget_s=0.01, criterion=autoquant.AccuracyCriterion(
+        absolute=1.0)).tune(model, data, eval_fn, verbose=False)
+    result.save(tmp_path)
+    assert eval_fn(autoquant.load(tmp_path)) == pytest.approx(result.accuracy, rel=1e-6, abs=1e-12)
+    assert result.accuracy < 0  # a quantized model, not the FP32 one
+
+
 def test_wrong_input_signature_is_reported_before_tracing():
     with pytest.raises(CalibrationDataError, match="FP32 model fails on the first calibration batch"):
         FXAdapter(ResNetLet().eval(), [(torch.randn(2, 5, 12, 12), torch.randn(2, 5, 12, 12), 0)])

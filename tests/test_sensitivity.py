@@ -63,6 +63,17 @@ def test_registered_and_checks_its_options():
         SensitivityStrategy(probe_output="logit")
 
 
+def test_profile_before_any_trial_ranks_every_op():
+    strategy = SensitivityStrategy()
+    with pytest.raises(ConfigError, match="setup"):
+        strategy.profile()
+    adapter = FakeAdapter(fake_model(n_ops=4, sensitive={2: 0.02}), [None])
+    strategy.setup(adapter.space, OutputProbe(adapter, adapter.space))
+    assert strategy.sensitivity is None  # nothing is probed until asked
+    strategy.profile()
+    assert strategy.sensitivity is not None and strategy.sensitivity["op"].tolist()[0] == "op2"
+
+
 def test_no_probe_when_the_default_passes():
     result = tune(fake_model(n_ops=4))
     assert result.trials == 1 and result.sensitivity is None and result.probe_cost == ""
@@ -73,6 +84,18 @@ def test_one_sensitive_op_falls_back_alone():
     assert result.met and fp32_sequence(result) == ["", "op2"]
     assert result.sensitivity["op"].iloc[0] == "op2"
     assert "candidates built" in result.probe_cost
+
+
+def test_the_ranking_table_says_what_its_calibration_column_is():
+    from rich.console import Console
+
+    from autoquant.report import sensitivity_table
+
+    result = tune(fake_model(n_ops=6, sensitive={2: 0.05}))
+    console = Console(width=200, record=True)
+    console.print(sensitivity_table(result.sensitivity, result.fp32_ops))
+    text = " ".join(console.export_text().split())
+    assert "calibration: the method of the all-INT8 candidate each op was measured against" in text
 
 
 def test_a_knob_setting_that_rescues_every_op_is_tried_before_any_fallback():
@@ -95,16 +118,17 @@ def test_every_measured_trial_refits_the_model():
     model = fake_model(n_ops=8, sensitive={1: 0.02, 4: 0.03, 6: 0.04})
     result = tune(model, strategy=strategy, objective="latency")
     measured = result.history.dropna(subset=["accuracy"])
-    assert strategy.model.n == len(measured) >= 2
+    search = strategy._search
+    assert search is not None and search.model.n == len(measured) >= 2
     # each measured candidate's loss is predicted within the model's spread
-    probe = strategy._probe
+    probe = search.probe
     for row in measured.itertuples():
         config = QuantConfig(row.approach, row.calibration, row.granularity, row.scheme,
                              frozenset(row.fp32_ops.split()))
         error = probe.error(config)
         if error > 0 and row.loss > 0.001:
-            predicted = strategy.model.predict(config.describe(), error).loss
-            assert abs(math.log(predicted / row.loss)) < 2 * strategy.model.spread
+            predicted = search.model.predict(config.describe(), error).loss
+            assert abs(math.log(predicted / row.loss)) < 2 * search.model.spread
 
 
 def test_latency_objective_goes_on_while_a_faster_candidate_is_likely_then_stops():

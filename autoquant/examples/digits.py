@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoquant import AccuracyCriterion, Tuner
+from autoquant.progress import StderrLines
 from autoquant.report import print_summary, sensitivity_table
 from autoquant.strategies import STRATEGIES
 
@@ -158,7 +159,8 @@ def example_args(argv: list[str] | None, description: str, default_out: str) -> 
     parser.add_argument("--fragile", action="store_true",
                         help="add one transformer-style outlier channel (FP32 unchanged; naive INT8 suffers)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # autoquant's own handler: on a terminal the tuner draws its progress display under the lines
+    logging.basicConfig(level=logging.INFO, handlers=[StderrLines("%(asctime)s %(message)s", "%H:%M:%S")])
     return args
 
 

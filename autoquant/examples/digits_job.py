@@ -10,6 +10,7 @@ from functools import lru_cache
 
 from torch import nn
 
+from autoquant.examples import digits_onnx
 from autoquant.examples.digits import DigitsData, DigitsNet, accuracy_fn, prepare
 
 
@@ -30,37 +31,21 @@ def calibration_data(seed: int = 0, fragile: bool = False, n_samples: int = 512)
 
 def eval_fn(candidate: nn.Module, seed: int = 0, fragile: bool = False) -> float:
     """Top-1 accuracy on the held-out images."""
-    return _evaluator(seed, fragile)(candidate)
-
-
-@lru_cache(maxsize=4)
-def _evaluator(seed: int, fragile: bool):
-    return accuracy_fn(_prepared(seed, fragile)[0])
+    return accuracy_fn(_prepared(seed, fragile)[0])(candidate)
 
 
 # --- the same model on ONNX Runtime (configs/digits-onnx.yaml) -----------------------------------
 @lru_cache(maxsize=4)
 def onnx_model(seed: int = 0, fragile: bool = False):
     """The trained DigitsNet exported to ONNX (an onnx.ModelProto)."""
-    from autoquant.examples.digits_onnx import export
-
-    return export(model(seed, fragile))
+    return digits_onnx.export(model(seed, fragile))
 
 
 def onnx_calibration_data(seed: int = 0, fragile: bool = False, n_samples: int = 512) -> list:
     """Training images as ONNX feeds ({"images": array})."""
-    from autoquant.examples.digits_onnx import calibration_batches
-
-    return calibration_batches(_prepared(seed, fragile)[0], n_samples)
+    return digits_onnx.calibration_batches(_prepared(seed, fragile)[0], n_samples)
 
 
 def onnx_eval_fn(session, seed: int = 0, fragile: bool = False) -> float:  # noqa: ANN001 (InferenceSession)
     """Top-1 accuracy of an ONNX Runtime session on the held-out images."""
-    return _onnx_evaluator(seed, fragile)(session)
-
-
-@lru_cache(maxsize=4)
-def _onnx_evaluator(seed: int, fragile: bool):
-    from autoquant.examples.digits_onnx import accuracy_fn as onnx_accuracy_fn
-
-    return onnx_accuracy_fn(_prepared(seed, fragile)[0])
+    return digits_onnx.accuracy_fn(_prepared(seed, fragile)[0])(session)

@@ -18,7 +18,7 @@ import onnx
 import torch
 from rich.console import Console
 
-from autoquant.examples.digits import BATCH_SIZE, DigitsData, DigitsNet, example_args, prepare, tune_and_report
+from autoquant.examples.digits import DigitsData, DigitsNet, example_args, prepare, tune_and_report
 
 
 def export(model: DigitsNet) -> onnx.ModelProto:
@@ -35,8 +35,7 @@ def export(model: DigitsNet) -> onnx.ModelProto:
 
 def calibration_batches(data: DigitsData, n_samples: int = 512) -> list[dict[str, np.ndarray]]:
     """Training images (never test images) as ONNX feeds."""
-    x = data.train[0].numpy()
-    return [{"images": x[i:i + BATCH_SIZE]} for i in range(0, min(n_samples, len(x)), BATCH_SIZE)]
+    return [{"images": images.numpy()} for images, _ in data.calibration_batches(n_samples)]
 
 
 def accuracy_fn(data: DigitsData) -> Callable[[object], float]:

@@ -45,12 +45,13 @@ def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(model_dir()))
 
 
-def load_minilm() -> Any:
-    """all-MiniLM-L6-v2 as a Hugging Face ``BertModel`` in eval mode (for the FX adapter)."""
+def load_minilm(**kwargs: Any) -> Any:
+    """all-MiniLM-L6-v2 as a Hugging Face ``BertModel`` in eval mode (for the FX adapter); ``kwargs``
+    go to ``from_pretrained``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(str(model_dir())).eval()
+    return AutoModel.from_pretrained(str(model_dir()), **kwargs).eval()
 
 
 class TorchSession:
@@ -78,12 +79,10 @@ def torch_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
 def export_minilm() -> bytes:
     """all-MiniLM-L6-v2 as ONNX (opset 17; dynamic batch and sequence): inputs input_ids,
     attention_mask, token_type_ids (int64); output last_hidden_state."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformers import AutoModel
 
     # Eager attention exports as MatMul-Softmax-MatMul; SDPA adds IsNaN/Where guards that cost ~15% on CPU.
-    model = AutoModel.from_pretrained(str(model_dir()), attn_implementation="eager").eval()
+    model = load_minilm(attn_implementation="eager")
 
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:

@@ -50,7 +50,6 @@ CALIB_BATCHES = 4
 _SHAPES = {"ci": (2, 64, 16), "bench": (8, 224, 128)}
 _VOCAB = 1000
 _IMAGE_INPUT = "pixel_values"
-_TEXT_INPUTS = ("input_ids", "attention_mask")
 
 
 @dataclass(frozen=True)
@@ -164,6 +163,8 @@ def _text(model_class: str, config_class: str, ci: dict[str, Any], bench: dict[s
 
 _BERT_CI = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 _BERT_BENCH = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024}
+_DEBERTA = {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_biased_input": False,
+            "max_relative_positions": -1}
 
 _HF_ENTRIES = [
     ZooEntry("resnet", "cnn", _hf(
@@ -213,10 +214,7 @@ _HF_ENTRIES = [
         held_out=True),
     ZooEntry("deberta_v2", "text", _text(
         "DebertaV2ForSequenceClassification", "DebertaV2Config",
-        {**_BERT_CI, "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_biased_input": False,
-         "max_relative_positions": -1},
-        {**_BERT_BENCH, "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_biased_input": False,
-         "max_relative_positions": -1})),
+        {**_BERT_CI, **_DEBERTA}, {**_BERT_BENCH, **_DEBERTA})),
 ]
 
 
@@ -346,12 +344,6 @@ _TORCH_ENTRIES = [
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _HF_ENTRIES + _TORCH_ENTRIES}
 HELD_OUT = tuple(name for name, entry in ZOO.items() if entry.held_out)
-
-
-def entry(name: str) -> ZooEntry:
-    if name not in ZOO:
-        raise KeyError(f"No zoo model '{name}'; the zoo has: {', '.join(ZOO)}.")
-    return ZOO[name]
 
 
 # --- ONNX export --------------------------------------------------------------------------------------
