@@ -15,6 +15,7 @@ Every convolution and linear is a module of the traced graph however the model w
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import operator
@@ -35,22 +36,23 @@ from torch.ao.quantization import (
     QConfig,
     QConfigMapping,
 )
+from torch.ao.quantization.backend_config import BackendConfig, BackendPatternConfig
 from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
 from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from autoquant.calibration import TensorStats
-from autoquant.data import model_inputs
+from autoquant.data import iterate_batches, model_inputs
 from autoquant.errors import BackendError, first_line
 from autoquant.smoothing import ALPHAS, smoothed_range
 from autoquant.space import OpInfo, QuantConfig, Space, UnsupportedOp
 
-from . import fx_graph
+from . import fx_graph, fx_shapes
 from .base import Observation, TensorStatsAdapter, calibration_for
 from .fx_bf16 import BF16Linear, faster, measure_bf16
 from .fx_dynamic import full_range_is_exact, use_full_range
-from .fx_lowering import PackedWeights, reusing_packed_weights
+from .fx_lowering import PackedWeights, int8_padding, reusing_packed_weights
 from .fx_rewrites import int8_friendly
 from .fx_smoothing import Smoother, divide_inputs, smoothing_groups
 from .fx_units import Example, FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
@@ -189,13 +191,43 @@ class FXAdapter(TensorStatsAdapter):
         leaf = not list(module.children())
         root = Leaf(module) if leaf else module
         try:
-            traced = int8_friendly(fx_graph.trace(root, _none_arguments(root, example), self._recorded))
+            traced = int8_friendly(self._trace(path, root, example))
             recording_qconfig = QConfig(_RecordingObserver.with_args(dtype=torch.quint8), _PER_CHANNEL_WEIGHT)
             recording = _prepare(traced, example, _static_mapping(recording_qconfig))
             self._run(recording, example)
         except Exception as exc:  # FX raises many types (TraceError, TypeError, NotImplementedError, ...)
             raise TraceError(first_line(exc, 300)) from exc
         return Unit(path, traced, example, recording, leaf=leaf)
+
+    def _trace(self, path: str, root: nn.Module, example: tuple[tuple, dict]) -> fx.GraphModule:
+        """The unit's graph; where the model's forward computes with its input's shape (FX cannot
+        trace that), the graph at the example's shapes, if the sizes it depends on are the same in
+        every calibration batch (otherwise the model is split into units as before)."""
+        constants = _none_arguments(root, example)
+        try:
+            return fx_graph.trace(root, constants, self._recorded)
+        except Exception as plain:
+            if path:  # a part: the model's code around it may read its modules' float attributes
+                raise  # (ViT reads ``projection.weight.dtype``), which a traced part's INT8 modules lack
+            try:
+                traced = fx_shapes.trace_at_shapes(root, example, constants, self._recorded, "The INT8 model")
+            except Exception:
+                raise plain from None  # the shape-specialised trace fails too: report the plain one
+            if not self._varying_axes() <= traced.meta[fx_shapes.FREE_AXES]:
+                raise plain  # its graph depends on a size that differs between calibration batches
+            return traced
+
+    @functools.cache  # noqa: B019 (one adapter holds its data anyway)
+    def _varying_axes(self) -> frozenset[int]:
+        """The input axes whose size differs between calibration batches."""
+        shapes = [_input_shapes(model_inputs(batch)) for batch in iterate_batches(self._calib_data)]
+        varying: set[int] = set()
+        for other in shapes[1:]:
+            if len(other) != len(shapes[0]):
+                return frozenset({-1})  # another number of inputs: no axis to compare
+            for a, b in zip(other, shapes[0], strict=True):
+                varying |= _differing_axes(a, b)
+        return frozenset(varying)
 
     def _discover(self, unit: Unit) -> tuple[list[OpInfo], list[UnsupportedOp]]:
         """Ops that really become INT8 in the converted graph (module types alone can mislead)."""
@@ -303,6 +335,7 @@ class FXAdapter(TensorStatsAdapter):
             try:
                 with reusing_packed_weights(self._packed):
                     converted[unit.path] = _convert(candidate)
+                int8_padding(converted[unit.path])
                 for i, (linears, inverse) in enumerate(smoothing):
                     divide_inputs(converted[unit.path], linears, inverse, f"_autoquant_smooth_{i}")
                 if config.approach == "dynamic":
@@ -321,9 +354,10 @@ class FXAdapter(TensorStatsAdapter):
         """The FP32 Linears of ``unit`` that run faster in BF16, swapped for their BF16 form."""
         for name in fp32_ops:
             path, target = self._bf16.get(name, (None, ""))
-            if path == unit.path and type(converted.get_submodule(target)) is nn.Linear:
+            linear = converted.get_submodule(target) if path == unit.path else None
+            if type(linear) is nn.Linear:
                 if name not in self._bf16_modules:
-                    self._bf16_modules[name] = BF16Linear(converted.get_submodule(target))
+                    self._bf16_modules[name] = BF16Linear(linear)
                 converted.set_submodule(target, self._bf16_modules[name])
 
     def _smooth(self, unit: Unit, candidate: fx.GraphModule, config: QuantConfig,
@@ -431,6 +465,19 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@functools.cache
+def _backend_config() -> BackendConfig:
+    """The x86 backend config, with ``F.pad`` running on INT8 tensors: torch pads a quantized
+    tensor with the real value (0 becomes the zero point), so the padding shares its input's
+    quantization instead of running FP32 between dequantize and quantize before each conv
+    (TF-style padding)."""
+    config = get_x86_backend_config()
+    shared = next(p for p in config.configs if p.pattern is torch.flatten)  # a same-qparams op
+    return config.set_backend_pattern_config(
+        BackendPatternConfig(nn.functional.pad).set_observation_type(shared.observation_type)
+        .set_dtype_configs(shared.dtype_configs))
+
+
 def _static_mapping(qconfig: QConfig) -> QConfigMapping:
     """``qconfig`` everywhere but on the x86 backend's fixed-qparams ops (sigmoid, softmax, tanh,
     hardsigmoid), whose INT8 kernels need their fixed output ranges (torch warns and leaves them
@@ -455,7 +502,7 @@ def _prepare(module: fx.GraphModule, example: Example, mapping: QConfigMapping) 
     positional = inspect.signature(module.forward).bind(*args, **kwargs).args
     with warnings.catch_warnings():  # prepare_fx/convert_fx are deprecated in favour of PT2E
         warnings.simplefilter("ignore", DeprecationWarning)
-        return prepare_fx(copy.deepcopy(module), mapping, positional, backend_config=get_x86_backend_config())
+        return prepare_fx(copy.deepcopy(module), mapping, positional, backend_config=_backend_config())
 
 
 def _convert(prepared: fx.GraphModule) -> fx.GraphModule:
@@ -478,6 +525,16 @@ def _none_arguments(module: nn.Module, example: tuple[tuple, dict]) -> dict[str,
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     bound.apply_defaults()
     return {name: None for name, value in bound.arguments.items() if value is None}
+
+
+def _input_shapes(example: tuple[tuple, dict]) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor)]
+
+
+def _differing_axes(a: tuple[int, ...], b: tuple[int, ...]) -> set[int]:
+    if len(a) != len(b):
+        return {-1}  # another rank: never specialised
+    return {axis for axis, (x, y) in enumerate(zip(a, b, strict=True)) if x != y}
 
 
 def _stats_key(unit: Unit, node_name: str) -> str:

@@ -16,6 +16,7 @@ size seen) and a plain convolution.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -55,11 +56,12 @@ def _torch_base(cls: type) -> type:
 
 
 def trace(module: nn.Module, concrete_args: dict | None = None,
-          recorded: dict[int, list] | None = None) -> fx.GraphModule:
+          recorded: dict[int, list] | None = None, tracer: Tracer | None = None) -> fx.GraphModule:
     """``module`` traced with its functional convolutions and linears as named modules.
 
-    ``recorded``: the padding and convolution calls (``record``) of conv subclasses, by module id."""
-    tracer = Tracer(recorded)
+    ``recorded``: the padding and convolution calls (``record``) of conv subclasses, by module id.
+    ``tracer``: a ``Tracer`` to use instead of a new one (``fx_shapes.ShapeTracer``)."""
+    tracer = tracer or Tracer(recorded)
     graph = tracer.trace(module, concrete_args or None)
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     for node in list(gm.graph.nodes):
@@ -71,6 +73,10 @@ def trace(module: nn.Module, concrete_args: dict | None = None,
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(getattr(gm.get_submodule(str(node.target)), "padding", 0), str):
             _numeric_padding(gm, node)
+    calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and calls[str(node.target)] == 1:
+            _fold_pad_into_module(gm, node)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -196,6 +202,22 @@ def _numeric_padding(gm: fx.GraphModule, node: fx.Node) -> None:
         return
     source, padding = _explicit_padding(gm, node, node.args[0], conv.padding, conv.kernel_size, conv.dilation)
     module = _plain_module(FUNCTIONAL_CONV[conv.weight.dim() - 3], conv.weight, conv.bias, padding,
+                           {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
+    gm.add_submodule(str(node.target), module.train(conv.training))
+    node.args = (source, *node.args[1:])
+
+
+def _fold_pad_into_module(gm: fx.GraphModule, node: fx.Node) -> None:
+    """A symmetric zero ``F.pad`` in front of an unpadded torch.nn conv module becomes its padding
+    (Hugging Face's TF-style padding, specialised to the input size: ``fx_shapes``)."""
+    conv: Any = gm.get_submodule(str(node.target))
+    if type(conv) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or conv.padding_mode != "zeros" or any(conv.padding):
+        return
+    function = FUNCTIONAL_CONV[conv.weight.dim() - 3]
+    source, padding = _fold_zero_pad(node.args[0], 0, function)
+    if source is node.args[0]:
+        return
+    module = _plain_module(function, conv.weight, conv.bias, padding,
                            {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
     gm.add_submodule(str(node.target), module.train(conv.training))
     node.args = (source, *node.args[1:])

@@ -137,9 +137,9 @@ class ONNXAdapter(TensorStatsAdapter):
         return isinstance(model, onnx.ModelProto) or is_onnx_path(model)
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike, calib_data: Iterable[Any]) -> None:
-        proto = _load(model)
-        _check(proto)
-        proto = _basic_optimized(proto)
+        original = _load(model)
+        _check(original)
+        proto = _basic_optimized(original)
         self._proto = proto
         # The quantizer needs every tensor's type: infer once, not per candidate.
         self._inferred = onnx.shape_inference.infer_shapes(proto)
@@ -151,6 +151,7 @@ class ONNXAdapter(TensorStatsAdapter):
         super().__init__(calib_data)
         self._weight_params: dict[tuple[str, int | None], Any] = {}
         ops, unsupported, self._tensors, self._followers = _discover(self._inferred)
+        unsupported += _folded_away(original, proto)
         if not ops:
             raise BackendError(
                 "Nothing in this ONNX model can be quantized: no MatMul, Gemm or Conv with INT8 kernels was found."
@@ -397,6 +398,15 @@ def _basic_optimized(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(options.optimized_model_filepath)
 
 
+def _folded_away(original: onnx.ModelProto, optimized: onnx.ModelProto) -> list[UnsupportedOp]:
+    """The MatMul/Gemm/Conv nodes of the model that ``_basic_optimized`` removed: constants folded
+    (DeBERTa projects its relative-position embeddings, a weight, by a weight)."""
+    kept = {n.name for n in optimized.graph.node}
+    return [UnsupportedOp(n.name, n.op_type, "all its inputs are constants: ONNX Runtime's constant folding "
+                                             "computes it before quantization; nothing to quantize")
+            for n in original.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and n.name and n.name not in kept]
+
+
 def _check(proto: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(proto, full_check=False)
@@ -473,8 +483,11 @@ def _discover(
         approaches = ("static", "dynamic") if node.op_type == "MatMul" else ("static",)
         if node.op_type == "MatMul":
             acts = [i for i in node.input if i not in initializers]
-            if not acts:
-                continue  # constant folding's business
+            if not acts:  # e.g. DeBERTa's projection of its relative-position embeddings
+                unsupported.append(UnsupportedOp(node.name, node.op_type,
+                                                 "both inputs are constant initializers: it computes a constant, "
+                                                 "which ONNX Runtime's constant folding removes; nothing to quantize"))
+                continue
             op_type = "MatMul" if weights else ACT_X_ACT
         elif not weights:
             unsupported.append(UnsupportedOp(node.name, node.op_type,

@@ -23,7 +23,7 @@ from torch import nn
 
 from autoquant.adapters.fx_bf16 import BF16Linear
 from autoquant.examples import text
-from autoquant.latency import measure_ratio
+from autoquant.latency import LatencyRatio, measure_ratio
 
 ROWS, SEQ = 32, 128
 SHAPES = {"query/key/value/attention.output 384->384": (384, 384), "intermediate 384->1536": (384, 1536),
@@ -37,7 +37,7 @@ def _runner(fn, *args):  # noqa: ANN001, ANN202
     return run
 
 
-def linear_rows(budget_s: float) -> list[tuple[str, str, object]]:
+def linear_rows(budget_s: float) -> list[tuple[str, str, LatencyRatio]]:
     rows = []
     for name, (k, n) in SHAPES.items():
         fp32 = nn.Linear(k, n).eval()
@@ -51,7 +51,7 @@ def linear_rows(budget_s: float) -> list[tuple[str, str, object]]:
     return rows
 
 
-def model_rows(budget_s: float) -> list[tuple[str, str, object]]:
+def model_rows(budget_s: float) -> list[tuple[str, str, LatencyRatio]]:
     model = text.load_minilm()
     ids = torch.randint(1000, 30000, (ROWS, SEQ))
     mask = torch.ones_like(ids)

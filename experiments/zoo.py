@@ -13,13 +13,18 @@ FP32 (interleaved pairs until known to +-5%, with the 95% interval width as spre
 build or run that raised. Held-out models (``zoo.HELD_OUT``) get their own table.
 
 Writes ``zoo.md`` and ``zoo.csv`` (``zoo_bench.*`` for ``--size bench``) into ``--out``, after
-every model, so an interrupted run keeps what it measured.
+every model, so an interrupted run keeps what it measured. ``--merge DIR...`` combines the tables of
+runs made one model at a time (each with its own ``--out DIR``) into one, in ``--out``:
+
+    python experiments/zoo.py --size bench --merge /work/zoo-bench/resnet /work/zoo-bench/efficientnet ...
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
+import re
 import statistics
 import sys
 import time
@@ -177,17 +182,48 @@ COLUMNS = {
 
 
 def write_report(rows: list[Row], args: argparse.Namespace, command: str, elapsed: float) -> Path:
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "zoo" if args.size == "ci" else f"zoo_{args.size}"
     table = pd.DataFrame([{k: getattr(r, k) for k in [*COLUMNS, "kind", "held_out"]} | {"errors": r.errors}
                           for r in rows])
-    table.to_csv(args.out / f"{stem}.csv", index=False)
-    shown = table.rename(columns=COLUMNS)
     sample = "all ops" if args.fallbacks is None else f"up to {args.fallbacks} spread over the graph"
+    runs = (f"Command: `{command}`  \n{len(rows)} model x adapter pairs in {elapsed:.0f} s on this machine "
+            "(2 shared cores: times are indicative, latency ratios are interleaved medians).\n")
+    return _write(table, args.out, args.size, runs, sample)
+
+
+def merge(directories: list[Path], out: Path, size: str) -> Path:
+    """One table from runs written to separate ``--out`` directories (one model per run, so that
+    each holds the timing lock briefly); a later directory's row for a model and adapter replaces
+    an earlier one's."""
+    stem, tables, commands = _stem(size), [], []
+    for directory in directories:
+        csv, md = directory / f"{stem}.csv", directory / f"{stem}.md"
+        if not csv.exists() or not md.exists():
+            raise SystemExit(f"{directory} holds no {stem}.csv and {stem}.md: pass directories written by "
+                             f"`experiments/zoo.py --size {size} --out DIR`.")
+        tables.append(pd.read_csv(csv))
+        commands += re.findall(r"^Command: `([^`]*)`", md.read_text(), flags=re.MULTILINE)
+    table = pd.concat(tables).drop_duplicates(["model", "adapter"], keep="last")
+    order = {name: i for i, name in enumerate(ZOO)}
+    table = table.sort_values(["model", "adapter"], key=lambda c: c.map(order) if c.name == "model" else c)
+    table["errors"] = table["errors"].map(lambda text: ast.literal_eval(text) if isinstance(text, str) else {})
+    merged = " ".join(["python experiments/zoo.py --size", size, "--merge", *map(str, directories)])
+    runs = ("Merged by `" + merged + "` from one run per model and adapter set (each alone under the timing lock; "
+            "2 shared cores: times are indicative, latency ratios are interleaved medians). Runs:\n\n"
+            + "\n".join(f"- `{c}`" for c in commands) + "\n")
+    return _write(table.reset_index(drop=True), out, size, runs, "as each run's --fallbacks says")
+
+
+def _stem(size: str) -> str:
+    return "zoo" if size == "ci" else f"zoo_{size}"
+
+
+def _write(table: pd.DataFrame, out: Path, size: str, runs: str, sample: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / f"{_stem(size)}.csv", index=False)
+    shown = table.rename(columns=COLUMNS)
     parts = [
-        f"# Model zoo through both adapters ({args.size} size)\n",
-        f"Command: `{command}`  \n{len(rows)} model x adapter pairs in {elapsed:.0f} s on this machine "
-        "(2 shared cores: times are indicative, latency ratios are interleaved medians).\n",
+        f"# Model zoo through both adapters ({size} size)\n",
+        runs,
         "Checks (autoquant/examples/zoo_checks.py): coverage = every Conv/Linear in the space or in "
         "`space.unsupported`; default = default candidate builds and runs; fallbacks = single-op fallbacks "
         f"that build and run ({sample}); "
@@ -199,9 +235,10 @@ def write_report(rows: list[Row], args: argparse.Namespace, command: str, elapse
         part = shown[table["held_out"] == held].drop(columns=["kind", "held_out", "errors"])
         if len(part):
             parts += [f"\n## {title}\n", part.to_markdown(index=False, floatfmt=".3g"), ""]
-    failures = [f"- {r.model} / {r.adapter} / {check}: {text}" for r in rows for check, text in r.errors.items()]
+    failures = [f"- {r.model} / {r.adapter} / {check}: {text}"
+                for r in table.itertuples() for check, text in r.errors.items()]
     parts += ["\n## Failures (first line of each error)\n", "\n".join(failures) or "none", ""]
-    path = args.out / f"{stem}.md"
+    path = out / f"{_stem(size)}.md"
     path.write_text("\n".join(parts))
     return path
 
@@ -216,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-s", type=float, default=0.5, help="time budget of one latency measurement")
     parser.add_argument("--no-probe", dest="probe", action="store_false", help="skip the probe's cost")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                        help="merge earlier runs' tables (their --out directories) into one in --out; runs nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        print(merge(args.merge, args.out, args.size).read_text())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("autoquant").setLevel(logging.ERROR)  # the table says what failed
     warnings.filterwarnings("ignore")  # tracer and deprecation warnings by the hundred

@@ -334,6 +334,89 @@ def test_no_fixed_qparams_warning(recwarn):
     assert not [w for w in recwarn if "FixedQParams" in str(w.message)]
 
 
+class SamePadBlock(nn.Module):
+    """conv+BN+ReLU6 behind TF "same" padding computed from the input's shape in ``forward``, as
+    Hugging Face's MobileNetV2 does: FX cannot trace ``int(x.shape[-1])``."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(cin, cout, 3, stride, bias=False), nn.BatchNorm2d(cout), nn.ReLU6()
+
+    def forward(self, x):
+        stride, pads = self.conv.stride[0], []
+        for size in (int(x.shape[-1]), int(x.shape[-2])):
+            total = max(3 - (size % stride or stride), 0)
+            pads += [total // 2, total - total // 2]
+        return self.act(self.bn(self.conv(nn.functional.pad(x, pads))))
+
+
+class SamePadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.same, self.head = SamePadBlock(3, 8, 2), SamePadBlock(8, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.same(self.down(x)), 1), 1))
+
+
+def image_batches(shapes):
+    gen = torch.Generator().manual_seed(2)
+    return [torch.randn(*shape, generator=gen) for shape in shapes]
+
+
+def test_shape_dependent_padding_traces_at_the_calibration_shape():
+    model = with_bn_statistics(SamePadNet())
+    data = image_batches([(8, 3, 12, 12)] * 3 + [(5, 3, 12, 12)])  # a last, smaller batch: the graph allows it
+    adapter = FXAdapter(model, data)
+    assert not adapter.space.unsupported  # one graph: the whole model, not one unit per conv
+    assert {op.name: op.op_type for op in adapter.space.ops} == {"down.conv": "Conv2d", "same.conv": "Conv2d",
+                                                                 "head": "Linear"}
+    quantized = adapter.build(QuantConfig())
+    assert type(quantized.down.conv) is nnq.Conv2d and type(quantized.same.conv) is nnq.Conv2d
+    assert not any(isinstance(m, (nn.BatchNorm2d, nnq.BatchNorm2d)) for m in quantized.modules())  # BN folded
+    assert "dequantize" not in quantized.code.split("head")[0]  # ReLU6 runs on the INT8 tensors: no FP32 between
+    for x in (data[0], data[-1], data[0][:1]):
+        torch.testing.assert_close(quantized(x), model(x), atol=0.1, rtol=0.1)
+    with pytest.raises(ValueError, match=r"traced for inputs of shape \[\*, 3, 12, 12\].*shape \[8, 3, 16, 16\]"):
+        quantized(torch.randn(8, 3, 16, 16))  # another padding: a clear error, not a wrong result
+
+
+class ChannelCheckNet(nn.Module):
+    """Checks its input's channel count, as Hugging Face's ResNet does: FX cannot trace the ``if``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("expected 3 channels")
+        return self.conv(x)
+
+
+def test_a_graph_that_only_checks_the_channels_leaves_batch_and_image_size_free():
+    model = with_bn_statistics(ChannelCheckNet())
+    adapter = FXAdapter(model, image_batches([(4, 3, 12, 12)] * 2))
+    assert not adapter.space.unsupported and [op.name for op in adapter.space.ops] == ["conv.0"]
+    quantized = adapter.build(QuantConfig())
+    x = torch.randn(2, 3, 20, 20)
+    torch.testing.assert_close(quantized(x), model(x), atol=0.1, rtol=0.1)
+    with pytest.raises(ValueError, match=r"traced for inputs of shape \[\*, 3, \*, \*\]"):
+        quantized(torch.randn(2, 4, 12, 12))
+
+
+def test_shape_dependent_padding_with_varying_calibration_shapes_splits_as_before():
+    model = with_bn_statistics(SamePadNet())
+    data = image_batches([(4, 3, 13, 13), (4, 3, 16, 16)])  # the padding differs between these
+    adapter = FXAdapter(model, data)
+    unsupported = {u.name: u.reason for u in adapter.space.unsupported}
+    assert "FX cannot trace" in unsupported["(whole model)"]
+    assert [op.name for op in adapter.space.ops] == ["down.conv", "same.conv", "head"]
+    quantized = adapter.build(QuantConfig())
+    for x in data:
+        torch.testing.assert_close(quantized(x), model(x), atol=0.1, rtol=0.1)
+
+
 def small_bert():
     from transformers import BertConfig, BertModel
 

@@ -30,11 +30,7 @@ FALLBACKS = 3
 ALL_FALLBACKS = ("tf_effnet", "dense_unet")
 
 # (model, adapter, check) -> the first line of the error observed. Delete an entry when it passes.
-KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    ("deberta_v2", "onnx", "coverage"):
-        "AssertionError: 2 Conv/Linear neither in the space nor in space.unsupported: "
-        "/model/deberta/encoder/layer.0/attention/self/pos_key_proj/MatMul, /model/deberta/e",
-}
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 
 
 @functools.cache
@@ -152,3 +148,27 @@ def test_contract(name: str, adapter: str, check: str) -> None:
 def test_known_failures_name_real_cases() -> None:
     for name, adapter, check in KNOWN_FAILURES:
         assert name in ZOO and adapter in checks.ADAPTERS and check in checks.CHECKS
+
+
+def test_merge_combines_per_model_runs_into_one_table(tmp_path) -> None:  # noqa: ANN001
+    import argparse
+
+    import pandas as pd
+
+    from experiments import zoo as bench
+
+    def run(directory: str, rows: list, command: str) -> None:
+        bench.write_report(rows, argparse.Namespace(out=tmp_path / directory, size="bench", fallbacks=3), command, 1.0)
+
+    command = "python experiments/zoo.py --models"
+    run("first", [bench.Row("resnet", "fx", "cnn", False, int8_vs_fp32=1.2, errors={"default": "slow"}),
+                  bench.Row("regnet", "fx", "cnn", True, int8_vs_fp32=0.5)], f"{command} resnet regnet")
+    run("rerun", [bench.Row("resnet", "fx", "cnn", False, int8_vs_fp32=0.8)], f"{command} resnet")
+    path = bench.merge([tmp_path / "first", tmp_path / "rerun"], tmp_path / "merged", "bench")
+    table = pd.read_csv(tmp_path / "merged" / "zoo_bench.csv")
+    assert list(zip(table.model, table.int8_vs_fp32, strict=True)) == [("resnet", 0.8), ("regnet", 0.5)]  # zoo order
+    text = path.read_text()
+    assert "--models resnet regnet`" in text and "--models resnet`" in text  # both runs' commands
+    design, held_out = text.split("## Held-out")
+    assert "| resnet" in design and "regnet" not in design.split("## Design set")[1] and "| regnet" in held_out
+    assert "slow" not in text  # the rerun's row replaced the first one, errors and all
