@@ -12,6 +12,12 @@ FP32's with an error that fits the output:
 
 ``kind="auto"`` picks by shape as listed. Every candidate is built and run once (cached by its
 canonical key); ``cost`` says how many builds and model runs the probe made and how long they took.
+
+The cost is bounded: given the time of one ``eval_fn`` call, the probe's budget is
+``budget_evals`` (2) such calls, and never under ``min_budget_s`` (10 s: below that the probe's
+cost does not matter, and a tiny eval_fn must not starve it). A strategy announces how many candidates it will score
+(``plan``) and the probe fits them in: each runs on fewer calibration batches (at least one),
+chosen once from the FP32 model's time per batch, so every score uses the same sample.
 ``on_score(done, total)`` is told each time a candidate is scored, ``total`` counting those a
 strategy announced with ``expect`` (the tuner's progress display).
 """
@@ -56,10 +62,13 @@ class ProbeCost:
     seconds: float = 0.0
     batches: int = 0  # calibration batches each candidate runs on
     samples: int = 0  # samples in those batches
+    budget_s: float | None = None  # what the probe may spend (None: no eval_fn time known, no bound)
 
     def describe(self) -> str:
+        budget = f" (budget {self.budget_s:.1f} s)" if self.budget_s is not None else ""
         return (f"{self.builds} candidates built, {self.runs} model runs on {self.batches} calibration batch(es) "
-                f"({self.samples} samples), {self.latency_measurements} latency measurements, {self.seconds:.1f} s")
+                f"({self.samples} samples), {self.latency_measurements} latency measurements, "
+                f"{self.seconds:.1f} s{budget}")
 
 
 log = logging.getLogger("autoquant")
@@ -69,14 +78,18 @@ class OutputProbe:
     """Scores candidates by their outputs on calibration batches, without the user's eval_fn."""
 
     def __init__(self, adapter: Adapter, space: Space, *, kind: str = "auto",
-                 max_batches: int = DEFAULT_MAX_BATCHES,
+                 max_batches: int = DEFAULT_MAX_BATCHES, eval_seconds: float | None = None,
+                 budget_evals: float = 2.0, min_budget_s: float = 10.0,
                  on_score: Callable[[int, int | None], None] | None = None) -> None:
         check_choice("probe output kind", kind, KINDS)
         if max_batches < 1:
             raise ConfigError(f"The probe needs at least one calibration batch, got max_batches={max_batches}.")
         self._adapter, self._space = adapter, space
         self.kind, self.max_batches = kind, max_batches
+        self.eval_seconds, self.budget_evals, self.min_budget_s = eval_seconds, budget_evals, min_budget_s
         self._reference: list[list[np.ndarray]] | None = None
+        self._batch_seconds = 0.0  # the FP32 model's time per calibration batch (from the reference)
+        self._planned = False
         self._scores: dict[str, ProbeScore] = {}
         self._last: tuple[str, Any] | None = None
         self.cost = ProbeCost()
@@ -91,7 +104,7 @@ class OutputProbe:
     # --- outputs ---------------------------------------------------------------------------------
     def _outputs(self, model: Any) -> list[list[np.ndarray]]:
         """Per calibration batch, the model's output arrays (shapes kept)."""
-        runs = self._adapter.batch_runners(model, self.max_batches)
+        runs = self._adapter.batch_runners(model, len(self._reference) if self._reference else self.max_batches)
         self.cost.runs += len(runs)
         return [output_arrays(run()) for run in runs]
 
@@ -101,11 +114,45 @@ class OutputProbe:
             self._reference = self._outputs(self._adapter.fp32_model)
             if self.kind == "auto":
                 self.kind = detect_kind(self._reference[0])
-            self.cost.batches = len(self._reference)
-            self.cost.samples = sum(len(batch[0]) if batch[0].ndim else 1 for batch in self._reference)
-            self.cost.seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self._batch_seconds = elapsed / len(self._reference)
+            self.cost.seconds += elapsed
+            self._count_samples()
         return self._reference
 
+    def _count_samples(self) -> None:
+        assert self._reference is not None
+        self.cost.batches = len(self._reference)
+        self.cost.samples = sum(len(batch[0]) if batch[0].ndim else 1 for batch in self._reference)
+
+    # --- the budget ------------------------------------------------------------------------------
+    @property
+    def budget_s(self) -> float | None:
+        return None if self.eval_seconds is None else max(self.budget_evals * self.eval_seconds, self.min_budget_s)
+
+    def plan(self, candidates: int) -> None:
+        """About ``candidates`` will be scored: with a budget, each runs on as many calibration
+        batches as fit (at least one). Chosen once, before the first candidate is scored."""
+        if self._planned or self._scores or self.failures:
+            return
+        self._planned = True
+        reference, budget = self.reference(), self.budget_s
+        self.cost.budget_s = budget
+        if budget is None or self._batch_seconds <= 0:
+            return
+        # A candidate's build and run on a batch are taken to cost one FP32 batch (INT8 runs faster).
+        fits = int(max(budget - self.cost.seconds, 0.0) / (max(candidates, 1) * self._batch_seconds))
+        if fits < len(reference):
+            self._reference = reference[:max(fits, 1)]
+            self._count_samples()
+            log.info("probe: %d candidates planned, each on %d calibration batch(es) of %d, to stay within "
+                     "%.1f s (%g eval_fn calls)", candidates, len(self._reference), len(reference), budget,
+                     self.budget_evals)
+
+    def affords(self, runs: int) -> bool:
+        """Whether ``runs`` more FP32-batch-sized model runs fit in what is left of the budget."""
+        budget = self.budget_s
+        return budget is None or self.cost.seconds + runs * self._batch_seconds <= budget
     # --- scores ----------------------------------------------------------------------------------
     def score(self, config: QuantConfig) -> ProbeScore:
         """The candidate's distance from FP32 (built and run once per distinct candidate)."""

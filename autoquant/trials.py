@@ -31,6 +31,7 @@ RECORD_VERSION = 1
 # --- study attributes -------------------------------------------------------------------------
 VERSION = "record_version"
 BASELINE = "baseline"  # the FP32 accuracy, measured once per study (resumes and workers agree)
+BASELINE_EVAL_S = "baseline_eval_s"  # seconds of that eval_fn call: the probe's budget is counted in them
 FINGERPRINT = "fingerprint"  # of the model and the calibration data (autoquant.fingerprint)
 
 # --- trial attributes -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from autoquant.space import QuantConfig, Restriction, Space
 from autoquant.strategies import SearchExhausted, Strategy, get_strategy
 from autoquant.trials import (
     BASELINE,
+    BASELINE_EVAL_S,
     COLLISION_OF,
     CONFIG,
     CONFIG_KEY,
@@ -178,11 +179,15 @@ class Tuner:
         study = self._study(fp)
         baseline = study.user_attrs.get(BASELINE)  # measured once per study: resumes and workers agree
         if baseline is None:
+            t0 = time.perf_counter()
             baseline = evaluate(eval_fn, backend.fp32_model, "the FP32 model")
-            study.set_user_attr(BASELINE, baseline)
+            study.set_user_attr(BASELINE_EVAL_S, time.perf_counter() - t0)
+            study.set_user_attr(BASELINE, baseline)  # last: a study with a baseline has its eval time
         log.info("FP32 baseline: %.6g; goal: %s", baseline, self.criterion.describe())
         self._calibrate(backend, fp, view, batch_count(calib_data))
-        self.strategy.setup(space, OutputProbe(backend, space, on_score=view.on("probe")), self.criterion)
+        probe = OutputProbe(backend, space, eval_seconds=study.user_attrs.get(BASELINE_EVAL_S),
+                            on_score=view.on("probe"))
+        self.strategy.setup(space, probe, self.criterion)
         run = _Run(self, backend, space, study, eval_fn, baseline, start, view)
         with run.signals.installed():
             try:

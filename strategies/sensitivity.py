@@ -12,7 +12,8 @@ How it decides (each proposal is logged with its prediction):
    they come first while the model says one can pass.
 4. Otherwise ops fall back. Per op, once: its share of the probe error with only it INT8 (or, with
    ``measure="fp32"``, the error it removes in FP32) and its latency cost (the speed-up it gives
-   alone, measured against FP32). A candidate's error is predicted as the knob setting's error
+   alone, measured against FP32; per op type, split evenly, where one measurement per op would
+   exceed the probe's budget of two eval_fn calls). A candidate's error is predicted as the knob setting's error
    times the share of ops still INT8; its latency as the sum of its FP32 ops' costs. Candidates
    are the ranked prefixes and the one-op changes of every measured trial, so a near miss leads
    to the cheapest op that the model says closes the gap. The chosen candidate is probed exactly
@@ -52,6 +53,7 @@ log = logging.getLogger("autoquant")
 MEASURES = ("int8", "fp32")
 COST_RESOLUTION = 0.005  # latency costs are rounded to this share of FP32 latency: noise must not reorder
 MIN_SAVING = 0.05  # below this share of FP32 latency, all INT8 is taken as no faster than FP32
+RUNS_PER_LATENCY = 6  # model runs of one probe latency measurement (3 interleaved pairs at least)
 EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 
@@ -144,7 +146,12 @@ class _Search:
         self.model = LossModel(tolerance, [])
         self.unbuildable: set[str] = set()
 
+    def plan(self) -> None:
+        """Tell the probe how many candidates a full profile scores, so it fits them in its budget."""
+        self.probe.plan(len(list(self.space.knob_configs())) + len(self.space.ops))
+
     def profile(self) -> None:
+        self.plan()
         if not self.approach_latency:
             self._measure_approaches(self.space)
         if self.reference is None:
@@ -175,16 +182,18 @@ class _Search:
         self.probe.expect(replace(reference, fp32_ops=frozenset(names) - {n} if self.options.measure == "int8"
                                   else frozenset({n})) for n in names)
         base = self._error(reference) or 0.0
-        scores, savings = {}, {}
+        scores: dict[str, float] = {}
+        savings: dict[str, float] = {}
         for name in names:
-            alone = replace(reference, fp32_ops=frozenset(names) - {name})
             if self.options.measure == "int8":
-                scores[name] = max(self._error(alone) or 0.0, 0.0)
+                scores[name] = max(self._error(replace(reference, fp32_ops=frozenset(names) - {name})) or 0.0, 0.0)
             else:
                 scores[name] = max(base - (self._error(replace(reference, fp32_ops=frozenset({name}))) or base), 0.0)
-            savings[name] = max(1.0 - self._latency_ratio(alone), 0.0)
-        # Savings measured one op at a time overlap (shared overheads), so they are scaled to add up
-        # to what all of them save together.
+        for group in self._latency_groups(names, types):  # each op alone, or each op type, as the budget allows
+            saving = max(1.0 - self._latency_ratio(replace(reference, fp32_ops=frozenset(names) - set(group))), 0.0)
+            savings.update((name, saving / len(group)) for name in group)
+        # Savings measured one op (or type) at a time overlap (shared overheads), so they are scaled
+        # to add up to what all of them save together.
         together = max(1.0 - self._latency_ratio(reference), 0.0)
         if together < MIN_SAVING:  # INT8 is not faster here: latency is no reason to prefer one op
             together = 0.0
@@ -199,6 +208,18 @@ class _Search:
                  ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in self.ranking[:8]))
         return reference
 
+    def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
+        """Each op alone if the probe's budget affords a latency measurement per op, else one
+        group per op type (their measured saving split evenly)."""
+        if self.probe.affords(RUNS_PER_LATENCY * len(names)):
+            return [[name] for name in names]
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            groups.setdefault(types[name], []).append(name)
+        log.info("sensitivity: latency costs measured per op type (%s): one per op would exceed the probe's "
+                 "budget", ", ".join(groups))
+        return list(groups.values())
+
     def table(self) -> pd.DataFrame | None:
         if not self.ranking or self.reference is None:  # no profile yet (both are set together)
             return None
@@ -211,6 +232,7 @@ class _Search:
 
     # --- the search ----------------------------------------------------------------------------------
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
+        self.plan()
         self.probe.expect(space.canonical(c) for c in space.knob_configs())  # scored first (progress display)
         tried = tried_keys(trials)
         measured = _measured(trials)

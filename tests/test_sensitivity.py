@@ -192,6 +192,19 @@ def test_probe_caches_and_counts_its_cost():
     assert probe.kind == "relative" and probe.cost.batches == 1
 
 
+def test_a_probe_over_its_budget_measures_latency_per_op_type():
+    adapter = FakeAdapter(fake_model(n_ops=6, sensitive={2: 0.02}), [None])
+    counts = {}
+    for eval_seconds in (None, 1e-6):  # no budget; a budget that affords nothing
+        strategy = SensitivityStrategy()
+        strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, eval_seconds=eval_seconds, min_budget_s=0))
+        strategy.profile()
+        assert strategy.sensitivity["op"].tolist()[0] == "op2"  # errors are still measured per op
+        counts[eval_seconds] = strategy._search.probe.cost.latency_measurements
+    # approach + each of 6 ops + all together, against approach + the one op type (Linear) + all together
+    assert counts == {None: 8, 1e-6: 3}
+
+
 # --- the real backend: a model with one fragile layer -----------------------------------------
 class OutlierNet(nn.Module):
     """Four Linears; the input of ``fc2`` has one channel 1000x larger than the rest, made by an
@@ -254,6 +267,25 @@ def test_real_tune_reports_the_ranking_and_an_editable_config(outlier, tmp_path)
     assert fidelity(rebuilt) == pytest.approx(result.accuracy)
     edited = QuantConfig.from_dict({**config.to_dict(), "fp32_ops": []})  # e.g. the user re-quantizes all
     assert fidelity(adapter.build(adapter.space.resolve(adapter.space.validate(edited)))) < result.accuracy
+
+
+def test_a_probe_fits_its_planned_candidates_in_two_eval_fn_calls(outlier):
+    model, calibration, _ = outlier
+    adapter = FXAdapter(model, calibration)
+    adapter.calibrate()
+    unbounded = OutputProbe(adapter, adapter.space)
+    unbounded.plan(20)
+    assert unbounded.cost.batches == 4 and unbounded.cost.budget_s is None
+    # eval_fn takes 1 ms: two calls afford one calibration batch per candidate, not four
+    probe = OutputProbe(adapter, adapter.space, eval_seconds=1e-3, min_budget_s=0)
+    probe.plan(20)
+    assert probe.cost.batches == 1 and probe.cost.samples == 64 and probe.cost.budget_s == pytest.approx(2e-3)
+    config = QuantConfig(fp32_ops={"fc0"})
+    assert probe.cost.runs == 4  # the FP32 reference ran on all four before the plan cut it
+    probe.error(config)
+    assert probe.cost.runs == 5 and "(budget 0.0 s)" in probe.cost.describe()
+    probe.plan(1)  # chosen once: later plans change nothing
+    assert probe.cost.batches == 1
 
 
 # --- the real backend: a trained depthwise CNN whose accuracy is not monotone in fallback ----------
