@@ -39,10 +39,11 @@ from autoquant.errors import first_line
 from autoquant.examples import zoo_checks as checks
 from autoquant.examples.zoo import HELD_OUT, SIZES, ZOO, ZooCase, export_onnx
 from autoquant.latency import measure_ratio
-from autoquant.probe import OutputProbe
+from autoquant.probe import OutputProbe, output_arrays
 from autoquant.strategies.sensitivity import SensitivityStrategy
 
 RESULTS = Path(__file__).resolve().parent / "results"
+EVAL_SAMPLES = 744  # the probe's budget is two eval_fn calls on this many samples (issue 14's ImageNet set)
 log = logging.getLogger("zoo")
 
 
@@ -64,6 +65,7 @@ class Row:
     builds: int = 0
     probe_s: float | None = None
     probe_runs: int | None = None
+    probe_evals: float | None = None  # the probe's time in eval_fn calls (EVAL_SAMPLES in FP32)
     int8_vs_fp32: float | None = None
     latency_spread: float | None = None
     fp32_error: float | None = None
@@ -157,8 +159,10 @@ def _latency(adapter: Any, model: Any, budget_s: float) -> tuple[float, float]:
 
 
 def _probe(adapter: Any, row: Row) -> None:
-    """The sensitivity strategy's full profile: the most the tuner spends on the probe."""
-    probe = OutputProbe(adapter, adapter.space)
+    """The sensitivity strategy's full profile, the most the tuner spends on the probe, under the
+    tuner's budget: two calls of an eval_fn that runs FP32 on EVAL_SAMPLES samples."""
+    eval_s = _eval_seconds(adapter)
+    probe = OutputProbe(adapter, adapter.space, eval_seconds=eval_s)
     strategy = SensitivityStrategy()
     strategy.setup(adapter.space, probe)
     start = time.perf_counter()
@@ -168,6 +172,20 @@ def _probe(adapter: Any, row: Row) -> None:
         row.crashes += 1
         row.errors["probe"] = first_line(exc, 300)
     row.probe_s, row.probe_runs = time.perf_counter() - start, probe.calls + 1  # + the FP32 reference
+    row.probe_evals = row.probe_s / eval_s
+
+
+def _eval_seconds(adapter: Any) -> float:
+    """An eval_fn's time: the FP32 model on EVAL_SAMPLES samples (the median batch time, scaled)."""
+    run = adapter.runner(adapter.fp32_model)
+    run()  # warm-up
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        outputs = run()
+        times.append(time.perf_counter() - start)
+    samples = len(output_arrays(outputs)[0])
+    return statistics.median(times) * EVAL_SAMPLES / samples
 
 
 # --- the report --------------------------------------------------------------------------------------
@@ -175,6 +193,7 @@ COLUMNS = {
     "model": "model", "adapter": "adapter", "ops": "ops", "weighted": "conv/linear found",
     "unaccounted": "unaccounted", "unsupported": "unsupported", "space_s": "space s", "calib_s": "calib s",
     "build_median_s": "build median s", "builds": "builds", "probe_s": "probe s", "probe_runs": "probe runs",
+    "probe_evals": "probe / eval_fn",
     "int8_vs_fp32": "INT8/FP32 latency", "latency_spread": "spread", "coverage": "coverage",
     "default": "default", "fallback": "fallbacks ok", "fp32": "all-FP32", "fp32_error": "all-FP32 rel. error",
     "save_load": "save/load", "crashes": "crashes",
