@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 KINDS = ("auto", "logits", "embedding", "relative")
 DEFAULT_MAX_BATCHES = 4
+RUNS_PER_LATENCY = 6  # model runs of one latency measurement (3 interleaved pairs at least)
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,10 @@ class OutputProbe:
     def budget_s(self) -> float | None:
         return None if self.eval_seconds is None else max(self.budget_evals * self.eval_seconds, self.min_budget_s)
 
-    def plan(self, candidates: int) -> None:
-        """About ``candidates`` will be scored: with a budget, each runs on as many calibration
-        batches as fit (at least one). Chosen once, before the first candidate is scored."""
+    def plan(self, candidates: int, latency_measurements: int = 0) -> None:
+        """About ``candidates`` will be scored and ``latency_measurements`` made: with a budget,
+        each candidate runs on as many calibration batches as fit (at least one). Chosen once,
+        before the first candidate is scored."""
         if self._planned or self._scores or self.failures:
             return
         self._planned = True
@@ -140,8 +142,10 @@ class OutputProbe:
         self.cost.budget_s = budget
         if budget is None or self._batch_seconds <= 0:
             return
-        # A candidate's build and run on a batch are taken to cost one FP32 batch (INT8 runs faster).
-        fits = int(max(budget - self.cost.seconds, 0.0) / (max(candidates, 1) * self._batch_seconds))
+        # In FP32-batch units: a latency measurement is RUNS_PER_LATENCY runs; a candidate's build
+        # and its INT8 runs are taken as one unit more than its batches (INT8 runs faster than FP32).
+        units = max(budget - self.cost.seconds, 0.0) / self._batch_seconds - RUNS_PER_LATENCY * latency_measurements
+        fits = int(units / max(candidates, 1)) - 1
         if fits < len(reference):
             self._reference = reference[:max(fits, 1)]
             self._count_samples()
@@ -218,7 +222,7 @@ class OutputProbe:
         start = time.perf_counter()
         model, adapter = self._build(self._space.canonical(config)), self._adapter
         ratio = measure_ratio(adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
-                              min_pairs=3).ratio
+                              min_pairs=RUNS_PER_LATENCY // 2).ratio
         self.cost.latency_measurements += 1
         self.cost.seconds += time.perf_counter() - start
         return ratio

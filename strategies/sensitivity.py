@@ -38,7 +38,7 @@ import pandas as pd
 
 from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, check_choice
-from autoquant.probe import KINDS, OutputProbe
+from autoquant.probe import KINDS, RUNS_PER_LATENCY, OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import measured_by_key, records
 
@@ -53,7 +53,6 @@ log = logging.getLogger("autoquant")
 MEASURES = ("int8", "fp32")
 COST_RESOLUTION = 0.005  # latency costs are rounded to this share of FP32 latency: noise must not reorder
 MIN_SAVING = 0.05  # below this share of FP32 latency, all INT8 is taken as no faster than FP32
-RUNS_PER_LATENCY = 6  # model runs of one probe latency measurement (3 interleaved pairs at least)
 EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 
@@ -147,8 +146,11 @@ class _Search:
         self.unbuildable: set[str] = set()
 
     def plan(self) -> None:
-        """Tell the probe how many candidates a full profile scores, so it fits them in its budget."""
-        self.probe.plan(len(list(self.space.knob_configs())) + len(self.space.ops))
+        """Tell the probe what a full profile spends (candidates scored; latency measured per approach,
+        per op type and all INT8), so it fits them in its budget."""
+        types = {op.op_type for op in self.space.ops}
+        self.probe.plan(len(list(self.space.knob_configs())) + len(self.space.ops),
+                        latency_measurements=len(self.space.approaches) + len(types) + 1)
 
     def profile(self) -> None:
         self.plan()
