@@ -290,26 +290,11 @@ def test_a_probe_fits_its_planned_candidates_in_two_eval_fn_calls(outlier):
 
 # --- the real backend: a trained depthwise CNN whose accuracy is not monotone in fallback ----------
 NON_MONOTONE = Restriction(approach="static", calibration="minmax", scheme="symmetric", granularity="per_tensor")
+GOAL = 0.005
 
 
-@pytest.fixture(scope="module")
-def depthwise():
-    from autoquant.examples.digits import accuracy_fn, load_data
-    from experiments.benchmark_models import DepthwiseNet, train
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same reductions, so the same weights, on any machine of this kind
-    try:
-        data = load_data(0)
-        torch.manual_seed(0)
-        model = train(DepthwiseNet(width=8), data, epochs=5, lr=3e-3, seed=0)
-    finally:
-        torch.set_num_threads(threads)
-    return model, data.calibration_batches(), accuracy_fn(data)
-
-
-def test_non_monotone_fallback_on_a_real_depthwise_cnn(depthwise):
-    model, calibration, eval_fn = depthwise
+def _fallback_losses(model, calibration, eval_fn) -> tuple[dict[int, float], int]:
+    """Relative loss with the n ops of highest probe error in FP32, for n in 0, 1, 2, 4, 8; op count."""
     adapter = FXAdapter(model, calibration)
     adapter.calibrate()
     space = adapter.space.restrict(NON_MONOTONE)
@@ -323,13 +308,41 @@ def test_non_monotone_fallback_on_a_real_depthwise_cnn(depthwise):
         config = QuantConfig(**{**base.__dict__, "fp32_ops": frozenset(ranked[:n])})
         return (fp32 - eval_fn(adapter.build(space.resolve(config)))) / fp32
 
-    losses = {n: loss(n) for n in (0, 1, 2, 4)}
-    assert losses[0] > 0.005 and losses[2] > losses[1] > 0.005  # one op misses, two do worse
+    return {n: loss(n) for n in (0, 1, 2, 4, 8)}, len(names)
 
-    criterion = AccuracyCriterion(relative=0.005)
+
+@pytest.fixture(scope="module")
+def non_monotone():
+    """A trained depthwise CNN whose all-INT8 default misses the goal and whose accuracy is not
+    monotone in fallback (more ops in FP32 doing worse than fewer). Training reductions differ
+    between CPU kinds, so the seed that gives one does too (0 on one kind, 3 on another): the first
+    of eight that does is taken."""
+    from autoquant.examples.digits import accuracy_fn, load_data
+    from experiments.benchmark_models import DepthwiseNet, train
+
+    data = load_data(0)
+    calibration, eval_fn = data.calibration_batches(), accuracy_fn(data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reductions, so the same weights, on any machine of one kind
+    try:
+        for seed in range(8):
+            torch.manual_seed(seed)
+            model = train(DepthwiseNet(width=8), data, epochs=5, lr=3e-3, seed=seed)
+            losses, ops = _fallback_losses(model, calibration, eval_fn)
+            if losses[0] > GOAL and any(losses[2 * n] > losses[n] for n in (1, 2, 4)):
+                return model, calibration, eval_fn, ops
+    finally:
+        torch.set_num_threads(threads)
+    pytest.fail("none of 8 seeds trained a depthwise CNN that misses 0.5% in INT8 with a loss not "
+                "monotone in fallback: the premise of the test below is gone on this machine")
+
+
+def test_non_monotone_fallback_on_a_real_depthwise_cnn(non_monotone):
+    model, calibration, eval_fn, ops = non_monotone
+    criterion = AccuracyCriterion(relative=GOAL)
     result = Tuner(criterion, max_trials=12, restrict=NON_MONOTONE).tune(model, calibration, eval_fn)
     # Which ops fall back, and so whether the third step passes, follows measured per-op latency
     # gains (noisy: CI has taken a fourth step and 5 ops where this machine takes 4 ops in three
     # steps). The bounds: four steps after the default, half the ops (doubling ended at 8 of 12).
     assert result.met and result.evaluations <= 5
-    assert len(result.fp32_ops) <= len(names) // 2
+    assert len(result.fp32_ops) <= ops // 2
