@@ -147,7 +147,8 @@ class StrategySpec(_Strict):
     trial_timeout: float | None = Field(_TUNER["trial_timeout"], gt=0, description=(
         "seconds; a trial that takes longer is recorded FAIL and the job goes on (null: no limit)"))
     isolate: bool = Field(_TUNER["isolate"], description=(
-        "build and score each candidate in a child process first, so a hang or a crash fails only that trial"))
+        "score each candidate in a child process (eval_fn runs there, once), so a hang or a crash fails "
+        "only that trial"))
 
     @field_validator("objective")
     @classmethod

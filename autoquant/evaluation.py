@@ -8,10 +8,11 @@ Two guards, both off by default:
 
 - ``timeout``: a trial that takes longer fails. In the process, an alarm interrupts Python code
   (main thread only); a hang inside native code needs ``isolate``.
-- ``isolate``: build and eval_fn run in a forked child process first, so a hang is killed at the
-  timeout and a crash (a segfault in a backend kernel) kills only the child. Once the child has
-  scored the candidate, the parent builds it again and measures latency (the child runs single-
-  threaded: a forked OpenMP runtime deadlocks with more threads).
+- ``isolate``: build and eval_fn run in a forked child process, so a hang is killed at the
+  timeout and a crash (a segfault in a backend kernel) kills only the child. The parent keeps the
+  child's accuracy and builds the candidate again only to measure its latency and keep the model
+  (the child runs single-threaded: a forked OpenMP runtime deadlocks with more threads, so its
+  timing would say nothing). eval_fn runs once per candidate either way.
 """
 
 from __future__ import annotations
@@ -73,15 +74,20 @@ def evaluate_candidate(build: Callable[[], Any], eval_fn: EvalFn, latency: Calla
                        *, timeout: float | None = None, isolate: bool = False) -> Scored:
     """Build, score and time one candidate; ``CandidateFailed`` with the reason if any step fails."""
     if isolate:
-        _score_in_child(build, eval_fn, what, timeout)
-    with _alarm(None if isolate else timeout):
-        t0 = time.perf_counter()
-        model = _step("could not build it", build)
-        t1 = time.perf_counter()
-        accuracy = _step("eval_fn failed on it", lambda: evaluate(eval_fn, model, what))
-        t2 = time.perf_counter()
+        accuracy, eval_s = _score_in_child(build, eval_fn, what, timeout)
+        model, build_s = _timed("could not build it", build)
+        return Scored(accuracy, _step("it could not be run", lambda: latency(model)), build_s, eval_s)
+    with _alarm(timeout):
+        model, build_s = _timed("could not build it", build)
+        accuracy, eval_s = _timed("eval_fn failed on it", lambda: evaluate(eval_fn, model, what))
         measured = _step("it could not be run", lambda: latency(model))
-    return Scored(accuracy, measured, t1 - t0, t2 - t1)
+    return Scored(accuracy, measured, build_s, eval_s)
+
+
+def _timed(what: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = _step(what, fn)
+    return value, time.perf_counter() - start
 
 
 def _step(what: str, fn: Callable[[], Any]) -> Any:
@@ -116,8 +122,10 @@ def _alarm(timeout: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _score_in_child(build: Callable[[], Any], eval_fn: EvalFn, what: str, timeout: float | None) -> None:
-    """Build and score in a forked child; CandidateFailed if it fails, hangs past ``timeout`` or dies."""
+def _score_in_child(build: Callable[[], Any], eval_fn: EvalFn, what: str,
+                    timeout: float | None) -> tuple[float, float]:
+    """Build and score in a forked child: (accuracy, eval_fn seconds); CandidateFailed if it fails,
+    hangs past ``timeout`` or dies."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(send, build, eval_fn, what), daemon=True)
@@ -127,12 +135,13 @@ def _score_in_child(build: Callable[[], Any], eval_fn: EvalFn, what: str, timeou
         if not receive.poll(timeout):
             raise CandidateFailed(f"timed out after {timeout:g} s (trial_timeout; the evaluation process was killed)")
         try:
-            error = receive.recv()
+            outcome = receive.recv()
         except EOFError:  # the child died without a word: a crash in native code
             child.join()
             raise CandidateFailed(f"it crashed the evaluation process ({_exit_text(child.exitcode)})") from None
-        if error is not None:
-            raise CandidateFailed(error)
+        if isinstance(outcome, str):
+            raise CandidateFailed(outcome)
+        return outcome
     finally:
         if child.is_alive():
             child.kill()
@@ -147,8 +156,7 @@ def _child(send: Any, build: Callable[[], Any], eval_fn: EvalFn, what: str) -> N
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         model = _step("could not build it", build)
-        _step("eval_fn failed on it", lambda: evaluate(eval_fn, model, what))
-        send.send(None)
+        send.send(_timed("eval_fn failed on it", lambda: evaluate(eval_fn, model, what)))
     except CandidateFailed as exc:
         send.send(str(exc))
     except BaseException as exc:  # anything else is still this candidate's failure

@@ -90,8 +90,8 @@ class Tuner:
     deletes the study and the calibration cache and starts over).
 
     ``trial_timeout`` (seconds, off by default) fails a trial that takes longer; ``isolate=True``
-    builds and scores each candidate in a child process first, so a hang or a crash in native
-    code fails that trial only (see ``autoquant.evaluation``).
+    scores each candidate in a child process (eval_fn runs there, once), so a hang or a crash in
+    native code fails that trial only (see ``autoquant.evaluation``).
 
     >>> tuner = Tuner(AccuracyCriterion(relative=0.01), strategy="random", max_trials=20)
     >>> tuner.max_trials

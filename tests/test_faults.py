@@ -108,6 +108,20 @@ def test_a_crashing_candidate_kills_only_its_child_process(tmp_path):
     assert len(evaluated_once(study)) == GRID - 1 and result.met
 
 
+def test_an_isolated_candidate_is_scored_once_in_its_child(tmp_path):
+    calls = tmp_path / "calls"
+
+    def counted(model):
+        with calls.open("a") as f:  # a child's calls are not in this process's memory
+            f.write(f"{os.getpid()}\n")
+        return model.accuracy()
+
+    result = fake_tune(counted, max_trials=GRID, isolate=True)
+    pids = calls.read_text().split()
+    assert result.evaluations == GRID and len(pids) == 1 + GRID  # the FP32 baseline, then each candidate once
+    assert pids[0] == str(os.getpid()) and str(os.getpid()) not in pids[1:]  # candidates only in children
+
+
 # --- reused study or cache --------------------------------------------------------------------------
 def _tiny():
     sys.path.insert(0, str(JOB.parent))
