@@ -25,6 +25,7 @@ strategy announced with ``expect`` (the tuner's progress display).
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class OutputProbe:
         self.eval_seconds, self.budget_evals, self.min_budget_s = eval_seconds, budget_evals, min_budget_s
         self._reference: list[list[np.ndarray]] | None = None
         self._batch_seconds = 0.0  # the FP32 model's time per calibration batch (from the reference)
+        self._score_seconds: list[float] = []  # each scored candidate's build and runs
         self._planned = False
         self._scores: dict[str, ProbeScore] = {}
         self._last: tuple[str, Any] | None = None
@@ -153,6 +155,15 @@ class OutputProbe:
                      "%.1f s (%g eval_fn calls)", candidates, len(self._reference), len(reference), budget,
                      self.budget_evals)
 
+    def affordable(self, reserve_runs: int = 0) -> int | None:
+        """How many more candidates fit in the budget, ``reserve_runs`` FP32-batch-sized runs kept
+        back (None: no budget, or no candidate scored yet to know a candidate's cost)."""
+        budget = self.budget_s
+        if budget is None or not self._score_seconds:
+            return None
+        left = budget - self.cost.seconds - reserve_runs * self._batch_seconds
+        return max(int(left / statistics.median(self._score_seconds)), 0)
+
     def affords(self, runs: int) -> bool:
         """Whether ``runs`` more FP32-batch-sized model runs fit in what is left of the budget."""
         budget = self.budget_s
@@ -173,6 +184,7 @@ class OutputProbe:
                 raise self._failed(config, exc) from exc
             finally:
                 self.cost.seconds += time.perf_counter() - start
+            self._score_seconds.append(time.perf_counter() - start)
             self._scores[key] = compare(self.kind, reference, outputs)
             self._report(key)
         return self._scores[key]

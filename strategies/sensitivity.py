@@ -13,7 +13,8 @@ How it decides (each proposal is logged with its prediction):
 4. Otherwise ops fall back. Per op, once: its share of the probe error with only it INT8 (or, with
    ``measure="fp32"``, the error it removes in FP32) and its latency cost (the speed-up it gives
    alone, measured against FP32; per op type, split evenly, where one measurement per op would
-   exceed the probe's budget of two eval_fn calls). A candidate's error is predicted as the knob setting's error
+   exceed the probe's budget of two eval_fn calls; likewise the error, per run of consecutive ops
+   where one candidate per op would). A candidate's error is predicted as the knob setting's error
    times the share of ops still INT8; its latency as the sum of its FP32 ops' costs. Candidates
    are the ranked prefixes and the one-op changes of every measured trial, so a near miss leads
    to the cheapest op that the model says closes the gap. The chosen candidate is probed exactly
@@ -54,6 +55,7 @@ MEASURES = ("int8", "fp32")
 COST_RESOLUTION = 0.005  # latency costs are rounded to this share of FP32 latency: noise must not reorder
 MIN_SAVING = 0.05  # below this share of FP32 latency, all INT8 is taken as no faster than FP32
 EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
+MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 
 
@@ -186,11 +188,12 @@ class _Search:
         base = self._error(reference) or 0.0
         scores: dict[str, float] = {}
         savings: dict[str, float] = {}
-        for name in names:
+        for group in self._error_groups(names, types):  # each op alone, or runs of ops, as the budget allows
             if self.options.measure == "int8":
-                scores[name] = max(self._error(replace(reference, fp32_ops=frozenset(names) - {name})) or 0.0, 0.0)
+                error = max(self._error(replace(reference, fp32_ops=frozenset(names) - set(group))) or 0.0, 0.0)
             else:
-                scores[name] = max(base - (self._error(replace(reference, fp32_ops=frozenset({name}))) or base), 0.0)
+                error = max(base - (self._error(replace(reference, fp32_ops=frozenset(group))) or base), 0.0)
+            scores.update((name, error / len(group)) for name in group)
         for group in self._latency_groups(names, types):  # each op alone, or each op type, as the budget allows
             saving = max(1.0 - self._latency_ratio(replace(reference, fp32_ops=frozenset(names) - set(group))), 0.0)
             savings.update((name, saving / len(group)) for name in group)
@@ -209,6 +212,18 @@ class _Search:
         log.info("sensitivity: per-op profile at %s: %s", reference.describe(),
                  ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in self.ranking[:8]))
         return reference
+
+    def _error_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
+        """Each op alone if the probe's budget affords a candidate per op (its latency measurements
+        kept back), else as many runs of consecutive ops as it affords, MIN_ERROR_GROUPS at least
+        (their error split evenly)."""
+        fits = self.probe.affordable(reserve_runs=RUNS_PER_LATENCY * (len(set(types.values())) + 1))
+        if fits is None or max(fits, MIN_ERROR_GROUPS) >= len(names):
+            return [[name] for name in names]
+        size = -(-len(names) // max(fits, MIN_ERROR_GROUPS))
+        log.info("sensitivity: probe errors measured for runs of %d consecutive ops: one candidate per op "
+                 "would exceed the probe's budget", size)
+        return [names[i:i + size] for i in range(0, len(names), size)]
 
     def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a latency measurement per op, else one

@@ -205,6 +205,22 @@ def test_a_probe_over_its_budget_measures_latency_per_op_type():
     assert counts == {None: 8, 1e-6: 3}
 
 
+def test_a_probe_over_its_budget_measures_errors_per_run_of_ops():
+    adapter = FakeAdapter(fake_model(n_ops=24, sensitive={13: 0.02}), [None])
+    strategy = SensitivityStrategy()
+    strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, eval_seconds=1e-6, min_budget_s=0))
+    strategy.profile()
+    table = strategy.sensitivity
+    # a budget that affords nothing: 8 runs of 3 consecutive ops, each run's error split evenly
+    assert table["op"].tolist()[:3] == ["op12", "op13", "op14"]
+    assert table["sensitivity"].iloc[0] == table["sensitivity"].iloc[2] > table["sensitivity"].iloc[3]
+    unbounded = SensitivityStrategy()
+    unbounded.setup(adapter.space, OutputProbe(adapter, adapter.space))
+    unbounded.profile()
+    assert unbounded.sensitivity["op"].tolist()[0] == "op13"
+    assert strategy._search.probe.calls == unbounded._search.probe.calls - 24 + 8  # candidates scored
+
+
 # --- the real backend: a model with one fragile layer -----------------------------------------
 class OutlierNet(nn.Module):
     """Four Linears; the input of ``fc2`` has one channel 1000x larger than the rest, made by an
