@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -155,19 +156,18 @@ class OutputProbe:
                      "%.1f s (%g eval_fn calls)", candidates, len(self._reference), len(reference), budget,
                      self.budget_evals)
 
-    def affordable(self, reserve_runs: int = 0) -> int | None:
-        """How many more candidates fit in the budget, ``reserve_runs`` FP32-batch-sized runs kept
-        back (None: no budget, or no candidate scored yet to know a candidate's cost)."""
+    def affordable(self, runs_each: int = 0, reserve_runs: int = 0) -> int | None:
+        """How many more candidates fit in the budget, each built and scored (as long as the median
+        scored candidate took) and run ``runs_each`` more times, with ``reserve_runs`` runs kept back
+        (runs: FP32-batch-sized). None: no budget."""
         budget = self.budget_s
-        if budget is None or not self._score_seconds:
+        if budget is None:
             return None
+        scored = statistics.median(self._score_seconds) if self._score_seconds else 0.0
+        each = scored + runs_each * self._batch_seconds
         left = budget - self.cost.seconds - reserve_runs * self._batch_seconds
-        return max(int(left / statistics.median(self._score_seconds)), 0)
+        return sys.maxsize if each <= 0 else max(int(left / each), 0)
 
-    def affords(self, runs: int) -> bool:
-        """Whether ``runs`` more FP32-batch-sized model runs fit in what is left of the budget."""
-        budget = self.budget_s
-        return budget is None or self.cost.seconds + runs * self._batch_seconds <= budget
     # --- scores ----------------------------------------------------------------------------------
     def score(self, config: QuantConfig) -> ProbeScore:
         """The candidate's distance from FP32 (built and run once per distinct candidate)."""

@@ -217,10 +217,11 @@ class _Search:
         """Each op alone if the probe's budget affords a candidate per op (its latency measurements
         kept back), else as many runs of consecutive ops as it affords, MIN_ERROR_GROUPS at least
         (their error split evenly)."""
-        fits = self.probe.affordable(reserve_runs=RUNS_PER_LATENCY * (len(set(types.values())) + 1))
-        if fits is None or max(fits, MIN_ERROR_GROUPS) >= len(names):
+        latency = len(set(types.values())) + 1  # measurements to come: each builds a candidate too
+        fits = self.probe.affordable(reserve_runs=RUNS_PER_LATENCY * latency)
+        if fits is None or max(fits - latency, MIN_ERROR_GROUPS) >= len(names):
             return [[name] for name in names]
-        size = -(-len(names) // max(fits, MIN_ERROR_GROUPS))
+        size = -(-len(names) // max(fits - latency, MIN_ERROR_GROUPS))
         log.info("sensitivity: probe errors measured for runs of %d consecutive ops: one candidate per op "
                  "would exceed the probe's budget", size)
         return [names[i:i + size] for i in range(0, len(names), size)]
@@ -228,7 +229,8 @@ class _Search:
     def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a latency measurement per op, else one
         group per op type (their measured saving split evenly)."""
-        if self.probe.affords(RUNS_PER_LATENCY * len(names)):
+        fits = self.probe.affordable(runs_each=RUNS_PER_LATENCY)  # a measurement builds its candidate too
+        if fits is None or fits >= len(names):
             return [[name] for name in names]
         groups: dict[str, list[str]] = {}
         for name in names:
