@@ -53,6 +53,7 @@ from .base import Observation, TensorStatsAdapter, calibration_for
 from .fx_bf16 import BF16Linear, faster, measure_bf16
 from .fx_dynamic import full_range_is_exact, use_full_range
 from .fx_lowering import PackedWeights, int8_padding, reusing_packed_weights
+from .fx_padding import same_padded_depthwise
 from .fx_rewrites import int8_friendly
 from .fx_smoothing import Smoother, divide_inputs, smoothing_groups
 from .fx_units import Example, FlowStep, Leaf, TraceError, Unit, capture_inputs, split, unaccounted
@@ -191,7 +192,7 @@ class FXAdapter(TensorStatsAdapter):
         leaf = not list(module.children())
         root = Leaf(module) if leaf else module
         try:
-            traced = int8_friendly(self._trace(path, root, example))
+            traced = int8_friendly(same_padded_depthwise(self._trace(path, root, example), example))
             recording_qconfig = QConfig(_RecordingObserver.with_args(dtype=torch.quint8), _PER_CHANNEL_WEIGHT)
             recording = _prepare(traced, example, _static_mapping(recording_qconfig))
             self._run(recording, example)

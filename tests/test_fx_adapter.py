@@ -381,6 +381,37 @@ def test_shape_dependent_padding_traces_at_the_calibration_shape():
         quantized(torch.randn(8, 3, 16, 16))  # another padding: a clear error, not a wrong result
 
 
+class TFDepthwiseNet(nn.Module):
+    """Depthwise convs behind TensorFlow "same" padding at stride 2 (pads (0, 1) for 3x3 and (1, 2)
+    for 5x5 on even sizes), each followed by BN and ReLU6, as EfficientNet and MobileNetV2 are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.dw3 = nn.Sequential(nn.Conv2d(16, 16, 3, 2, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw5 = nn.Sequential(nn.Conv2d(16, 16, 5, 2, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.dw3(nn.functional.pad(self.stem(x), (0, 1, 0, 1)))
+        x = self.dw5(nn.functional.pad(x, (1, 2, 1, 2)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_tf_padded_depthwise_convs_take_the_same_padding_int8_kernel():
+    model = with_bn_statistics(TFDepthwiseNet())
+    data = image_batches([(4, 3, 16, 16)] * 2)
+    adapter = FXAdapter(model, data)
+    quantized = adapter.build(QuantConfig())
+    # padded by k//2 themselves (x86's fast INT8 depthwise path), not unpadded on a padded input
+    assert quantized.get_submodule("dw3.0").padding == (1, 1) and quantized.get_submodule("dw5.0").padding == (2, 2)
+    assert "pad" in quantized.code  # the re-aligned input padding and the crop, on the INT8 tensors
+    everything = adapter.build(QuantConfig(fp32_ops=frozenset(adapter.space.op_names)))
+    for x in data:
+        torch.testing.assert_close(everything(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(quantized(x), model(x), atol=0.05, rtol=0.05)
+
+
 class ChannelCheckNet(nn.Module):
     """Checks its input's channel count, as Hugging Face's ResNet does: FX cannot trace the ``if``."""
 
