@@ -165,7 +165,7 @@ def _to_module(gm: fx.GraphModule, original: nn.Module, node: fx.Node) -> None:
     if isinstance(padding, str):
         source, padding = _explicit_padding(gm, node, source, padding, tuple(gm.get_parameter(weight.target).shape[2:]),
                                             kwargs.get("dilation", 1))
-    module = _plain_module(node.target, gm.get_parameter(weight.target),
+    module = plain_module(node.target, gm.get_parameter(weight.target),
                            None if bias is None else gm.get_parameter(bias.target), padding, kwargs)
     path = _module_path(gm, original, weight.target, node.target)
     gm.add_submodule(path, module.train(original.training))
@@ -201,7 +201,7 @@ def _numeric_padding(gm: fx.GraphModule, node: fx.Node) -> None:
     if conv.padding_mode != "zeros":
         return
     source, padding = _explicit_padding(gm, node, node.args[0], conv.padding, conv.kernel_size, conv.dilation)
-    module = _plain_module(FUNCTIONAL_CONV[conv.weight.dim() - 3], conv.weight, conv.bias, padding,
+    module = plain_module(FUNCTIONAL_CONV[conv.weight.dim() - 3], conv.weight, conv.bias, padding,
                            {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
     gm.add_submodule(str(node.target), module.train(conv.training))
     node.args = (source, *node.args[1:])
@@ -217,13 +217,13 @@ def _fold_pad_into_module(gm: fx.GraphModule, node: fx.Node) -> None:
     source, padding = _fold_zero_pad(node.args[0], 0, function)
     if source is node.args[0]:
         return
-    module = _plain_module(function, conv.weight, conv.bias, padding,
+    module = plain_module(function, conv.weight, conv.bias, padding,
                            {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
     gm.add_submodule(str(node.target), module.train(conv.training))
     node.args = (source, *node.args[1:])
 
 
-def _plain_module(function, weight: nn.Parameter, bias: nn.Parameter | None, padding, kwargs) -> nn.Module:
+def plain_module(function, weight: nn.Parameter, bias: nn.Parameter | None, padding, kwargs) -> nn.Module:
     cls = FUNCTIONAL_MODULES[function]
     with torch.device("meta"):  # the parameters are the model's own: nothing to initialise
         if cls is nn.Linear:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .fx_graph import plain_module
+
 # ops that commute with a spatial crop, so the crop can follow them (conv+BN+activation stay fused)
 _PER_POSITION = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.Identity, nn.Dropout)
 _FAST_KERNELS = (3, 5, 7)
@@ -86,7 +88,11 @@ def _realign(gm: fx.GraphModule, node: fx.Node, pad_node: fx.Node, size: tuple[i
         pad_node.args, pad_node.kwargs = (source, (a_w, b_w, a_h, b_h)), {}
     else:
         node.replace_input_with(pad_node, source)
-    gm.add_submodule(str(node.target), _padded_copy(conv, (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)))
+    same = (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
+    bias = None if conv.bias is None else conv.get_parameter("bias")
+    padded = plain_module(F.conv2d, conv.get_parameter("weight"), bias, same,
+                          {"stride": conv.stride, "groups": conv.groups})
+    gm.add_submodule(str(node.target), padded.train(conv.training))
     if any((c_w, e_w, c_h, e_h)):
         last = _last_per_position(gm, node)
         with gm.graph.inserting_after(last):
@@ -104,16 +110,6 @@ def _plan(n: int, k: int, s: int, before: int, after: int) -> tuple[int, int, in
     outputs = (n + pad_before + pad_after + 2 * p - k) // s + 1
     wanted = (n + before + after - k) // s + 1
     return pad_before, pad_after, crop_start, outputs - crop_start - wanted
-
-
-def _padded_copy(conv: Any, padding: tuple[int, int]) -> nn.Conv2d:
-    with torch.device("meta"):
-        copy = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding,
-                         groups=conv.groups, bias=conv.bias is not None)
-    copy.weight = conv.weight  # the model's own parameters
-    if conv.bias is not None:
-        copy.bias = conv.bias
-    return copy.train(conv.training)
 
 
 def _last_per_position(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
