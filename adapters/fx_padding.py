@@ -30,7 +30,7 @@ _FAST_KERNELS = (3, 5, 7)
 
 
 def same_padded_depthwise(gm: fx.GraphModule, example: tuple[tuple, dict]) -> fx.GraphModule:
-    """``gm`` with each asymmetric zero ``F.pad`` + unpadded depthwise ``nn.Conv2d`` re-aligned;
+    """``gm`` with each zero padding (``F.pad``, ``ZeroPad2d``) + unpadded depthwise ``nn.Conv2d`` re-aligned;
     ``example`` (args, kwargs) is run once to learn the padded tensors' sizes."""
     sizes = _pad_input_sizes(gm, example)
     changed = False
@@ -40,13 +40,31 @@ def same_padded_depthwise(gm: fx.GraphModule, example: tuple[tuple, dict]) -> fx
             changed |= _realign(gm, node, source, sizes[source])
     if changed:
         gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
         gm.recompile()
     return gm
 
 
+def _zero_pad(gm: fx.GraphModule, node: fx.Node) -> list[int] | None:
+    """The amounts (F.pad's order) of a constant-zero 2D padding: an ``F.pad`` or a ``ZeroPad2d``
+    (or zero ``ConstantPad2d``) module; None for anything else."""
+    if node.op == "call_function" and node.target is F.pad:
+        amounts = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    elif node.op == "call_module" and isinstance(module := gm.get_submodule(str(node.target)), nn.ConstantPad2d):
+        amounts, mode, value = module.padding, "constant", module.value
+    else:
+        return None
+    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(amounts, (list, tuple)):
+        return None
+    pad = list(amounts)
+    return pad if len(pad) == 4 and all(isinstance(p, int) and p >= 0 for p in pad) else None
+
+
 def _pad_input_sizes(gm: fx.GraphModule, example: tuple[tuple, dict]) -> dict[fx.Node, tuple[int, int]]:
-    """The spatial size of the input of every zero ``F.pad`` (by the pad's node)."""
-    pads = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.pad]
+    """The spatial size of the input of every zero 2D padding (by the padding's node)."""
+    pads = {n for n in gm.graph.nodes if _zero_pad(gm, n) is not None}
     if not pads:
         return {}
     sizes: dict[fx.Node, tuple[int, int]] = {}
@@ -67,27 +85,21 @@ def _pad_input_sizes(gm: fx.GraphModule, example: tuple[tuple, dict]) -> dict[fx
 
 def _realign(gm: fx.GraphModule, node: fx.Node, pad_node: fx.Node, size: tuple[int, int]) -> bool:
     conv: Any = gm.get_submodule(str(node.target))
-    source = pad_node.args[0]
-    if not (isinstance(source, fx.Node) and type(conv) is nn.Conv2d and conv.groups == conv.in_channels > 1
-            and conv.padding == (0, 0) and conv.padding_mode == "zeros" and conv.dilation == (1, 1)
-            and len(pad_node.users) == 1
+    source, pad = pad_node.args[0], _zero_pad(gm, pad_node)
+    if not (pad is not None and isinstance(source, fx.Node) and type(conv) is nn.Conv2d
+            and conv.groups == conv.in_channels > 1 and conv.padding == (0, 0) and conv.padding_mode == "zeros"
+            and conv.dilation == (1, 1) and len(pad_node.users) == 1
             and conv.kernel_size[0] == conv.kernel_size[1] in _FAST_KERNELS and set(conv.stride) <= {1, 2}):
-        return False
-    amounts: Any = pad_node.args[1] if len(pad_node.args) > 1 else pad_node.kwargs.get("pad", ())
-    pad = list(amounts)
-    mode = pad_node.kwargs.get("mode", pad_node.args[2] if len(pad_node.args) > 2 else "constant")
-    value = pad_node.kwargs.get("value", pad_node.args[3] if len(pad_node.args) > 3 else None)
-    if (mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, list) or len(pad) != 4
-            or not all(isinstance(p, int) and p >= 0 for p in pad)):
         return False
     # per spatial dimension (height, width): F.pad lists width first
     plans = [_plan(n, k, s, before, after) for n, k, s, before, after in
              zip(size, conv.kernel_size, conv.stride, (pad[2], pad[0]), (pad[3], pad[1]), strict=True)]
     (a_h, b_h, c_h, e_h), (a_w, b_w, c_w, e_w) = plans
-    if any((a_w, b_w, a_h, b_h)):
-        pad_node.args, pad_node.kwargs = (source, (a_w, b_w, a_h, b_h)), {}
-    else:
-        node.replace_input_with(pad_node, source)
+    padded_input = source
+    if any((a_w, b_w, a_h, b_h)):  # a new F.pad: a padding module may be the model's own
+        with gm.graph.inserting_before(node):
+            padded_input = gm.graph.call_function(F.pad, (source, (a_w, b_w, a_h, b_h)))
+    node.replace_input_with(pad_node, padded_input)
     same = (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
     bias = None if conv.bias is None else conv.get_parameter("bias")
     padded = plain_module(F.conv2d, conv.get_parameter("weight"), bias, same,

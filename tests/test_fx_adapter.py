@@ -390,11 +390,12 @@ class TFDepthwiseNet(nn.Module):
         self.stem = nn.Conv2d(3, 16, 1)
         self.dw3 = nn.Sequential(nn.Conv2d(16, 16, 3, 2, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
         self.dw5 = nn.Sequential(nn.Conv2d(16, 16, 5, 2, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.pad5 = nn.ZeroPad2d((1, 2, 1, 2))  # Hugging Face's EfficientNet pads with a module
         self.head = nn.Linear(16, 4)
 
     def forward(self, x):
         x = self.dw3(nn.functional.pad(self.stem(x), (0, 1, 0, 1)))
-        x = self.dw5(nn.functional.pad(x, (1, 2, 1, 2)))
+        x = self.dw5(self.pad5(x))
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
