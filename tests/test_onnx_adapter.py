@@ -76,6 +76,19 @@ def test_candidates_run_in_ort_and_stay_close(adapter: ONNXAdapter) -> None:
     assert np.abs(y8 - y32).max() < 0.1 * np.abs(y32).max()
 
 
+def test_quantized_weights_are_reused_between_builds_and_equal_fresh_ones() -> None:
+    reused = ONNXAdapter(tiny_model(), batches())
+    first = _graph(reused, QuantConfig())
+    cached = len(reused._quantized_weights)
+    again = _graph(reused, QuantConfig(fp32_ops=frozenset({reused.space.ops[0].name})))
+    assert cached > 0 and len(reused._quantized_weights) == cached  # the second build quantized no weight anew
+    fresh = _graph(ONNXAdapter(tiny_model(), batches()), QuantConfig(fp32_ops=frozenset({reused.space.ops[0].name})))
+    weights = {i.name: numpy_helper.to_array(i) for i in again.initializer if i.name.endswith("_quantized")}
+    assert weights and all(np.array_equal(weights[i.name], numpy_helper.to_array(i))
+                           for i in fresh.initializer if i.name in weights)
+    assert {i.name for i in first.initializer} >= set(weights)
+
+
 def test_scheme_changes_activation_zero_point(adapter: ONNXAdapter) -> None:
     zero_points = {}
     for scheme in ("asymmetric", "symmetric"):
