@@ -166,7 +166,7 @@ def _to_module(gm: fx.GraphModule, original: nn.Module, node: fx.Node) -> None:
         source, padding = _explicit_padding(gm, node, source, padding, tuple(gm.get_parameter(weight.target).shape[2:]),
                                             kwargs.get("dilation", 1))
     module = plain_module(node.target, gm.get_parameter(weight.target),
-                           None if bias is None else gm.get_parameter(bias.target), padding, kwargs)
+                          None if bias is None else gm.get_parameter(bias.target), padding, kwargs)
     path = _module_path(gm, original, weight.target, node.target)
     gm.add_submodule(path, module.train(original.training))
     with gm.graph.inserting_before(node):
@@ -202,7 +202,7 @@ def _numeric_padding(gm: fx.GraphModule, node: fx.Node) -> None:
         return
     source, padding = _explicit_padding(gm, node, node.args[0], conv.padding, conv.kernel_size, conv.dilation)
     module = plain_module(FUNCTIONAL_CONV[conv.weight.dim() - 3], conv.weight, conv.bias, padding,
-                           {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
+                          {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
     gm.add_submodule(str(node.target), module.train(conv.training))
     node.args = (source, *node.args[1:])
 
@@ -218,7 +218,7 @@ def _fold_pad_into_module(gm: fx.GraphModule, node: fx.Node) -> None:
     if source is node.args[0]:
         return
     module = plain_module(function, conv.weight, conv.bias, padding,
-                           {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
+                          {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups})
     gm.add_submodule(str(node.target), module.train(conv.training))
     node.args = (source, *node.args[1:])
 
