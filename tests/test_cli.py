@@ -159,3 +159,21 @@ def test_committed_yaml_reference_is_current(capsys):
     committed = Path(__file__).parent.parent / "docs" / "yaml-reference.md"
     assert main(["schema"]) == 0
     assert committed.read_text() == capsys.readouterr().out, "stale: run autoquant schema > docs/yaml-reference.md"
+
+
+def test_trial_timeout_and_isolate_from_yaml_fail_trials_not_the_job(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AQ_TEST_EVAL_SLEEP", "1.5")  # every eval_fn call outlasts the 1 s limit
+    job = tmp_path / "guarded.yaml"
+    job.write_text(JOB.read_text().replace("tiny_job:", f"{JOB.parent / 'tiny_job.py'}:").replace(
+        "strategy: {name: exhaustive, max_trials: 8, seed: 0}",
+        "strategy: {name: exhaustive, max_trials: 3, seed: 0, isolate: true, trial_timeout: 1}"))
+    out = tmp_path / "out"
+    assert main(["tune", str(job), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    text = " ".join((captured.out + captured.err).split())
+    assert "No candidate could be built or evaluated" in text
+    assert text.count("timed out after 1 s (trial_timeout; the evaluation process was killed)") >= 3
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 3  # recorded, with the job's history kept
