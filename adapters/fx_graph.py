@@ -241,18 +241,26 @@ def plain_module(function, weight: nn.Parameter, bias: nn.Parameter | None, padd
 
 def _fold_zero_pad(source, padding, function):
     """(input, padding) with a symmetric constant-zero ``F.pad`` in front of a conv folded in."""
-    if function is F.linear or not (isinstance(source, fx.Node) and source.op == "call_function"
-                                    and source.target is F.pad and padding in (0, (0,), (0, 0), (0, 0, 0))):
+    if function is F.linear or padding not in (0, (0,), (0, 0), (0, 0, 0)):
         return source, padding
-    call = _arguments(source, PAD_ARGS)
-    pad, mode, value = call["pad"], call.get("mode", "constant"), call.get("value")
+    pad = zero_pad_amounts(source)
     dims = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[function]
-    if (mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (list, tuple))
-            or len(pad) != 2 * dims or any(pad[i] != pad[i + 1] for i in range(0, len(pad), 2))
+    if (pad is None or len(pad) != 2 * dims or any(pad[i] != pad[i + 1] for i in range(0, len(pad), 2))
             or len(source.users) != 1):
         return source, padding
     # F.pad lists the last dimension first; conv padding lists the first spatial dimension first
-    return call["input"], tuple(pad[i] for i in range(2 * dims - 2, -1, -2))
+    return _arguments(source, PAD_ARGS)["input"], tuple(pad[i] for i in range(2 * dims - 2, -1, -2))
+
+
+def zero_pad_amounts(node) -> list | None:
+    """The amounts (last dimension first) of a constant-zero ``F.pad`` call; None for anything else."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is F.pad):
+        return None
+    call = _arguments(node, PAD_ARGS)
+    pad, mode, value = call["pad"], call.get("mode", "constant"), call.get("value")
+    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (list, tuple)):
+        return None
+    return list(pad)
 
 
 def _is_parameter(gm: fx.GraphModule, node) -> bool:

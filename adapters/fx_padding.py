@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fx_graph import plain_module
+from .fx_graph import plain_module, zero_pad_amounts
 
 # ops that commute with a spatial crop, so the crop can follow them (conv+BN+activation stay fused)
 _PER_POSITION = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.Identity, nn.Dropout)
@@ -48,17 +48,12 @@ def same_padded_depthwise(gm: fx.GraphModule, example: tuple[tuple, dict]) -> fx
 def _zero_pad(gm: fx.GraphModule, node: fx.Node) -> list[int] | None:
     """The amounts (F.pad's order) of a constant-zero 2D padding: an ``F.pad`` or a ``ZeroPad2d``
     (or zero ``ConstantPad2d``) module; None for anything else."""
-    if node.op == "call_function" and node.target is F.pad:
-        amounts = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-    elif node.op == "call_module" and isinstance(module := gm.get_submodule(str(node.target)), nn.ConstantPad2d):
-        amounts, mode, value = module.padding, "constant", module.value
+    if node.op == "call_module" and isinstance(module := gm.get_submodule(str(node.target)), nn.ConstantPad2d):
+        pad = list(module.padding) if module.value == 0 else None
     else:
+        pad = zero_pad_amounts(node)
+    if pad is None:
         return None
-    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(amounts, (list, tuple)):
-        return None
-    pad = list(amounts)
     return pad if len(pad) == 4 and all(isinstance(p, int) and p >= 0 for p in pad) else None
 
 
