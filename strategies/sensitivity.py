@@ -2,8 +2,11 @@
 
 How it decides (each proposal is logged with its prediction):
 
-1. The probe (:mod:`autoquant.probe`, no eval_fn) scores every whole-model knob setting with all
-   ops INT8 by its output error against FP32 (KL divergence for logits).
+1. The probe (:mod:`autoquant.probe`, no eval_fn) scores whole-model knob settings with all ops
+   INT8 by their output error against FP32 (KL divergence for logits): every one if its budget
+   allows, else the default, each one-knob change of it and, while the budget lasts, the settings
+   a fit of per-knob effects predicts best (:mod:`strategies.knob_screen`); the rest keep the
+   fit's prediction until one is chosen, and is then probed exactly.
 2. A loss model (:mod:`strategies.evidence`) maps probe error to the user's loss; it is refitted
    to every measured trial (the default candidate, the tuner's first trial, is the first point),
    with a per-knob-setting correction and a spread, so it gives each candidate a chance to pass.
@@ -46,6 +49,7 @@ from autoquant.trials import measured_by_key, records
 from .base import SearchExhausted, Strategy, tried_keys
 from .evidence import LossModel, Observation, Prediction
 from .exhaustive import grid
+from .knob_screen import KnobScreen
 
 log = logging.getLogger("autoquant")
 
@@ -146,12 +150,15 @@ class _Search:
         self.bf16_ratios = {op.name: op.bf16_ratio for op in space.ops if op.bf16_ratio is not None}
         self.model = LossModel(tolerance, [])
         self.unbuildable: set[str] = set()
+        self.screen = KnobScreen([space.canonical(c) for c in space.knob_configs()])
+        self._screened = False
+        self._predicted: tuple[frozenset[tuple[str, float | None]], dict[str, float | None]] | None = None
 
     def plan(self) -> None:
         """Tell the probe what a full profile spends (candidates scored; latency measured per approach,
         per op type and all INT8), so it fits them in its budget."""
         types = {op.op_type for op in self.space.ops}
-        self.probe.plan(len(list(self.space.knob_configs())) + len(self.space.ops),
+        self.probe.plan(len(self.screen.first()) + len(self.space.ops),
                         latency_measurements=len(self.space.approaches) + len(types) + 1)
 
     def profile(self) -> None:
@@ -171,6 +178,44 @@ class _Search:
         except AutoquantError:  # the probe logged why
             self.unbuildable.add(key)
             return None
+
+    def _knob_error(self, config: QuantConfig) -> float | None:
+        """A knob setting's all-INT8 error: probed if it was, else the screen's prediction."""
+        self._screen()
+        knobs = self.space.canonical(replace(config, fp32_ops=frozenset()))
+        scores = frozenset(self._knob_scores().items())
+        if self._predicted is None or self._predicted[0] != scores:  # refitted when a setting is probed
+            self._predicted = (scores, self.screen.predict(dict(scores)))
+        return self._predicted[1].get(knobs.key())
+
+    def _knob_scores(self) -> dict[str, float | None]:
+        """The knob settings probed so far (None: the backend could not build it)."""
+        scores: dict[str, float | None] = {}
+        for config in self.screen.configs:
+            known = self.probe.known(config)
+            if known is not None or config.key() in self.unbuildable:
+                scores[config.key()] = known.error if known is not None else None
+        return scores
+
+    def _screen(self) -> None:
+        """Probe the screen's first settings, then its best predicted ones while the budget leaves a
+        candidate per op for the profile (all of them without a budget). Once per search."""
+        if self._screened:
+            return
+        self._screened = True
+        self.probe.expect(self.screen.first())
+        for first in self.screen.first():
+            self._error(first)
+        ops = len(self.space.ops)
+        latency = len({op.op_type for op in self.space.ops}) + 1  # the profile's latency measurements
+        while (config := self.screen.next(self._knob_scores())) is not None:
+            fits = self.probe.affordable(reserve_runs=RUNS_PER_LATENCY * latency)
+            if fits is not None and fits - latency <= ops:
+                log.info("sensitivity: %d of %d knob settings probed, the rest predicted from per-knob "
+                         "effects (probing all would exceed the probe's budget)", len(self._knob_scores()),
+                         len(self.screen.configs))
+                break
+            self._error(config)
 
     def _latency_ratio(self, config: QuantConfig) -> float:
         """The probe's latency ratio; 1.0 (no saving) for a candidate the backend cannot build."""
@@ -252,7 +297,6 @@ class _Search:
     # --- the search ----------------------------------------------------------------------------------
     def propose(self, space: Space, trials: Sequence[optuna.trial.FrozenTrial]) -> QuantConfig:
         self.plan()
-        self.probe.expect(space.canonical(c) for c in space.knob_configs())  # scored first (progress display)
         tried = tried_keys(trials)
         measured = _measured(trials)
         self.model = LossModel(self.tolerance, [
@@ -276,7 +320,7 @@ class _Search:
 
     def _choose(self, space: Space, tried: set[str], bound: float | None) -> _Candidate | None:
         """The fastest likely-to-pass untried candidate, probed exactly (None if there is none)."""
-        knob_only = [space.canonical(c) for c in space.knob_configs()]
+        knob_only = self.screen.configs
         if len(space.approaches) > 1 and not self.approach_latency:
             self._measure_approaches(space)
         fastest = min(self.approach_latency.values(), default=0.0)
@@ -305,16 +349,17 @@ class _Search:
     def _best_knobs(self, space: Space) -> QuantConfig:
         """The all-INT8 knob setting of the fastest approach with the best chance to pass."""
         approach = min(space.approaches, key=lambda a: self.approach_latency.get(a, 0.0))
-        configs = [space.canonical(c) for c in space.knob_configs() if c.approach == approach]
-        errors = {c.key(): self._error(c) for c in configs}
-        buildable = [c for c in configs if errors[c.key()] is not None] or configs
-        return max(buildable, key=lambda c: self.model.predict(c.describe(), errors[c.key()] or 0.0).p_pass)
+        self._screen()
+        errors = self._knob_scores()  # probed settings only: the profile is measured at a real one
+        configs = [c for c in self.screen.configs if c.approach == approach]
+        buildable = [c for c in configs if errors.get(c.key()) is not None] or configs
+        return max(buildable, key=lambda c: self.model.predict(c.describe(), errors.get(c.key()) or 0.0).p_pass)
 
     def _fallbacks(self, space: Space, tried: set[str], approach: str) -> list[QuantConfig]:
         """Ranked prefixes at the best knob settings, and one-op changes of every tried candidate."""
         ranked = [r.op for r in self.ranking]
         knobs = sorted((space.canonical(c) for c in space.knob_configs() if c.approach == approach),
-                       key=lambda c: -self.model.predict(c.describe(), self._error(c) or float("inf")).p_pass)
+                       key=lambda c: -self.model.predict(c.describe(), self._knob_error(c) or float("inf")).p_pass)
         configs = [replace(k, fp32_ops=frozenset(ranked[:n])) for k in knobs[:TOP_KNOBS]
                    for n in range(1, len(ranked) + 1)]
         for key in sorted(tried):
@@ -346,9 +391,12 @@ class _Search:
 
     def _predicted_error(self, config: QuantConfig) -> float | None:
         """Knob setting's all-INT8 error times the share of the probe error of the ops still INT8."""
+        known = self.probe.known(config)
+        if known is not None:
+            return known.error
+        base = self._knob_error(config)
         if not config.fp32_ops:
-            return self._error(config)
-        base = self._error(replace(config, fp32_ops=frozenset()))
+            return base
         if base is None or not self.ranking:
             return base
         return base * sum(r.score for r in self.ranking if r.op not in config.fp32_ops)

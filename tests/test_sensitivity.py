@@ -218,7 +218,10 @@ def test_a_probe_over_its_budget_measures_errors_per_run_of_ops():
     unbounded.setup(adapter.space, OutputProbe(adapter, adapter.space))
     unbounded.profile()
     assert unbounded.sensitivity["op"].tolist()[0] == "op13"
-    assert strategy._search.probe.calls == unbounded._search.probe.calls - 24 + 8  # candidates scored
+    # candidates scored: 8 runs instead of 24 ops, and the knob screen's first settings instead of all
+    screen = strategy._search.screen
+    assert len(screen.first()) == 7 < len(screen.configs) == 20  # the default and its 6 one-knob changes
+    assert strategy._search.probe.calls == unbounded._search.probe.calls - 24 + 8 - 20 + 7
 
 
 # --- the real backend: a model with one fragile layer -----------------------------------------
@@ -362,3 +365,53 @@ def test_non_monotone_fallback_on_a_real_depthwise_cnn(non_monotone):
     # steps). The bounds: four steps after the default, half the ops (doubling ended at 8 of 12).
     assert result.met and result.evaluations <= 5
     assert len(result.fp32_ops) <= ops // 2
+
+
+# --- the knob screen ---------------------------------------------------------------------------------
+def test_the_knob_screen_finds_a_two_knob_setting_from_one_knob_changes_and_skips_what_cannot_build():
+    from autoquant.strategies.knob_screen import KnobScreen
+
+    configs = [QuantConfig(calibration=c, granularity=g, scheme=s, smooth_alpha=a)
+               for g in ("per_channel", "per_tensor") for c in ("minmax", "entropy", "percentile-99.99", "mse")
+               for s in ("asymmetric", "symmetric") for a in (None, 0.5, 0.8)]
+    # log error: one effect per knob value, plus an interaction the fit cannot see (entropy with alpha 0.8)
+    effect = {"entropy": -2.0, "mse": -1.0, "symmetric": 0.5, "per_tensor": 1.0, "0.8": -1.5, "0.5": -0.5}
+
+    def error(c):
+        log_error = sum(effect.get(str(v), 0.0) for v in (c.calibration, c.granularity, c.scheme, c.smooth_alpha))
+        return math.exp(log_error + 3.0 * (c.calibration == "entropy" and c.smooth_alpha == 0.8))
+
+    screen = KnobScreen(configs)
+    scores = {c.key(): error(c) for c in screen.first()}
+    assert len(scores) == 1 + 3 + 1 + 1 + 2 < len(configs) == 48
+    predicted = screen.predict(scores)
+    best = min(configs, key=lambda c: predicted[c.key()])  # entropy with alpha 0.8: never scored
+    assert (best.calibration, best.smooth_alpha, best.key() in scores) == ("entropy", 0.8, False)
+    plain = QuantConfig(calibration="mse", smooth_alpha=0.5, scheme="symmetric")  # no interaction: exact
+    assert predicted[plain.key()] == pytest.approx(error(plain), rel=0.01)
+    for _ in range(4):  # the best predicted is scored next: the interaction shows, and the fit moves on
+        config = screen.next(scores)
+        scores[config.key()] = error(config)
+    assert error(best) > 5 * min(scores.values())
+    assert min(scores.values()) == pytest.approx(min(error(c) for c in configs))  # 12 of 48 scored
+    # a value with which nothing could be built is not predicted buildable
+    broken = {k: (None if json.loads(k)["calibration"] == "entropy" else e) for k, e in scores.items()}
+    assert all(screen.predict(broken)[c.key()] is None for c in configs if c.calibration == "entropy")
+    assert screen.next(broken).calibration != "entropy"
+
+
+def test_a_probe_over_its_budget_scores_the_knob_screen_not_the_whole_grid(caplog):
+    adapter = FakeAdapter(fake_model(n_ops=4, sensitive={1: 0.05}, calibration_helps=("op1",)), [None])
+    strategy = SensitivityStrategy()
+    strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, eval_seconds=1e-6, min_budget_s=0))
+    with caplog.at_level("INFO", logger="autoquant"):
+        strategy.profile()
+    search = strategy._search
+    assert len(search._knob_scores()) == len(search.screen.first()) < len(search.screen.configs)
+    assert "knob settings probed, the rest predicted" in caplog.text
+    # the rescuing calibration is a one-knob change: probed, the best of them
+    scores = search._knob_scores()
+    best = min(search.screen.configs, key=lambda c: scores.get(c.key(), math.inf))
+    assert best.calibration in ("entropy", "percentile-99.99")
+    unprobed = next(c for c in search.screen.configs if c.key() not in search._knob_scores())
+    assert search._knob_error(unprobed) is not None and search.probe.known(unprobed) is None
