@@ -89,6 +89,30 @@ def test_quantized_weights_are_reused_between_builds_and_equal_fresh_ones() -> N
     assert {i.name for i in first.initializer} >= set(weights)
 
 
+def test_indexed_graph_edits_write_the_model_ort_s_own_scans_write(adapter: ONNXAdapter, monkeypatch) -> None:
+    """The build finds a tensor's consumers through an index (ORT scans every node per tensor): the
+    quantized graph must be ORT's, byte for byte, with multi-consumer tensors (x, b) and fallbacks."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    from autoquant.adapters import onnx as onnx_adapter
+
+    configs = [QuantConfig(), QuantConfig(fp32_ops=frozenset({"m2"})), QuantConfig(fp32_ops=frozenset({"m1", "conv"}))]
+    indexed = [adapter.build(adapter.space.resolve(c)).model_proto.SerializeToString() for c in configs]
+
+    class Scan:  # ORT's own edits: every node, each time
+        def __init__(self, graph: onnx.GraphProto) -> None:
+            self.graph = graph
+
+        def replace(self, old: str, new: str) -> None:
+            for node in self.graph.node:
+                ONNXModel.replace_node_input(node, old, new)
+
+    monkeypatch.setattr(onnx_adapter, "_ConsumerIndex", Scan)
+    monkeypatch.setattr(onnx_adapter, "_append_initializers", ONNXModel.initializer_extend)
+    scanned = [adapter.build(adapter.space.resolve(c)).model_proto.SerializeToString() for c in configs]
+    assert indexed == scanned and len(set(indexed)) == 3
+
+
 def test_scheme_changes_activation_zero_point(adapter: ONNXAdapter) -> None:
     zero_points = {}
     for scheme in ("asymmetric", "symmetric"):
