@@ -95,6 +95,7 @@ class OutputProbe:
         self._score_seconds: list[float] = []  # each scored candidate's build and runs
         self._planned = False
         self._scores: dict[str, ProbeScore] = {}
+        self._latencies: dict[str, float] = {}  # latency ratio by canonical key
         self._last: tuple[str, Any] | None = None
         self.cost = ProbeCost()
         self.failures: dict[str, str] = {}  # config key -> why the backend could not build or run it
@@ -230,14 +231,17 @@ class OutputProbe:
 
     def latency_ratio(self, config: QuantConfig, budget_s: float) -> float:
         """Latency of the candidate over FP32's, interleaved on the adapter's latency batch, until known
-        to +-5% or ``budget_s`` is spent."""
-        start = time.perf_counter()
-        model, adapter = self._build(self._space.canonical(config)), self._adapter
-        ratio = measure_ratio(adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
-                              min_pairs=RUNS_PER_LATENCY // 2).ratio
-        self.cost.latency_measurements += 1
-        self.cost.seconds += time.perf_counter() - start
-        return ratio
+        to +-5% or ``budget_s`` is spent (once per candidate)."""
+        config = self._space.canonical(config)
+        if config.key() not in self._latencies:  # measured once: a strategy may ask again
+            start = time.perf_counter()
+            model, adapter = self._build(config), self._adapter
+            self._latencies[config.key()] = measure_ratio(
+                adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
+                min_pairs=RUNS_PER_LATENCY // 2).ratio
+            self.cost.latency_measurements += 1
+            self.cost.seconds += time.perf_counter() - start
+        return self._latencies[config.key()]
 
 
 # --- errors by output kind ------------------------------------------------------------------------
