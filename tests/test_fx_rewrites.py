@@ -1,5 +1,7 @@
 """The FX graph rewrites that give EfficientNet-style blocks fast INT8 kernels (adapters/fx_rewrites)."""
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -59,3 +61,38 @@ def test_full_int8_runs_silu_and_squeeze_quantized():
     everything = adapter.build(QuantConfig(fp32_ops=frozenset(adapter.space.op_names)))
     with torch.inference_mode():
         torch.testing.assert_close(everything(batches[0]), model(batches[0]))
+
+
+class LayerScaled(nn.Module):
+    """ConvNeXt-style layer scales: ``gamma * linear(x)`` (channels last) and ``conv(x) * gamma``
+    with gamma (C, 1, 1); and two that must stay: a Linear read twice, a scalar gamma."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.1)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.1)
+        self.shared, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.scalar = nn.Parameter(torch.tensor(0.7))  # one value, not one per channel: left a mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x) * self.conv_gamma
+        y = x.permute(0, 2, 3, 1)
+        y = y + self.gamma * self.fc2(torch.relu(self.fc1(y)))
+        s = self.shared(y.mean((1, 2)))
+        return self.head(s * self.gamma + s) * self.scalar
+
+
+def test_layer_scales_fold_into_their_layer_and_the_model_keeps_its_weights():
+    torch.manual_seed(0)
+    model, x = LayerScaled().eval(), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rewritten = int8_friendly(fx.symbolic_trace(model))
+    muls = [n for n in rewritten.graph.nodes if n.target in (operator.mul, torch.mul)]
+    # folded: conv * conv_gamma, gamma * fc2; kept: shared (read twice), head * scalar
+    assert [str(a) for n in muls for a in n.args if "gamma" in str(a) or "scalar" in str(a)] == ["gamma", "scalar"]
+    torch.testing.assert_close(rewritten(x), model(x))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    adapter = FXAdapter(model, [x])
+    assert sum(op.op_type == "mul" for op in adapter.space.ops) == 2  # the folded muls are no ops to search
