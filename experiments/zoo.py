@@ -2,6 +2,7 @@
 
     python experiments/zoo.py --size ci
     python experiments/zoo.py --size bench --models tf_effnet resnet --fallbacks 5
+    python experiments/zoo.py --size bench --models mobilevit --adapters onnx --tune 8
 
 For each zoo model (``autoquant.examples.zoo``) and adapter (FX on the module, ONNX on its export)
 it runs the contract checks of ``autoquant.examples.zoo_checks`` (coverage of every Conv/Linear,
@@ -9,8 +10,10 @@ the default build, single-op fallbacks, the all-FP32 build against FP32, save an
 records: space-build time (the adapter's constructor), calibration time, the median time to build
 one candidate (over every candidate built here), the output probe's cost as the sensitivity
 strategy runs it (time and model runs), and the latency of the default INT8 candidate against
-FP32 (interleaved pairs until known to +-5%, with the 95% interval width as spread). A crash is a
-build or run that raised. Held-out models (``zoo.HELD_OUT``) get their own table.
+FP32 (interleaved pairs until known to +-5%, with the 95% interval width as spread). With
+``--tune N`` it also runs the default tuner (at most N trials) on output fidelity to FP32 and records
+the result's latency over FP32's and whether its summary says it is slower. A crash is a build or
+run that raised. Held-out models (``zoo.HELD_OUT``) get their own table.
 
 Writes ``zoo.md`` and ``zoo.csv`` (``zoo_bench.*`` for ``--size bench``) into ``--out``, after
 every model, so an interrupted run keeps what it measured. ``--merge DIR...`` combines the tables of
@@ -33,16 +36,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import pandas as pd
 
+from autoquant import AccuracyCriterion, Tuner
 from autoquant.errors import first_line
 from autoquant.examples import zoo_checks as checks
 from autoquant.examples.zoo import HELD_OUT, SIZES, ZOO, ZooCase, export_onnx
 from autoquant.latency import measure_ratio
-from autoquant.probe import OutputProbe, output_arrays
+from autoquant.probe import OutputProbe, flatten_outputs, output_arrays
 from autoquant.strategies.sensitivity import SensitivityStrategy
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TUNE_LOSS = 0.02  # --tune's goal: output fidelity to FP32 within 2% (relative squared error)
 EVAL_SAMPLES = 744  # the probe's budget is two eval_fn calls on this many samples (issue 14's ImageNet set)
 log = logging.getLogger("zoo")
 
@@ -68,6 +75,9 @@ class Row:
     probe_evals: float | None = None  # the probe's time in eval_fn calls (EVAL_SAMPLES in FP32)
     int8_vs_fp32: float | None = None
     latency_spread: float | None = None
+    tuned_ratio: float | None = None  # --tune: the tuned model's latency over FP32's
+    tuned_trials: int | None = None
+    tuned_verdict: str = "-"
     fp32_error: float | None = None
     coverage: str = "-"
     default: str = "-"
@@ -148,6 +158,8 @@ def run_one(case: ZooCase, adapter_name: str, args: argparse.Namespace) -> Row:
     row.build_median_s = statistics.median(timed.times) if timed.times else None
     if args.probe:
         _probe(adapter, row)
+    if args.tune:
+        _tune(case, adapter, exported, row, args.tune)
     return row
 
 
@@ -175,6 +187,30 @@ def _probe(adapter: Any, row: Row) -> None:
     row.probe_evals = row.probe_s / eval_s
 
 
+def _tune(case: ZooCase, adapter: Any, exported: bytes | None, row: Row, trials: int) -> None:
+    """The default tuner on the model, as a user runs it: is its result faster than FP32, and does
+    it say so when it is not? The metric is output fidelity to FP32 on the latency batch (1 - relative
+    squared error), the goal a loss of at most TUNE_LOSS."""
+    reference = flatten_outputs(adapter.runner(adapter.fp32_model)())
+
+    def fidelity(model: Any) -> float:
+        outputs = flatten_outputs(adapter.runner(model)())  # the zoo's adapter runs the tuner's candidates
+        return 1.0 - float(np.sum((outputs - reference) ** 2) / np.sum(reference**2))
+
+    model: Any = case.model if exported is None else onnx.load_from_string(exported)
+    data = case.calib_batches if exported is None else case.feeds()
+    try:
+        result = Tuner(AccuracyCriterion(absolute=TUNE_LOSS), max_trials=trials).tune(
+            model, data, fidelity, adapter=adapter.name)
+    except Exception as exc:
+        row.crashes += 1
+        row.errors["tune"] = first_line(exc, 300)
+        return
+    row.tuned_ratio, row.tuned_trials = result.latency_ratio, result.trials
+    row.tuned_verdict = ("not met" if not result.met else "SLOWER than FP32" if result.slower_than_fp32
+                         else "faster than FP32")
+
+
 def _eval_seconds(adapter: Any) -> float:
     """An eval_fn's time: the FP32 model on EVAL_SAMPLES samples (the median batch time, scaled)."""
     run = adapter.runner(adapter.fp32_model)
@@ -194,7 +230,8 @@ COLUMNS = {
     "unaccounted": "unaccounted", "unsupported": "unsupported", "space_s": "space s", "calib_s": "calib s",
     "build_median_s": "build median s", "builds": "builds", "probe_s": "probe s", "probe_runs": "probe runs",
     "probe_evals": "probe / eval_fn",
-    "int8_vs_fp32": "INT8/FP32 latency", "latency_spread": "spread", "coverage": "coverage",
+    "int8_vs_fp32": "INT8/FP32 latency", "latency_spread": "spread", "tuned_ratio": "tuned/FP32 latency",
+    "tuned_trials": "tuned trials", "tuned_verdict": "tuner says", "coverage": "coverage",
     "default": "default", "fallback": "fallbacks ok", "fp32": "all-FP32", "fp32_error": "all-FP32 rel. error",
     "save_load": "save/load", "crashes": "crashes",
 }
@@ -248,7 +285,10 @@ def _write(table: pd.DataFrame, out: Path, size: str, runs: str, sample: str) ->
         f"that build and run ({sample}); "
         f"all-FP32 = every op FP32 matches the FP32 model (relative L2 error <= {checks.FP32_TOLERANCE:g}); "
         "save/load = same outputs after save_model/load_model. Latency: the default candidate against FP32, "
-        "interleaved pairs until the ratio is known to +-5%; spread = width of its 95% interval over the ratio.\n",
+        "interleaved pairs until the ratio is known to +-5%; spread = width of its 95% interval over the ratio. "
+        "Tuned (with --tune N): the default tuner, N trials at most, on output fidelity to FP32 (1 - relative "
+        f"squared error on the latency batch) with a loss of at most {TUNE_LOSS:g}: the result's latency over "
+        "FP32's and what its summary says.\n",
     ]
     for title, held in (("Design set", False), (f"Held-out models ({', '.join(HELD_OUT)}): not for tuning", True)):
         part = shown[table["held_out"] == held].drop(columns=["kind", "held_out", "errors"])
@@ -271,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="single-op fallbacks per model, spread over the graph (default: every op)")
     parser.add_argument("--latency-s", type=float, default=0.5, help="time budget of one latency measurement")
     parser.add_argument("--no-probe", dest="probe", action="store_false", help="skip the probe's cost")
+    parser.add_argument("--tune", type=int, default=0, metavar="N",
+                        help="also run the default tuner (N trials at most) and record its result's latency")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                         help="merge earlier runs' tables (their --out directories) into one in --out; runs nothing")

@@ -17,10 +17,12 @@ How it decides (each proposal is logged with its prediction):
    ``measure="fp32"``, the error it removes in FP32) and its latency cost (the speed-up it gives
    alone, measured against FP32; per op type, split evenly, where one measurement per op would
    exceed the probe's budget of two eval_fn calls; likewise the error, per run of consecutive ops
-   where one candidate per op would). A candidate's error is predicted as the knob setting's error
-   times the share of ops still INT8; its latency as the sum of its FP32 ops' costs. Candidates
-   are the ranked prefixes and the one-op changes of every measured trial, so a near miss leads
-   to the cheapest op that the model says closes the gap. The chosen candidate is probed exactly
+   where one candidate per op would). A cost is negative where the op's INT8 ran slower than FP32.
+   A candidate's error is predicted as the knob setting's error times the share of ops still
+   INT8; its latency as the sum of its FP32 ops' costs. Candidates are the ranked prefixes and the
+   one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
+   near miss leads to the cheapest op that the model says closes the gap, and an INT8 kernel
+   slower than FP32's falls back for speed. The chosen candidate is probed exactly
    before it is proposed (and another chosen if that changes the verdict).
 
 With ``objective="latency"`` it goes on while an untried candidate is predicted faster than the
@@ -57,7 +59,7 @@ log = logging.getLogger("autoquant")
 # "fp32": how much the all-INT8 error drops with only that op in FP32.
 MEASURES = ("int8", "fp32")
 COST_RESOLUTION = 0.005  # latency costs are rounded to this share of FP32 latency: noise must not reorder
-MIN_SAVING = 0.05  # below this share of FP32 latency, all INT8 is taken as no faster than FP32
+MIN_SAVING = 0.05  # below this share of FP32 latency, INT8 is taken as not paying as a whole
 EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
 MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
@@ -240,15 +242,11 @@ class _Search:
                 error = max(base - (self._error(replace(reference, fp32_ops=frozenset(group))) or base), 0.0)
             scores.update((name, error / len(group)) for name in group)
         for group in self._latency_groups(names, types):  # each op alone, or each op type, as the budget allows
-            saving = max(1.0 - self._latency_ratio(replace(reference, fp32_ops=frozenset(names) - set(group))), 0.0)
+            # signed: negative where the group's INT8 kernels run slower than FP32
+            saving = 1.0 - self._latency_ratio(replace(reference, fp32_ops=frozenset(names) - set(group)))
             savings.update((name, saving / len(group)) for name in group)
-        # Savings measured one op (or type) at a time overlap (shared overheads), so they are scaled
-        # to add up to what all of them save together.
-        together = max(1.0 - self._latency_ratio(reference), 0.0)
-        if together < MIN_SAVING:  # INT8 is not faster here: latency is no reason to prefer one op
-            together = 0.0
-        scale = together / sum(savings.values()) if sum(savings.values()) > 0 else 0.0
-        costs = {n: round(savings[n] * scale / COST_RESOLUTION) * COST_RESOLUTION for n in names}
+        costs = {n: round(cost / COST_RESOLUTION) * COST_RESOLUTION
+                 for n, cost in _latency_costs(savings, 1.0 - self._latency_ratio(reference)).items()}
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
@@ -356,17 +354,21 @@ class _Search:
         return max(buildable, key=lambda c: self.model.predict(c.describe(), errors.get(c.key()) or 0.0).p_pass)
 
     def _fallbacks(self, space: Space, tried: set[str], approach: str) -> list[QuantConfig]:
-        """Ranked prefixes at the best knob settings, and one-op changes of every tried candidate."""
+        """Ranked prefixes at the best knob settings, and one-op changes of every tried candidate;
+        each also with every op whose INT8 was measured slower than FP32 in FP32."""
         ranked = [r.op for r in self.ranking]
+        slower = frozenset(r.op for r in self.ranking if r.latency_cost < 0)
         knobs = sorted((space.canonical(c) for c in space.knob_configs() if c.approach == approach),
                        key=lambda c: -self.model.predict(c.describe(), self._knob_error(c) or float("inf")).p_pass)
         configs = [replace(k, fp32_ops=frozenset(ranked[:n])) for k in knobs[:TOP_KNOBS]
-                   for n in range(1, len(ranked) + 1)]
+                   for n in range(0 if slower else 1, len(ranked) + 1)]
         for key in sorted(tried):
             config = QuantConfig.from_dict(json.loads(key))
             if config.approach != approach:
                 continue
             configs += [replace(config, fp32_ops=config.fp32_ops ^ {op}) for op in ranked]
+        if slower:
+            configs += [replace(c, fp32_ops=c.fp32_ops | slower) for c in configs]
         if "bf16" in space.fallbacks:  # each fallback set also with its BF16-faster ops in BF16
             configs += [replace(c, fallback="bf16") for c in configs]
         return [space.canonical(c) for c in configs]
@@ -408,6 +410,19 @@ class _Search:
         bf16 = self.bf16_ratios if config.fallback == "bf16" else {}
         return self.approach_latency.get(config.approach, 0.0) + sum(
             costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
+
+
+def _latency_costs(savings: dict[str, float], together: float) -> dict[str, float]:
+    """Each op's share of FP32 latency that its INT8 saves (negative: falling it back is faster).
+    Gains measured one op (or type) at a time overlap (shared overheads), so where INT8 pays as a
+    whole they are scaled to add up, with the losses, to what all INT8 saves; where it does not,
+    each op keeps its own measured saving."""
+    losses = sum(min(s, 0.0) for s in savings.values())
+    gains = sum(max(s, 0.0) for s in savings.values())
+    if together < MIN_SAVING or gains <= 0:
+        return dict(savings)
+    scale = (together - losses) / gains
+    return {n: s * scale if s > 0 else s for n, s in savings.items()}
 
 
 def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, float, bool]]:

@@ -138,6 +138,27 @@ def test_latency_objective_goes_on_while_a_faster_candidate_is_likely_then_stops
     assert result.trials < 10  # it stopped by itself: no likely candidate was left, not the budget
 
 
+def test_ops_whose_int8_runs_slower_than_fp32_fall_back_for_speed():
+    # every op passes the goal in INT8, but INT8 op1 and op4 each add 0.6 ms: the default (1.7 ms)
+    # is slower than FP32 (1 ms); their measured saving is negative, so falling them back is the step
+    result = tune(fake_model(n_ops=6, slow_int8=("op1", "op4")))
+    assert result.met and not result.slower_than_fp32 and result.latency_ratio < 0.8
+    assert fp32_sequence(result) == ["", "op1 op4"]
+    costs = dict(zip(result.sensitivity["op"], result.sensitivity["latency_cost"], strict=True))
+    assert costs["op1"] < 0 and costs["op4"] < 0 < costs["op0"]
+
+
+def test_latency_costs_scale_gains_where_int8_pays_and_keep_every_sign():
+    from autoquant.strategies.sensitivity import _latency_costs
+
+    # INT8 pays (saves 0.5 in all): gains overlap, so they are scaled to 0.5 plus the loss's 0.1
+    costs = _latency_costs({"a": 0.4, "b": 0.4, "c": -0.1}, 0.5)
+    assert costs["c"] == -0.1 and costs["a"] == costs["b"] == pytest.approx(0.3)
+    assert sum(costs.values()) == pytest.approx(0.5)
+    # INT8 does not pay as a whole: each op keeps its own saving, losses included
+    assert _latency_costs({"a": 0.1, "c": -0.2}, -0.3) == {"a": 0.1, "c": -0.2}
+
+
 def entangled(model):
     """eval_fn with an interaction the probe cannot see: op1 in FP32 costs 5% unless op6 is too."""
     config = model.config
@@ -229,16 +250,17 @@ def test_a_probe_over_its_budget_measures_errors_per_run_of_ops():
 class OutlierNet(nn.Module):
     """Four Linears; the input of ``fc2`` has one channel 1000x larger than the rest, made by an
     elementwise scale that is not searched (a method call). FP32 is unchanged (fc2 divides it back),
-    but an INT8 range stretched by the outlier crushes fc2's other input channels."""
+    but an INT8 range stretched by the outlier crushes fc2's other input channels. 512 wide, so that
+    INT8 pays on x86 (32 wide, full INT8 ran 2.8x slower than FP32, and FP32 was the right answer)."""
 
     scale: torch.Tensor  # a buffer
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 512) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.fc0, self.fc1 = nn.Linear(16, 32), nn.Linear(32, 32)
-        self.fc2, self.fc3 = nn.Linear(32, 32), nn.Linear(32, 10)
-        scale = torch.ones(32)
+        self.fc0, self.fc1 = nn.Linear(16, width), nn.Linear(width, width)
+        self.fc2, self.fc3 = nn.Linear(width, width), nn.Linear(width, 10)
+        scale = torch.ones(width)
         scale[3] = 1000.0
         self.register_buffer("scale", scale)
         with torch.no_grad():
