@@ -416,10 +416,13 @@ def _latency_costs(savings: dict[str, float], together: float) -> dict[str, floa
     """Each op's share of FP32 latency that its INT8 saves (negative: falling it back is faster).
     Gains measured one op (or type) at a time overlap (shared overheads), so where INT8 pays as a
     whole they are scaled to add up, with the losses, to what all INT8 saves; where it does not,
-    each op keeps its own measured saving."""
+    each op keeps its own measured saving. Where no op gains, INT8 does not pay anywhere: latency
+    is no reason to prefer one candidate (all 0; the tuner reports a result slower than FP32)."""
     losses = sum(min(s, 0.0) for s in savings.values())
     gains = sum(max(s, 0.0) for s in savings.values())
-    if together < MIN_SAVING or gains <= 0:
+    if gains <= 0:
+        return dict.fromkeys(savings, 0.0)
+    if together < MIN_SAVING:
         return dict(savings)
     scale = (together - losses) / gains
     return {n: s * scale if s > 0 else s for n, s in savings.items()}

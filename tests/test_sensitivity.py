@@ -148,7 +148,7 @@ def test_ops_whose_int8_runs_slower_than_fp32_fall_back_for_speed():
     assert costs["op1"] < 0 and costs["op4"] < 0 < costs["op0"]
 
 
-def test_latency_costs_scale_gains_where_int8_pays_and_keep_every_sign():
+def test_latency_costs_scale_gains_where_int8_pays_and_keep_losses_where_some_op_gains():
     from autoquant.strategies.sensitivity import _latency_costs
 
     # INT8 pays (saves 0.5 in all): gains overlap, so they are scaled to 0.5 plus the loss's 0.1
@@ -157,6 +157,8 @@ def test_latency_costs_scale_gains_where_int8_pays_and_keep_every_sign():
     assert sum(costs.values()) == pytest.approx(0.5)
     # INT8 does not pay as a whole: each op keeps its own saving, losses included
     assert _latency_costs({"a": 0.1, "c": -0.2}, -0.3) == {"a": 0.1, "c": -0.2}
+    # no op gains (a model too small for INT8 to pay): no candidate is preferred for speed
+    assert _latency_costs({"a": -0.1, "c": -0.2}, -0.3) == {"a": 0.0, "c": 0.0}
 
 
 def entangled(model):
