@@ -172,3 +172,16 @@ def test_merge_combines_per_model_runs_into_one_table(tmp_path) -> None:  # noqa
     design, held_out = text.split("## Held-out")
     assert "| resnet" in design and "regnet" not in design.split("## Design set")[1] and "| regnet" in held_out
     assert "slow" not in text  # the rerun's row replaced the first one, errors and all
+
+
+@pytest.mark.parametrize("adapter", checks.ADAPTERS)
+def test_tune_records_the_tuned_latency_and_what_the_tuner_says(adapter: str) -> None:
+    from experiments import zoo as bench
+
+    row = bench.Row("resnet", adapter, "cnn", False)
+    bench._tune(case("resnet"), calibrated("resnet", adapter), onnx_export("resnet") if adapter == "onnx" else None,
+                row, trials=2)
+    assert row.errors == {} and row.crashes == 0
+    assert row.tuned_trials is not None and 1 <= row.tuned_trials <= 2
+    assert row.tuned_ratio is not None and row.tuned_ratio > 0
+    assert row.tuned_verdict in ("faster than FP32", "SLOWER than FP32", "not met")
