@@ -155,6 +155,7 @@ class _Search:
         self.screen = KnobScreen([space.canonical(c) for c in space.knob_configs()])
         self._screened = False
         self._predicted: tuple[frozenset[tuple[str, float | None]], dict[str, float | None]] | None = None
+        self._scored: tuple[tuple[int, int], dict[str, float | None]] | None = None  # (probe state, scores)
 
     def plan(self) -> None:
         """Tell the probe what a full profile spends (candidates scored; latency measured per approach,
@@ -191,13 +192,17 @@ class _Search:
         return self._predicted[1].get(knobs.key())
 
     def _knob_scores(self) -> dict[str, float | None]:
-        """The knob settings probed so far (None: the backend could not build it)."""
-        scores: dict[str, float | None] = {}
-        for config in self.screen.configs:
-            known = self.probe.known(config)
-            if known is not None or config.key() in self.unbuildable:
-                scores[config.key()] = known.error if known is not None else None
-        return scores
+        """The knob settings probed so far (None: the backend could not build it); read again only
+        when the probe has scored or failed a candidate since (this runs for every candidate scored)."""
+        state = (self.probe.calls, len(self.unbuildable))
+        if self._scored is None or self._scored[0] != state:
+            scores: dict[str, float | None] = {}
+            for config in self.screen.configs:
+                known = self.probe.known(config)
+                if known is not None or config.key() in self.unbuildable:
+                    scores[config.key()] = known.error if known is not None else None
+            self._scored = (state, scores)
+        return dict(self._scored[1])
 
     def _screen(self) -> None:
         """Probe the screen's first settings, then its best predicted ones while the budget leaves a
@@ -208,11 +213,9 @@ class _Search:
         self.probe.expect(self.screen.first())
         for first in self.screen.first():
             self._error(first)
-        ops = len(self.space.ops)
-        latency = len({op.op_type for op in self.space.ops}) + 1  # the profile's latency measurements
         while (config := self.screen.next(self._knob_scores())) is not None:
-            fits = self.probe.affordable(reserve_runs=RUNS_PER_LATENCY * latency)
-            if fits is not None and fits - latency <= ops:
+            fits = self._candidates_left()
+            if fits is not None and fits <= len(self.space.ops):
                 log.info("sensitivity: %d of %d knob settings probed, the rest predicted from per-knob "
                          "effects (probing all would exceed the probe's budget)", len(self._knob_scores()),
                          len(self.screen.configs))
@@ -235,7 +238,7 @@ class _Search:
         base = self._error(reference) or 0.0
         scores: dict[str, float] = {}
         savings: dict[str, float] = {}
-        for group in self._error_groups(names, types):  # each op alone, or runs of ops, as the budget allows
+        for group in self._error_groups(names):  # each op alone, or runs of ops, as the budget allows
             if self.options.measure == "int8":
                 error = max(self._error(replace(reference, fp32_ops=frozenset(names) - set(group))) or 0.0, 0.0)
             else:
@@ -256,18 +259,24 @@ class _Search:
                  ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in self.ranking[:8]))
         return reference
 
-    def _error_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
+    def _error_groups(self, names: list[str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a candidate per op (its latency measurements
         kept back), else as many runs of consecutive ops as it affords, MIN_ERROR_GROUPS at least
         (their error split evenly)."""
-        latency = len(set(types.values())) + 1  # measurements to come: each builds a candidate too
-        fits = self.probe.affordable(reserve_runs=RUNS_PER_LATENCY * latency)
-        if fits is None or max(fits - latency, MIN_ERROR_GROUPS) >= len(names):
+        fits = self._candidates_left()
+        if fits is None or max(fits, MIN_ERROR_GROUPS) >= len(names):
             return [[name] for name in names]
-        size = -(-len(names) // max(fits - latency, MIN_ERROR_GROUPS))
+        size = -(-len(names) // max(fits, MIN_ERROR_GROUPS))
         log.info("sensitivity: probe errors measured for runs of %d consecutive ops: one candidate per op "
                  "would exceed the probe's budget", size)
         return [names[i:i + size] for i in range(0, len(names), size)]
+
+    def _candidates_left(self) -> int | None:
+        """Candidates the probe's budget still affords, the profile's latency measurements (one per
+        op type and all INT8, each building a candidate too) kept back; None: no budget."""
+        latency = len({op.op_type for op in self.space.ops}) + 1
+        fits = self.probe.affordable(reserve_runs=RUNS_PER_LATENCY * latency)
+        return None if fits is None else fits - latency
 
     def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a latency measurement per op, else one
@@ -358,7 +367,7 @@ class _Search:
         each also with every op whose INT8 was measured slower than FP32 in FP32."""
         ranked = [r.op for r in self.ranking]
         slower = frozenset(r.op for r in self.ranking if r.latency_cost < 0)
-        knobs = sorted((space.canonical(c) for c in space.knob_configs() if c.approach == approach),
+        knobs = sorted((c for c in self.screen.configs if c.approach == approach),
                        key=lambda c: -self.model.predict(c.describe(), self._knob_error(c) or float("inf")).p_pass)
         configs = [replace(k, fp32_ops=frozenset(ranked[:n])) for k in knobs[:TOP_KNOBS]
                    for n in range(0 if slower else 1, len(ranked) + 1)]
