@@ -43,6 +43,10 @@ class LatencyRatio:
     baseline_ms: float
     candidate_ms: float
 
+    def excludes(self, value: float) -> bool:
+        """Whether ``value`` lies outside the interval (1.0: the candidate is known faster or slower)."""
+        return not self.low <= value <= self.high
+
     @property
     def half_width(self) -> float:
         """The interval's half-width relative to the ratio (0.05: known to about +-5%)."""
@@ -62,17 +66,19 @@ def measure_ratio(
     budget_s: float = 10.0,
     min_pairs: int = 8,
     max_pairs: int = 2000,
+    decide: float | None = None,
 ) -> LatencyRatio:
     """Time ``candidate`` against ``baseline`` in interleaved pairs (alternating which runs first)
     until the median ratio's confidence interval has a relative half-width of at most
-    ``precision``, or ``budget_s`` or ``max_pairs`` is spent, whichever comes first; check
-    ``half_width`` to see which. One ratio per pair cancels the machine's slow drift (about +-20%
+    ``precision``, or excludes ``decide`` (if given: 1.0 asks only whether the candidate is faster
+    or slower), or ``budget_s`` or ``max_pairs`` is spent, whichever comes first; check
+    ``half_width`` and ``excludes`` to see which. One ratio per pair cancels the machine's slow drift (about +-20%
     between runs here), which a ratio of two medians does not."""
     if not (precision > 0 and 0 < confidence < 1 and min_pairs >= 2):
         raise ConfigError(f"measure_ratio needs precision > 0, 0 < confidence < 1 and min_pairs >= 2; got "
                           f"{precision=}, {confidence=}, {min_pairs=}.")
     with timing_lock():
-        return _measure(baseline, candidate, precision, confidence, budget_s, min_pairs, max_pairs)
+        return _measure(baseline, candidate, precision, confidence, budget_s, min_pairs, max_pairs, decide)
 
 
 @contextmanager
@@ -91,7 +97,7 @@ def timing_lock(path: str | None = None) -> Iterator[None]:
 
 
 def _measure(baseline: Callable[[], object], candidate: Callable[[], object], precision: float, confidence: float,
-             budget_s: float, min_pairs: int, max_pairs: int) -> LatencyRatio:
+             budget_s: float, min_pairs: int, max_pairs: int, decide: float | None) -> LatencyRatio:
     for _ in range(2):  # warm-up: allocators, lazily packed weights, caches
         baseline()
         candidate()
@@ -110,7 +116,9 @@ def _measure(baseline: Callable[[], object], candidate: Callable[[], object], pr
         if len(ratios) < min_pairs:
             continue
         result = _median_interval(ratios, z, confidence, base, cand)
-        if result.half_width <= precision or time.perf_counter() - start > budget_s or len(ratios) >= max_pairs:
+        decided = decide is not None and result.excludes(decide)
+        if (result.half_width <= precision or decided or time.perf_counter() - start > budget_s
+                or len(ratios) >= max_pairs):
             return result
 
 

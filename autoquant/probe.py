@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoquant.errors import BackendError, ConfigError, check_choice, first_line
-from autoquant.latency import measure_ratio
+from autoquant.latency import LatencyRatio, measure_ratio
 from autoquant.space import QuantConfig, Space
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class OutputProbe:
         self._score_seconds: list[float] = []  # each scored candidate's build and runs
         self._planned = False
         self._scores: dict[str, ProbeScore] = {}
-        self._latencies: dict[str, float] = {}  # latency ratio by canonical key
+        self._latencies: dict[str, LatencyRatio] = {}  # by canonical key
         self._last: tuple[str, Any] | None = None
         self.cost = ProbeCost()
         self.failures: dict[str, str] = {}  # config key -> why the backend could not build or run it
@@ -229,16 +229,16 @@ class OutputProbe:
     def error(self, config: QuantConfig) -> float:
         return self.score(config).error
 
-    def latency_ratio(self, config: QuantConfig, budget_s: float) -> float:
+    def latency(self, config: QuantConfig, budget_s: float) -> LatencyRatio:
         """Latency of the candidate over FP32's, interleaved on the adapter's latency batch, until known
-        to +-5% or ``budget_s`` is spent (once per candidate)."""
+        to +-5%, or known faster or slower than FP32, or ``budget_s`` is spent (once per candidate)."""
         config = self._space.canonical(config)
         if config.key() not in self._latencies:  # measured once: a strategy may ask again
             start = time.perf_counter()
             model, adapter = self._build(config), self._adapter
             self._latencies[config.key()] = measure_ratio(
                 adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
-                min_pairs=RUNS_PER_LATENCY // 2).ratio
+                min_pairs=RUNS_PER_LATENCY // 2, decide=1.0)
             self.cost.latency_measurements += 1
             self.cost.seconds += time.perf_counter() - start
         return self._latencies[config.key()]

@@ -11,11 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from autoquant.result import TuneResult, counts_text
-from autoquant.space import KNOBS, QuantConfig, Space
+from autoquant.space import ALL_KNOBS, KNOBS, QuantConfig, Space
 from autoquant.trials import MEASUREMENT_KEYS, records
 
 HISTORY_COLUMNS = [
-    "trial", "state", "accuracy", "loss", "passed", "latency_ratio", "n_fp32", *KNOBS, "op_calibration", "fp32_ops",
+    "trial", "state", "accuracy", "loss", "passed", "latency_ratio", "n_fp32", *ALL_KNOBS, "op_calibration", "fp32_ops",
     "config", "outcome", "latency_precision", "latency_ms", "fp32_latency_ms", "build_s", "eval_s", "duplicate_of",
     "error",
 ]
@@ -61,7 +61,7 @@ def history_frame(trials: Sequence[optuna.trial.FrozenTrial]) -> pd.DataFrame:
             "state": t.state.name,
             "outcome": t.outcome,
             **(t.measurement.to_attrs() if t.measurement else {}),
-            **{k: config.get(k) for k in KNOBS},
+            **{k: getattr(t.config, k) if t.config else None for k in ALL_KNOBS},
             "op_calibration": " ".join(f"{op}={m}" for op, m in config.get("op_calibration", {}).items()),
             "fp32_ops": " ".join(config.get("fp32_ops", [])),
             "config": config_text(t.config) if t.config else None,

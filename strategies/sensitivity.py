@@ -17,7 +17,8 @@ How it decides (each proposal is logged with its prediction):
    ``measure="fp32"``, the error it removes in FP32) and its latency cost (the speed-up it gives
    alone, measured against FP32; per op type, split evenly, where one measurement per op would
    exceed the probe's budget of two eval_fn calls; likewise the error, per run of consecutive ops
-   where one candidate per op would). A cost is negative where the op's INT8 ran slower than FP32.
+   where one candidate per op would). A cost is negative where the op's INT8 ran slower than FP32,
+   0 where its measurement could not tell faster from slower; costs add up to all INT8's saving.
    A candidate's error is predicted as the knob setting's error times the share of ops still
    INT8; its latency as the sum of its FP32 ops' costs. Candidates are the ranked prefixes and the
    one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
@@ -59,7 +60,6 @@ log = logging.getLogger("autoquant")
 # "fp32": how much the all-INT8 error drops with only that op in FP32.
 MEASURES = ("int8", "fp32")
 COST_RESOLUTION = 0.005  # latency costs are rounded to this share of FP32 latency: noise must not reorder
-MIN_SAVING = 0.05  # below this share of FP32 latency, INT8 is taken as not paying as a whole
 EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
 MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
@@ -225,9 +225,18 @@ class _Search:
     def _latency_ratio(self, config: QuantConfig) -> float:
         """The probe's latency ratio; 1.0 (no saving) for a candidate the backend cannot build."""
         try:
-            return self.probe.latency_ratio(config, self.options.latency_budget_s)
+            return self.probe.latency(config, self.options.latency_budget_s).ratio
         except AutoquantError:  # the probe logged why
             return 1.0
+
+    def _saving(self, config: QuantConfig) -> float:
+        """The share of FP32 latency the candidate saves (negative: it runs slower); 0 where its
+        measurement could not tell faster from slower (noise must not make a cost)."""
+        try:
+            latency = self.probe.latency(config, self.options.latency_budget_s)
+        except AutoquantError:  # the probe logged why
+            return 0.0
+        return 1.0 - latency.ratio if latency.excludes(1.0) else 0.0
 
     def _profile(self, reference: QuantConfig) -> QuantConfig:
         """Per op at ``reference`` (all INT8): its share of the probe error and its latency cost."""
@@ -246,10 +255,10 @@ class _Search:
             scores.update((name, error / len(group)) for name in group)
         for group in self._latency_groups(names, types):  # each op alone, or each op type, as the budget allows
             # signed: negative where the group's INT8 kernels run slower than FP32
-            saving = 1.0 - self._latency_ratio(replace(reference, fp32_ops=frozenset(names) - set(group)))
+            saving = self._saving(replace(reference, fp32_ops=frozenset(names) - set(group)))
             savings.update((name, saving / len(group)) for name in group)
         costs = {n: round(cost / COST_RESOLUTION) * COST_RESOLUTION
-                 for n, cost in _latency_costs(savings, 1.0 - self._latency_ratio(reference)).items()}
+                 for n, cost in _latency_costs(savings, self._saving(reference)).items()}
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
@@ -423,18 +432,22 @@ class _Search:
 
 def _latency_costs(savings: dict[str, float], together: float) -> dict[str, float]:
     """Each op's share of FP32 latency that its INT8 saves (negative: falling it back is faster).
-    Gains measured one op (or type) at a time overlap (shared overheads), so where INT8 pays as a
-    whole they are scaled to add up, with the losses, to what all INT8 saves; where it does not,
-    each op keeps its own measured saving. Where no op gains, INT8 does not pay anywhere: latency
-    is no reason to prefer one candidate (all 0; the tuner reports a result slower than FP32)."""
+    Savings measured one op (or type) at a time overlap (shared overheads, Q/DQ at the edges), so
+    they are scaled to add up to what all INT8 saves (or loses): the gains where it saves, the
+    losses where it loses, so the all-FP32 candidate is predicted at FP32's latency. Where no op
+    gains, INT8 does not pay anywhere: latency is no reason to prefer one candidate (all 0; the
+    tuner reports a result slower than FP32)."""
     losses = sum(min(s, 0.0) for s in savings.values())
     gains = sum(max(s, 0.0) for s in savings.values())
     if gains <= 0:
         return dict.fromkeys(savings, 0.0)
-    if together < MIN_SAVING:
-        return dict(savings)
-    scale = (together - losses) / gains
-    return {n: s * scale if s > 0 else s for n, s in savings.items()}
+    if together >= 0:
+        scale = (together - losses) / gains
+        return {n: s * scale if s > 0 else s for n, s in savings.items()}
+    if losses < 0:
+        scale = (together - gains) / losses
+        return {n: s * scale if s < 0 else s for n, s in savings.items()}
+    return dict(savings)  # each op gains alone, all together lose: the measurements disagree
 
 
 def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, float, bool]]:

@@ -30,6 +30,15 @@ def test_time_budget_bounds_an_imprecise_measurement():
     assert result.half_width > 1e-6  # not reached, and the result says so
 
 
+def test_decide_stops_once_faster_or_slower_is_known():
+    # +-5% would take many pairs at 1 ms vs 1.5 ms; "slower than the baseline" is known after a few
+    result = measure_ratio(sleeper(0.001), sleeper(0.0015), precision=1e-6, budget_s=20, min_pairs=3, decide=1.0)
+    assert result.excludes(1.0) and result.low > 1.0
+    assert result.pairs < 20
+    without = measure_ratio(sleeper(0.001), sleeper(0.0015), precision=1e-6, budget_s=0.2, min_pairs=3)
+    assert without.pairs > 40  # without decide: measured until the budget ran out
+
+
 def test_bad_arguments_are_config_errors():
     with pytest.raises(ConfigError, match="precision > 0"):
         measure_ratio(sleeper(0), sleeper(0), precision=0)

@@ -202,6 +202,9 @@ def test_strategies_find_smoothing_when_plain_static_int8_misses(strategy: str) 
     restrict = Restriction(approach="static", calibration="minmax", granularity="per_channel", scheme="asymmetric")
     result = Tuner(AccuracyCriterion(absolute=0.15), strategy=strategy, max_trials=4, seed=0,
                    restrict=restrict).tune(attention_block(), batches(), eval_fn)
-    first = result.history.iloc[0]
-    assert not first["passed"]  # plain static INT8 (the default) misses: the outlier channel
-    assert result.met and result.config.smooth_alpha is not None and not result.fp32_ops, result.history
+    history = result.history
+    assert not history.iloc[0]["passed"]  # plain static INT8 (the default) misses: the outlier channel
+    # The first pass smooths with every op INT8. Which pass the search keeps is a matter of latency:
+    # on this tiny block a few microseconds of Q/DQ decide it, and may differ by machine.
+    first_pass = history[history["passed"] == True].iloc[0]  # noqa: E712 (a pandas mask)
+    assert result.met and first_pass["smooth_alpha"] is not None and first_pass["n_fp32"] == 0, history
