@@ -17,7 +17,8 @@ The cost is bounded: given the time of one ``eval_fn`` call, the probe's budget 
 ``budget_evals`` (2) such calls, and never under ``min_budget_s`` (10 s: below that the probe's
 cost does not matter, and a tiny eval_fn must not starve it). A strategy announces how many candidates it will score
 (``plan``) and the probe fits them in: each runs on fewer calibration batches (at least one),
-chosen once from the FP32 model's time per batch, so every score uses the same sample.
+chosen once from the FP32 model's time per batch and the time of one build (the default
+candidate's), so every score uses the same sample.
 ``on_score(done, total)`` is told each time a candidate is scored, ``total`` counting those a
 strategy announced with ``expect`` (the tuner's progress display).
 """
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 KINDS = ("auto", "logits", "embedding", "relative")
 DEFAULT_MAX_BATCHES = 4
 RUNS_PER_LATENCY = 6  # model runs of one latency measurement (3 interleaved pairs at least)
+WARMUP_RUNS = 4  # measure_ratio's warm-up: two runs of each model
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class OutputProbe:
         self._reference: list[list[np.ndarray]] | None = None
         self._batch_seconds = 0.0  # the FP32 model's time per calibration batch (from the reference)
         self._score_seconds: list[float] = []  # each scored candidate's build and runs
+        self._latency_seconds: list[float] = []  # each latency measurement's build and runs
+        self._build_seconds = 0.0  # one build, timed by the plan
         self._planned = False
         self._scores: dict[str, ProbeScore] = {}
         self._latencies: dict[str, LatencyRatio] = {}  # by canonical key
@@ -146,10 +150,10 @@ class OutputProbe:
         self.cost.budget_s = budget
         if budget is None or self._batch_seconds <= 0:
             return
-        # In FP32-batch units: a latency measurement is RUNS_PER_LATENCY runs; a candidate's build
-        # and its INT8 runs are taken as one unit more than its batches (INT8 runs faster than FP32).
-        units = max(budget - self.cost.seconds, 0.0) / self._batch_seconds - RUNS_PER_LATENCY * latency_measurements
-        fits = int(units / max(candidates, 1)) - 1
+        self._time_build()
+        # A scored candidate is built and run on its batches (INT8 taken as slow as FP32: a bound).
+        left = max(budget - self.cost.seconds, 0.0) - latency_measurements * self._latency_estimate()
+        fits = int((left / max(candidates, 1) - self._build_seconds) / self._batch_seconds)
         if fits < len(reference):
             self._reference = reference[:max(fits, 1)]
             self._count_samples()
@@ -157,16 +161,33 @@ class OutputProbe:
                      "%.1f s (%g eval_fn calls)", candidates, len(self._reference), len(reference), budget,
                      self.budget_evals)
 
-    def affordable(self, runs_each: int = 0, reserve_runs: int = 0) -> int | None:
-        """How many more candidates fit in the budget, each built and scored (as long as the median
-        scored candidate took) and run ``runs_each`` more times, with ``reserve_runs`` runs kept back
-        (runs: FP32-batch-sized). None: no budget."""
+    def _time_build(self) -> None:
+        """Time one build, the default candidate's (kept: a strategy scores it first)."""
+        start = time.perf_counter()
+        try:
+            self._build(self._space.canonical(self._space.default_config()))
+        except BackendError:  # the search steps past it; the plan goes on without a build time
+            pass
+        self._build_seconds = time.perf_counter() - start
+        self.cost.seconds += self._build_seconds
+
+    def _latency_estimate(self) -> float:
+        """Seconds of one latency measurement: as long as the median one took, else a build and its
+        runs (warm-up included) at the FP32 model's time per batch."""
+        if self._latency_seconds:
+            return statistics.median(self._latency_seconds)
+        return self._build_seconds + (RUNS_PER_LATENCY + WARMUP_RUNS) * self._batch_seconds
+
+    def affordable(self, latency: bool = False, reserve: int = 0) -> int | None:
+        """How many more candidates fit in the budget: scored (as long as the median scored candidate
+        took) or, with ``latency``, measured for latency; ``reserve`` latency measurements kept back.
+        None: no budget."""
         budget = self.budget_s
         if budget is None:
             return None
-        scored = statistics.median(self._score_seconds) if self._score_seconds else 0.0
-        each = scored + runs_each * self._batch_seconds
-        left = budget - self.cost.seconds - reserve_runs * self._batch_seconds
+        scored = statistics.median(self._score_seconds) if self._score_seconds else self._build_seconds
+        each = self._latency_estimate() if latency else scored
+        left = budget - self.cost.seconds - reserve * self._latency_estimate()
         return sys.maxsize if each <= 0 else max(int(left / each), 0)
 
     # --- scores ----------------------------------------------------------------------------------
@@ -240,7 +261,8 @@ class OutputProbe:
                 adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
                 min_pairs=RUNS_PER_LATENCY // 2, decide=1.0)
             self.cost.latency_measurements += 1
-            self.cost.seconds += time.perf_counter() - start
+            self._latency_seconds.append(time.perf_counter() - start)
+            self.cost.seconds += self._latency_seconds[-1]
         return self._latencies[config.key()]
 
 

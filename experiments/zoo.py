@@ -73,6 +73,7 @@ class Row:
     probe_s: float | None = None
     probe_runs: int | None = None
     probe_evals: float | None = None  # the probe's time in eval_fn calls (EVAL_SAMPLES in FP32)
+    probe_budget: float | None = None  # the probe's time over its budget (2 eval_fn calls, 10 s at least)
     int8_vs_fp32: float | None = None
     latency_spread: float | None = None
     tuned_ratio: float | None = None  # --tune: the tuned model's latency over FP32's
@@ -185,6 +186,7 @@ def _probe(adapter: Any, row: Row) -> None:
         row.errors["probe"] = first_line(exc, 300)
     row.probe_s, row.probe_runs = time.perf_counter() - start, probe.calls + 1  # + the FP32 reference
     row.probe_evals = row.probe_s / eval_s
+    row.probe_budget = row.probe_s / probe.budget_s if probe.budget_s else None
 
 
 def _tune(case: ZooCase, adapter: Any, exported: bytes | None, row: Row, trials: int) -> None:
@@ -229,7 +231,7 @@ COLUMNS = {
     "model": "model", "adapter": "adapter", "ops": "ops", "weighted": "conv/linear found",
     "unaccounted": "unaccounted", "unsupported": "unsupported", "space_s": "space s", "calib_s": "calib s",
     "build_median_s": "build median s", "builds": "builds", "probe_s": "probe s", "probe_runs": "probe runs",
-    "probe_evals": "probe / eval_fn",
+    "probe_evals": "probe / eval_fn", "probe_budget": "probe / budget",
     "int8_vs_fp32": "INT8/FP32 latency", "latency_spread": "spread", "tuned_ratio": "tuned/FP32 latency",
     "tuned_trials": "tuned trials", "tuned_verdict": "tuner says", "coverage": "coverage",
     "default": "default", "fallback": "fallbacks ok", "fp32": "all-FP32", "fp32_error": "all-FP32 rel. error",

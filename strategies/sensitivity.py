@@ -45,7 +45,7 @@ import pandas as pd
 
 from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, check_choice
-from autoquant.probe import KINDS, RUNS_PER_LATENCY, OutputProbe
+from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import measured_by_key, records
 
@@ -283,14 +283,12 @@ class _Search:
     def _candidates_left(self) -> int | None:
         """Candidates the probe's budget still affords, the profile's latency measurements (one per
         op type and all INT8, each building a candidate too) kept back; None: no budget."""
-        latency = len({op.op_type for op in self.space.ops}) + 1
-        fits = self.probe.affordable(reserve_runs=RUNS_PER_LATENCY * latency)
-        return None if fits is None else fits - latency
+        return self.probe.affordable(reserve=len({op.op_type for op in self.space.ops}) + 1)
 
     def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a latency measurement per op, else one
         group per op type (their measured saving split evenly)."""
-        fits = self.probe.affordable(runs_each=RUNS_PER_LATENCY)  # a measurement builds its candidate too
+        fits = self.probe.affordable(latency=True)
         if fits is None or fits >= len(names):
             return [[name] for name in names]
         groups: dict[str, list[str]] = {}

@@ -251,3 +251,10 @@ def test_tune_meets_a_loose_criterion_and_saves_a_model_ort_loads(tmp_path) -> N
     assert isinstance(loaded, onnx.ModelProto)
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     assert eval_fn(session) == pytest.approx(result.accuracy, abs=1e-6)
+
+
+def test_sessions_do_not_spin_after_a_run(adapter):
+    # a spinning session takes the cores from the next one: interleaved latency pairs went bimodal
+    session = adapter.build(adapter.space.resolve(adapter.space.default_config()))
+    for s in (session, adapter.fp32_model):
+        assert s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
