@@ -99,7 +99,7 @@ class OutputProbe:
         self._build_seconds = 0.0  # one build, timed by the plan
         self._planned = False
         self._scores: dict[str, ProbeScore] = {}
-        self._latencies: dict[str, LatencyRatio] = {}  # by canonical key
+        self._latencies: dict[str, tuple[LatencyRatio, float]] = {}  # by canonical key: (ratio, budget_s)
         self._last: tuple[str, Any] | None = None
         self.cost = ProbeCost()
         self.failures: dict[str, str] = {}  # config key -> why the backend could not build or run it
@@ -252,18 +252,20 @@ class OutputProbe:
 
     def latency(self, config: QuantConfig, budget_s: float) -> LatencyRatio:
         """Latency of the candidate over FP32's, interleaved on the adapter's latency batch, until known
-        to +-5%, or known faster or slower than FP32, or ``budget_s`` is spent (once per candidate)."""
+        to +-5%, or known faster or slower than FP32, or ``budget_s`` is spent. Measured once per
+        candidate, and again only when asked with a larger budget after it could not tell."""
         config = self._space.canonical(config)
-        if config.key() not in self._latencies:  # measured once: a strategy may ask again
+        known = self._latencies.get(config.key())
+        if known is None or (not known[0].excludes(1.0) and budget_s > known[1]):
             start = time.perf_counter()
             model, adapter = self._build(config), self._adapter
-            self._latencies[config.key()] = measure_ratio(
-                adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
-                min_pairs=RUNS_PER_LATENCY // 2, decide=1.0)
+            ratio = measure_ratio(adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
+                                  min_pairs=RUNS_PER_LATENCY // 2, decide=1.0)
+            self._latencies[config.key()] = ratio, budget_s
             self.cost.latency_measurements += 1
             self._latency_seconds.append(time.perf_counter() - start)
             self.cost.seconds += self._latency_seconds[-1]
-        return self._latencies[config.key()]
+        return self._latencies[config.key()][0]
 
 
 # --- errors by output kind ------------------------------------------------------------------------

@@ -18,7 +18,8 @@ How it decides (each proposal is logged with its prediction):
    alone, measured against FP32; per op type, split evenly, where one measurement per op would
    exceed the probe's budget of two eval_fn calls; likewise the error, per run of consecutive ops
    where one candidate per op would). A cost is negative where the op's INT8 ran slower than FP32,
-   0 where its measurement could not tell faster from slower; costs add up to all INT8's saving.
+   0 where its measurement could not tell faster from slower (where no op is known to gain, those
+   are measured again, longer: one eval_fn call's time among them); costs add up to all INT8's saving.
    A candidate's error is predicted as the knob setting's error times the share of ops still
    INT8; its latency as the sum of its FP32 ops' costs. Candidates are the ranked prefixes and the
    one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
@@ -63,6 +64,7 @@ COST_RESOLUTION = 0.005  # latency costs are rounded to this share of FP32 laten
 EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
 MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
+REFINE_S = 1.0  # a latency group measured again, longer, where no eval_fn time is known
 
 
 @dataclass(frozen=True)
@@ -229,14 +231,30 @@ class _Search:
         except AutoquantError:  # the probe logged why
             return 1.0
 
-    def _saving(self, config: QuantConfig) -> float:
+    def _saving(self, config: QuantConfig, budget_s: float | None = None) -> float:
         """The share of FP32 latency the candidate saves (negative: it runs slower); 0 where its
         measurement could not tell faster from slower (noise must not make a cost)."""
         try:
-            latency = self.probe.latency(config, self.options.latency_budget_s)
+            latency = self.probe.latency(config, budget_s or self.options.latency_budget_s)
         except AutoquantError:  # the probe logged why
             return 0.0
         return 1.0 - latency.ratio if latency.excludes(1.0) else 0.0
+
+    def _savings(self, reference: QuantConfig, groups: list[list[str]], budget_s: float) -> dict[str, float]:
+        """Per op, its group's saving with only that group INT8, split evenly (signed: negative where
+        the group's INT8 kernels run slower than FP32)."""
+        names = frozenset(n for group in groups for n in group)
+        savings: dict[str, float] = {}
+        for group in groups:
+            saving = self._saving(replace(reference, fp32_ops=names - set(group)), budget_s)
+            savings.update((name, saving / len(group)) for name in group)
+        return savings
+
+    def _refine_budget(self, groups: list[list[str]]) -> float:
+        """Seconds for each of the latency groups measured again: one eval_fn call's time among them
+        all (REFINE_S each without one)."""
+        eval_s = self.probe.eval_seconds
+        return max(eval_s / len(groups) if eval_s else REFINE_S, self.options.latency_budget_s)
 
     def _profile(self, reference: QuantConfig) -> QuantConfig:
         """Per op at ``reference`` (all INT8): its share of the probe error and its latency cost."""
@@ -246,19 +264,24 @@ class _Search:
                                   else frozenset({n})) for n in names)
         base = self._error(reference) or 0.0
         scores: dict[str, float] = {}
-        savings: dict[str, float] = {}
         for group in self._error_groups(names):  # each op alone, or runs of ops, as the budget allows
             if self.options.measure == "int8":
                 error = max(self._error(replace(reference, fp32_ops=frozenset(names) - set(group))) or 0.0, 0.0)
             else:
                 error = max(base - (self._error(replace(reference, fp32_ops=frozenset(group))) or base), 0.0)
             scores.update((name, error / len(group)) for name in group)
-        for group in self._latency_groups(names, types):  # each op alone, or each op type, as the budget allows
-            # signed: negative where the group's INT8 kernels run slower than FP32
-            saving = self._saving(replace(reference, fp32_ops=frozenset(names) - set(group)))
-            savings.update((name, saving / len(group)) for name in group)
+        groups = self._latency_groups(names, types)  # each op alone, or each op type, as the budget allows
+        savings = self._savings(reference, groups, self.options.latency_budget_s)
+        together = self._saving(reference)
+        if not any(s > 0 for s in savings.values()) and together <= 0:
+            # INT8 pays nowhere, as measured: where a group's measurement could not tell, a gain too
+            # small for it may be all a faster-than-FP32 candidate has
+            log.info("sensitivity: no op type's INT8 is known faster than FP32: measuring again, longer, those "
+                     "whose measurement could not tell")
+            budget = self._refine_budget(groups)
+            savings, together = self._savings(reference, groups, budget), self._saving(reference, budget)
         costs = {n: round(cost / COST_RESOLUTION) * COST_RESOLUTION
-                 for n, cost in _latency_costs(savings, self._saving(reference)).items()}
+                 for n, cost in _latency_costs(savings, together).items()}
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
