@@ -60,7 +60,7 @@ log = logging.getLogger("autoquant")
 # "int8": the probe error with only that op INT8 (all others FP32): the op's own damage, in isolation.
 # "fp32": how much the all-INT8 error drops with only that op in FP32.
 MEASURES = ("int8", "fp32")
-COST_RESOLUTION = 0.005  # latency costs are rounded to this share of FP32 latency: noise must not reorder
+COST_RESOLUTION = 0.005  # measured savings are rounded to this share of FP32 latency: noise must not reorder
 EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
 MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
@@ -247,6 +247,8 @@ class _Search:
         savings: dict[str, float] = {}
         for group in groups:
             saving = self._saving(replace(reference, fp32_ops=names - set(group)), budget_s)
+            # rounded per group, not per op: a type's saving split over 54 ops is not rounded away
+            saving = round(saving / COST_RESOLUTION) * COST_RESOLUTION
             savings.update((name, saving / len(group)) for name in group)
         return savings
 
@@ -280,8 +282,7 @@ class _Search:
                      "whose measurement could not tell")
             budget = self._refine_budget(groups)
             savings, together = self._savings(reference, groups, budget), self._saving(reference, budget)
-        costs = {n: round(cost / COST_RESOLUTION) * COST_RESOLUTION
-                 for n, cost in _latency_costs(savings, together).items()}
+        costs = _latency_costs(savings, round(together / COST_RESOLUTION) * COST_RESOLUTION)
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
