@@ -185,3 +185,14 @@ def test_tune_records_the_tuned_latency_and_what_the_tuner_says(adapter: str) ->
     assert row.tuned_trials is not None and 1 <= row.tuned_trials <= 2
     assert row.tuned_ratio is not None and row.tuned_ratio > 0
     assert row.tuned_verdict in ("faster than FP32", "SLOWER than FP32", "not met")
+
+
+def test_op_type_latency_lists_every_type_of_the_space(capsys) -> None:  # noqa: ANN001
+    from experiments import zoo_op_types
+
+    assert zoo_op_types.main(["dense_unet", "onnx", "--size", "ci", "--budget", "0.1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    adapter = calibrated("dense_unet", "onnx")
+    types = {op.op_type for op in adapter.space.tunable_ops(adapter.space.default_config().approach)}
+    assert "all INT8: x" in lines[0] and len(lines) == 1 + len(types)
+    assert all("only INT8 x" in line and "only FP32 x" in line for line in lines[1:])
