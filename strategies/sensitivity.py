@@ -13,7 +13,9 @@ How it decides (each proposal is logged with its prediction):
 3. The next candidate is the fastest untried one whose chance to pass is at least ``confidence``
    (ties: fewer FP32 ops, then the higher chance). All-INT8 knob settings are the fastest, so
    they come first while the model says one can pass.
-4. Otherwise ops fall back. Per op, once: its share of the probe error with only it INT8 (or, with
+4. Otherwise ops fall back. Per op, once, at the best knob setting of the fastest approach known
+   faster than FP32 (where none is, of the approach that quantizes the most ops, whose per-type
+   costs may still find the types whose INT8 pays): its share of the probe error with only it INT8 (or, with
    ``measure="fp32"``, the error it removes in FP32) and its latency cost (the speed-up it gives
    alone, measured against FP32; per op type, split evenly, where one measurement per op would
    exceed the probe's budget of two eval_fn calls; likewise the error, per run of consecutive ops
