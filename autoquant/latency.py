@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from autoquant.errors import ConfigError
 
 LOCK_VARIABLE = "AUTOQUANT_TIMING_LOCK"
+WARMUP_PAIRS = 2  # untimed runs of each model first: allocators, lazily packed weights, caches
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -98,7 +99,7 @@ def timing_lock(path: str | None = None) -> Iterator[None]:
 
 def _measure(baseline: Callable[[], object], candidate: Callable[[], object], precision: float, confidence: float,
              budget_s: float, min_pairs: int, max_pairs: int, decide: float | None) -> LatencyRatio:
-    for _ in range(2):  # warm-up: allocators, lazily packed weights, caches
+    for _ in range(WARMUP_PAIRS):
         baseline()
         candidate()
     z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)

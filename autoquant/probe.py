@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoquant.errors import BackendError, ConfigError, check_choice, first_line
-from autoquant.latency import LatencyRatio, measure_ratio
+from autoquant.latency import WARMUP_PAIRS, LatencyRatio, measure_ratio
 from autoquant.space import QuantConfig, Space
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 KINDS = ("auto", "logits", "embedding", "relative")
 DEFAULT_MAX_BATCHES = 4
 RUNS_PER_LATENCY = 6  # model runs of one latency measurement (3 interleaved pairs at least)
-WARMUP_RUNS = 4  # measure_ratio's warm-up: two runs of each model
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,7 @@ class OutputProbe:
         runs (warm-up included) at the FP32 model's time per batch."""
         if self._latency_seconds:
             return statistics.median(self._latency_seconds)
-        return self._build_seconds + (RUNS_PER_LATENCY + WARMUP_RUNS) * self._batch_seconds
+        return self._build_seconds + (RUNS_PER_LATENCY + 2 * WARMUP_PAIRS) * self._batch_seconds
 
     def affordable(self, latency: bool = False, reserve: int = 0) -> int | None:
         """How many more candidates fit in the budget: scored (as long as the median scored candidate

@@ -48,6 +48,7 @@ import pandas as pd
 
 from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, check_choice
+from autoquant.latency import LatencyRatio
 from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import measured_by_key, records
@@ -227,21 +228,18 @@ class _Search:
                 break
             self._error(config)
 
-    def _latency_ratio(self, config: QuantConfig) -> float:
-        """The probe's latency ratio; 1.0 (no saving) for a candidate the backend cannot build."""
+    def _measured_latency(self, config: QuantConfig, budget_s: float | None = None) -> LatencyRatio | None:
+        """The probe's latency measurement; None for a candidate the backend cannot build."""
         try:
-            return self.probe.latency(config, self.options.latency_budget_s).ratio
+            return self.probe.latency(config, budget_s or self.options.latency_budget_s)
         except AutoquantError:  # the probe logged why
-            return 1.0
+            return None
 
     def _saving(self, config: QuantConfig, budget_s: float | None = None) -> float:
         """The share of FP32 latency the candidate saves (negative: it runs slower); 0 where its
-        measurement could not tell faster from slower (noise must not make a cost)."""
-        try:
-            latency = self.probe.latency(config, budget_s or self.options.latency_budget_s)
-        except AutoquantError:  # the probe logged why
-            return 0.0
-        return 1.0 - latency.ratio if latency.excludes(1.0) else 0.0
+        measurement could not tell faster from slower (noise must not make a cost), or it cannot be built."""
+        latency = self._measured_latency(config, budget_s)
+        return 1.0 - latency.ratio if latency is not None and latency.excludes(1.0) else 0.0
 
     def _savings(self, reference: QuantConfig, groups: list[list[str]], budget_s: float) -> dict[str, float]:
         """Per op, its group's saving with only that group INT8, split evenly (signed: negative where
@@ -384,7 +382,8 @@ class _Search:
         """Latency of each approach's default all-INT8 candidate (static and dynamic differ a lot)."""
         for config in space.knob_configs():
             if config.approach not in self.approach_latency:
-                ratio = self._latency_ratio(config)
+                latency = self._measured_latency(config)
+                ratio = latency.ratio if latency is not None else 1.0  # unbuildable: no saving
                 self.approach_latency[config.approach] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
                 if self._saving(config) > 0:
                     self.paying.add(config.approach)

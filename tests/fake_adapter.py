@@ -27,7 +27,6 @@ class FakeModel:
     config: QuantConfig | None = None  # None: the FP32 model
     calibrations: list[int] = field(default_factory=list, repr=False)  # not part of the model
     slow_int8: tuple[str, ...] = field(default=(), kw_only=True)
-    approaches: tuple[str, ...] = field(default=("static",), kw_only=True)  # each runs as fast as static
 
     def accuracy(self) -> float:
         if self.config is None:
@@ -51,7 +50,7 @@ class FakeAdapter(Adapter):
 
     def __init__(self, model: FakeModel, calib_data: Any) -> None:
         self.model, self.calib_data = model, calib_data
-        self.space = Space(ops=tuple(OpInfo(name, "Linear", approaches=model.approaches) for name in model.sensitivity))
+        self.space = Space(ops=tuple(OpInfo(name, "Linear") for name in model.sensitivity))
 
     @property
     def fp32_model(self) -> FakeModel:
@@ -67,7 +66,7 @@ class FakeAdapter(Adapter):
     def build(self, config: QuantConfig) -> FakeModel:
         self.space.validate(config)
         return FakeModel(self.model.sensitivity, self.model.baseline, self.model.calibration_helps, config,
-                         slow_int8=self.model.slow_int8, approaches=self.model.approaches)
+                         slow_int8=self.model.slow_int8)
 
     def runner(self, model: FakeModel):
         """The "output" is the model's accuracy, so the probe's error tracks the accuracy loss. Every
