@@ -192,7 +192,8 @@ class Job(_Strict):
         "environment variables are expanded"))
     output: str | None = Field(None, description="the output folder (default: `autoquant-out/NAME`)")
     latency_budget_s: float = Field(_TUNER["latency_budget_s"], gt=0, description=(
-        "most seconds one latency measurement may take (it stops earlier once `latency_precision` is reached)"))
+        "most seconds one latency measurement may take (it stops earlier once `latency_precision` is reached; "
+        "up to 4 times as long while it cannot tell faster from slower than FP32)"))
     latency_precision: float = Field(_TUNER["latency_precision"], gt=0, description=(
         "latency is timed against FP32 in interleaved pairs until the ratio is known to this relative precision "
         "(0.05: +-5% at 95% confidence)"))

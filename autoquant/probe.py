@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from autoquant.adapters import Adapter
 
 KINDS = ("auto", "logits", "embedding", "relative")
+# (config, fp32 runner, candidate runner) -> the candidate's latency over FP32's
+LatencyFn = Callable[[QuantConfig, Callable[[], object], Callable[[], object]], LatencyRatio]
 DEFAULT_MAX_BATCHES = 4
 RUNS_PER_LATENCY = 6  # model runs of one latency measurement (3 interleaved pairs at least)
 
@@ -84,7 +86,8 @@ class OutputProbe:
     def __init__(self, adapter: Adapter, space: Space, *, kind: str = "auto",
                  max_batches: int = DEFAULT_MAX_BATCHES, eval_seconds: float | None = None,
                  budget_evals: float = 2.0, min_budget_s: float = 10.0,
-                 on_score: Callable[[int, int | None], None] | None = None) -> None:
+                 on_score: Callable[[int, int | None], None] | None = None,
+                 latency_fn: LatencyFn | None = None) -> None:
         check_choice("probe output kind", kind, KINDS)
         if max_batches < 1:
             raise ConfigError(f"The probe needs at least one calibration batch, got max_batches={max_batches}.")
@@ -103,6 +106,7 @@ class OutputProbe:
         self.cost = ProbeCost()
         self.failures: dict[str, str] = {}  # config key -> why the backend could not build or run it
         self._on_score, self._expected = on_score, set[str]()
+        self._latency_fn = latency_fn  # the tuner's: a known latency model replaces the measurement
 
     @property
     def calls(self) -> int:
@@ -251,15 +255,16 @@ class OutputProbe:
 
     def latency(self, config: QuantConfig, budget_s: float) -> LatencyRatio:
         """Latency of the candidate over FP32's, interleaved on the adapter's latency batch, until known
-        to +-5%, or known faster or slower than FP32, or ``budget_s`` is spent. Measured once per
+        to +-5%, or known faster or slower than FP32, or ``budget_s`` is spent (or ``latency_fn``'s). Measured once per
         candidate, and again only when asked with a larger budget after it could not tell."""
         config = self._space.canonical(config)
         known = self._latencies.get(config.key())
         if known is None or (not known[0].excludes(1.0) and budget_s > known[1]):
             start = time.perf_counter()
             model, adapter = self._build(config), self._adapter
-            ratio = measure_ratio(adapter.runner(adapter.fp32_model), adapter.runner(model), budget_s=budget_s,
-                                  min_pairs=RUNS_PER_LATENCY // 2, decide=1.0)
+            fp32_run, run = adapter.runner(adapter.fp32_model), adapter.runner(model)
+            ratio = (self._latency_fn(config, fp32_run, run) if self._latency_fn is not None else
+                     measure_ratio(fp32_run, run, budget_s=budget_s, min_pairs=RUNS_PER_LATENCY // 2, decide=1.0))
             self._latencies[config.key()] = ratio, budget_s
             self.cost.latency_measurements += 1
             self._latency_seconds.append(time.perf_counter() - start)

@@ -10,6 +10,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from autoquant.plots import main_ranking
 from autoquant.result import TuneResult, counts_text
 from autoquant.space import ALL_KNOBS, KNOBS, QuantConfig, Space
 from autoquant.trials import MEASUREMENT_KEYS, records
@@ -105,7 +106,8 @@ def print_summary(result: TuneResult, console: Console | None = None) -> None:
 
 
 def sensitivity_table(ranking: pd.DataFrame, fp32_ops: Sequence[str] = (), limit: int = 15) -> Table:
-    """The per-op sensitivity ranking, most sensitive first; ``fp32_ops`` are marked."""
+    """The per-op sensitivity ranking (the main profile's), most sensitive first; ``fp32_ops`` are marked."""
+    ranking = main_ranking(ranking)
     table = Table(title=f"op sensitivity ({ranking['measure'].iloc[0]} measure: share of the probe's output error)")
     for column in ("rank", "op", "type", "sensitivity", "calibration", "in result"):
         table.add_column(column, justify="right" if column in ("rank", "sensitivity") else "left")

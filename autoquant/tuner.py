@@ -23,7 +23,7 @@ from autoquant.errors import AutoquantError, ConfigError, first_line, unknown_ch
 from autoquant.evaluation import CandidateFailed, EvalFn, evaluate, evaluate_candidate
 from autoquant.fingerprint import Fingerprint, fingerprint
 from autoquant.latency import LatencyRatio, measure_ratio
-from autoquant.probe import OutputProbe
+from autoquant.probe import LatencyFn, OutputProbe
 from autoquant.report import config_text, describe_space, history_frame
 from autoquant.result import TuneResult, counts_text
 from autoquant.space import QuantConfig, Restriction, Space
@@ -55,6 +55,7 @@ from autoquant.workers import (
 )
 
 log = logging.getLogger("autoquant")
+UNDECIDED_LATENCY_FACTOR = 4  # a latency that cannot tell faster from slower than FP32 is measured this much longer
 
 
 class TuneInterrupted(AutoquantError):
@@ -66,7 +67,6 @@ class TuneInterrupted(AutoquantError):
         self.partial_result = partial_result
 
 
-LatencyFn = Callable[[QuantConfig, Callable[[], object], Callable[[], object]], LatencyRatio]
 
 
 class Tuner:
@@ -80,8 +80,10 @@ class Tuner:
 
     Latency is measured against FP32 in interleaved pairs until the ratio is known to
     ``latency_precision`` (0.05: +-5% at 95% confidence) or ``latency_budget_s`` seconds are
-    spent; ``latency_fn(config, fp32_run, candidate_run) -> LatencyRatio`` replaces that
-    measurement (a seam for tests and for a known latency model).
+    spent (up to 4 times as long while it cannot tell faster from slower than FP32: that decides
+    whether a pass ends the search and what the result says); ``latency_fn(config, fp32_run,
+    candidate_run) -> LatencyRatio`` replaces that measurement, the probe's too (a seam for tests
+    and for a known latency model).
 
     Every trial is recorded in an Optuna study (in memory unless ``storage`` is given), so a job
     that fails half-way keeps what it finished, and a job run again on the same storage and
@@ -186,7 +188,7 @@ class Tuner:
         log.info("FP32 baseline: %.6g; goal: %s", baseline, self.criterion.describe())
         self._calibrate(backend, fp, view, batch_count(calib_data))
         probe = OutputProbe(backend, space, eval_seconds=study.user_attrs.get(BASELINE_EVAL_S),
-                            on_score=view.on("probe"))
+                            on_score=view.on("probe"), latency_fn=self.latency_fn)
         self.strategy.setup(space, probe, self.criterion)
         run = _Run(self, backend, space, study, eval_fn, baseline, start, view)
         with run.signals.installed():
@@ -412,8 +414,13 @@ class _Run:
         candidate = self.backend.runner(model)
         if self.tuner.latency_fn is not None:
             return self.tuner.latency_fn(config, self.fp32_runner, candidate)
-        return measure_ratio(self.fp32_runner, candidate, precision=self.tuner.latency_precision,
-                             budget_s=self.tuner.latency_budget_s, min_pairs=5)
+        precision, budget = self.tuner.latency_precision, self.tuner.latency_budget_s
+        ratio = measure_ratio(self.fp32_runner, candidate, precision=precision, budget_s=budget, min_pairs=5)
+        if ratio.excludes(1.0) or ratio.half_width <= precision:
+            return ratio
+        # faster or slower than FP32 is what ends the search and what the result says: measured longer
+        return measure_ratio(self.fp32_runner, candidate, precision=precision,
+                             budget_s=UNDECIDED_LATENCY_FACTOR * budget, min_pairs=5, decide=1.0)
 
     def _record(self, trial: optuna.Trial, measurement: Measurement, *, duplicate_of: int | None = None) -> None:
         for name, value in measurement.to_attrs().items():

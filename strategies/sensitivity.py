@@ -51,7 +51,7 @@ from autoquant.errors import AutoquantError, ConfigError, check_choice
 from autoquant.latency import LatencyRatio
 from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
-from autoquant.trials import measured_by_key, records
+from autoquant.trials import Measurement, measured_by_key, records
 
 from .base import SearchExhausted, Strategy, tried_keys
 from .evidence import LossModel, Observation, Prediction
@@ -79,6 +79,14 @@ class OpSensitivity:
     op_type: str
     score: float
     latency_cost: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Profile:
+    """The per-op profile of one approach: measured at ``reference`` (all INT8), most sensitive op first."""
+
+    reference: QuantConfig
+    ranking: tuple[OpSensitivity, ...]
 
 
 @dataclass(frozen=True)
@@ -150,8 +158,7 @@ class _Search:
 
     def __init__(self, options: SensitivityStrategy, space: Space, probe: OutputProbe, tolerance: float) -> None:
         self.options, self.space, self.probe, self.tolerance = options, space, probe, tolerance
-        self.ranking: list[OpSensitivity] = []
-        self.reference: QuantConfig | None = None  # the knob setting the op profile was measured at
+        self.profiles: dict[str, _Profile] = {}  # by approach; the first measured is the search's main one
         self.approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach
         self.paying: set[str] = set()  # approaches whose all-INT8 candidate is known faster than FP32
         # op -> BF16/FP32 latency, where BF16 is the faster fallback
@@ -174,8 +181,19 @@ class _Search:
         self.plan()
         if not self.approach_latency:
             self._measure_approaches(self.space)
-        if self.reference is None:
-            self._profile(self._best_knobs(self.space))
+        if not self.profiles:
+            self._profile(self._best_knobs(self.space, self._first_approach(self.space)))
+
+    def profile_all(self) -> None:
+        """Profile every approach not profiled yet that has ops to tune (beyond the probe's budget:
+        done only when the fastest pass is slower than FP32 and nothing profiled is predicted faster)."""
+        for approach in self._unprofiled(self.space):
+            log.info("sensitivity: the fastest pass is slower than FP32 and no candidate profiled so far is predicted "
+                     "faster: profiling the %s approach too (beyond the probe's budget)", approach)
+            self._profile(self._best_knobs(self.space, approach))
+
+    def _unprofiled(self, space: Space) -> list[str]:
+        return [a for a in space.approaches if a not in self.profiles and space.tunable_ops(a)]
 
     # --- the probe, cached; None for a candidate the backend cannot build --------------------------
     def _error(self, config: QuantConfig) -> float | None:
@@ -259,7 +277,7 @@ class _Search:
         eval_s = self.probe.eval_seconds
         return max(eval_s / len(groups) if eval_s else REFINE_S, self.options.latency_budget_s)
 
-    def _profile(self, reference: QuantConfig) -> QuantConfig:
+    def _profile(self, reference: QuantConfig) -> _Profile:
         """Per op at ``reference`` (all INT8): its share of the probe error and its latency cost."""
         names = [op.name for op in self.space.tunable_ops(reference.approach)]
         types = {op.name: op.op_type for op in self.space.ops}
@@ -287,11 +305,11 @@ class _Search:
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
-        self.ranking = [OpSensitivity(n, types[n], shares[n], costs[n]) for n in order]
-        self.reference = reference
+        profile = _Profile(reference, tuple(OpSensitivity(n, types[n], shares[n], costs[n]) for n in order))
+        self.profiles[reference.approach] = profile
         log.info("sensitivity: per-op profile at %s: %s", reference.describe(),
-                 ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in self.ranking[:8]))
-        return reference
+                 ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in profile.ranking[:8]))
+        return profile
 
     def _error_groups(self, names: list[str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a candidate per op (its latency measurements
@@ -324,13 +342,14 @@ class _Search:
         return list(groups.values())
 
     def table(self) -> pd.DataFrame | None:
-        if not self.ranking or self.reference is None:  # no profile yet (both are set together)
+        """Every profile's ranking, the main one first (approach column: which one)."""
+        if not self.profiles:
             return None
         return pd.DataFrame([
             {"rank": i + 1, "op": r.op, "op_type": r.op_type, "sensitivity": r.score,
              "latency_cost": r.latency_cost, "measure": f"{self.options.measure} ({self.probe.kind})",
-             "calibration": self.reference.calibration or ""}
-            for i, r in enumerate(self.ranking)
+             "calibration": profile.reference.calibration or "", "approach": profile.reference.approach}
+            for profile in self.profiles.values() for i, r in enumerate(profile.ranking)
         ])
 
     # --- the search ----------------------------------------------------------------------------------
@@ -339,13 +358,14 @@ class _Search:
         tried = tried_keys(trials)
         measured = _measured(trials)
         self.model = LossModel(self.tolerance, [
-            Observation(c.describe(), error, loss) for c, loss, _ in measured
+            Observation(c.describe(), error, m.loss) for c, m in measured
             if (error := self._error(c)) is not None])
-        passing = [c for c, _, passed in measured if passed]
+        passing = [(c, m.latency_ratio) for c, m in measured if m.passed]
         if passing:  # a faster pass is sought (objective latency, or a pass slower than FP32): the
             self.profile()  # bound and the candidates need the latency model, measured once
-        bound = min((self._latency(c) for c in passing), default=None)
-        chosen = self._choose(space, tried, bound)
+        bound = min((self._latency(c) for c, _ in passing), default=None)
+        slower = bool(passing) and min(ratio for _, ratio in passing) >= 1.0
+        chosen = self._choose(space, tried, bound, beat_fp32=slower)
         if chosen is not None:
             log.info("sensitivity: next %s, FP32 ops %s: predicted loss %.3g, chance to pass %.2f, latency +%.3f "
                      "(%s)", chosen.config.describe(), sorted(chosen.config.fp32_ops) or "none",
@@ -359,17 +379,22 @@ class _Search:
                 return config
         raise SearchExhausted(f"all {space.size()} candidates of the space were tried")
 
-    def _choose(self, space: Space, tried: set[str], bound: float | None) -> _Candidate | None:
-        """The fastest likely-to-pass untried candidate, probed exactly (None if there is none)."""
+    def _choose(self, space: Space, tried: set[str], bound: float | None, beat_fp32: bool) -> _Candidate | None:
+        """The fastest likely-to-pass untried candidate, probed exactly (None if there is none).
+        ``beat_fp32``: the fastest pass is slower than FP32, and no approach profiled so far has a
+        candidate predicted faster than FP32: the others are profiled too."""
         knob_only = self.screen.configs
         if len(space.approaches) > 1 and not self.approach_latency:
             self._measure_approaches(space)
         fastest = min(self.approach_latency.values(), default=0.0)
         for _ in range(EXACT_PROBES):
-            pool = self._score(knob_only, tried, bound)
-            if not pool or min(c.latency for c in pool) > fastest:  # a fallback may be faster
-                reference = self.reference or self._profile(self._best_knobs(space))
-                pool = self._score(knob_only + self._fallbacks(space, tried, reference.approach), tried, bound)
+            pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
+            if not self.profiles and (not pool or min(c.latency for c in pool) > fastest):  # a fallback may be faster
+                self._profile(self._best_knobs(space, self._first_approach(space)))
+                pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
+            if beat_fp32 and all(c.latency >= 1.0 for c in pool) and self._unprofiled(space):
+                self.profile_all()
+                pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not pool:
                 return None
             best = min(pool, key=lambda c: (c.latency, len(c.config.fp32_ops), -c.prediction.p_pass))
@@ -390,25 +415,32 @@ class _Search:
         log.info("sensitivity: all-INT8 latency by approach: %s",
                  ", ".join(f"{a} {r:.3f}" for a, r in self.approach_latency.items()))
 
-    def _best_knobs(self, space: Space) -> QuantConfig:
-        """The all-INT8 knob setting with the best chance to pass, of the fastest approach known
-        faster than FP32; where none is, of the approach that quantizes the most ops: its per-type
-        latency costs may still find the op types whose INT8 pays (static MobileViT on ONNX Runtime:
-        1.2x FP32 all INT8, 0.97x with only the MatMuls INT8; dynamic, MatMuls only: 1.0x)."""
+    def _first_approach(self, space: Space) -> str:
+        """The approach profiled first: the fastest known faster than FP32; where none is, the one
+        that quantizes the most ops: its per-type latency costs may still find the op types whose
+        INT8 pays (static MobileViT on ONNX Runtime: 1.2x FP32 all INT8, 0.97x with only the
+        MatMuls INT8; dynamic, MatMuls only: 1.0x)."""
         paying = [a for a in space.approaches if a in self.paying]
-        approach = (min(paying, key=lambda a: self.approach_latency.get(a, 0.0)) if paying
-                    else max(space.approaches, key=lambda a: len(space.tunable_ops(a))))
+        return (min(paying, key=lambda a: self.approach_latency.get(a, 0.0)) if paying
+                else max(space.approaches, key=lambda a: len(space.tunable_ops(a))))
+
+    def _best_knobs(self, space: Space, approach: str) -> QuantConfig:
+        """The approach's all-INT8 knob setting with the best chance to pass."""
         self._screen()
         errors = self._knob_scores()  # probed settings only: the profile is measured at a real one
         configs = [c for c in self.screen.configs if c.approach == approach]
         buildable = [c for c in configs if errors.get(c.key()) is not None] or configs
         return max(buildable, key=lambda c: self.model.predict(c.describe(), errors.get(c.key()) or 0.0).p_pass)
 
-    def _fallbacks(self, space: Space, tried: set[str], approach: str) -> list[QuantConfig]:
-        """Ranked prefixes at the best knob settings, and one-op changes of every tried candidate;
-        each also with every op whose INT8 was measured slower than FP32 in FP32."""
-        ranked = [r.op for r in self.ranking]
-        slower = frozenset(r.op for r in self.ranking if r.latency_cost < 0)
+    def _fallbacks(self, space: Space, tried: set[str]) -> list[QuantConfig]:
+        """Of every approach profiled: ranked prefixes at the best knob settings, and one-op changes
+        of every tried candidate; each also with every op whose INT8 was measured slower than FP32 in FP32."""
+        return [c for profile in self.profiles.values() for c in self._profile_fallbacks(space, tried, profile)]
+
+    def _profile_fallbacks(self, space: Space, tried: set[str], profile: _Profile) -> list[QuantConfig]:
+        approach = profile.reference.approach
+        ranked = [r.op for r in profile.ranking]
+        slower = frozenset(r.op for r in profile.ranking if r.latency_cost < 0)
         knobs = sorted((c for c in self.screen.configs if c.approach == approach),
                        key=lambda c: -self.model.predict(c.describe(), self._knob_error(c) or float("inf")).p_pass)
         configs = [replace(k, fp32_ops=frozenset(ranked[:n])) for k in knobs[:TOP_KNOBS]
@@ -448,16 +480,21 @@ class _Search:
         if known is not None:
             return known.error
         base = self._knob_error(config)
-        if not config.fp32_ops:
+        profile = self._profile_of(config)
+        if not config.fp32_ops or base is None or profile is None:
             return base
-        if base is None or not self.ranking:
-            return base
-        return base * sum(r.score for r in self.ranking if r.op not in config.fp32_ops)
+        return base * sum(r.score for r in profile.ranking if r.op not in config.fp32_ops)
+
+    def _profile_of(self, config: QuantConfig) -> _Profile | None:
+        """The profile of the config's approach; else the main one (its error shares are all there is)."""
+        return self.profiles.get(config.approach) or next(iter(self.profiles.values()), None)
 
     def _latency(self, config: QuantConfig) -> float:
-        """Predicted: the approach's all-INT8 latency plus each FP32 op's cost; a BF16 fallback's
-        cost is scaled by its measured BF16/FP32 ratio (as if its INT8 time were small beside FP32's)."""
-        costs = {r.op: r.latency_cost for r in self.ranking}
+        """Predicted: the approach's all-INT8 latency plus each FP32 op's cost (from that approach's
+        profile; 0 where it has none); a BF16 fallback's cost is scaled by its measured BF16/FP32
+        ratio (as if its INT8 time were small beside FP32's)."""
+        profile = self.profiles.get(config.approach)
+        costs = {r.op: r.latency_cost for r in profile.ranking} if profile is not None else {}
         bf16 = self.bf16_ratios if config.fallback == "bf16" else {}
         return self.approach_latency.get(config.approach, 0.0) + sum(
             costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
@@ -483,7 +520,7 @@ def _latency_costs(savings: dict[str, float], together: float) -> dict[str, floa
     return dict(savings)  # each op gains alone, all together lose: the measurements disagree
 
 
-def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, float, bool]]:
-    """(config, loss, passed) of every evaluated trial, duplicates once."""
-    return [(t.config, t.measurement.loss, t.passed) for t in measured_by_key(records(trials)).values()
+def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, Measurement]]:
+    """(config, measurement) of every evaluated trial, duplicates once."""
+    return [(t.config, t.measurement) for t in measured_by_key(records(trials)).values()
             if t.config is not None and t.measurement is not None]

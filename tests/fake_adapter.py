@@ -3,7 +3,8 @@
 A FakeModel has ops op0..op{n-1}; each op costs ``sensitivity[op]`` accuracy while it is INT8, and
 the calibration method scales the cost of the ops listed in ``calibration_helps`` (KL/percentile
 rescue them, as with outlier activations in real models). Every candidate runs in half the FP32
-time, plus 0.6 ms for each op of ``slow_int8`` left INT8 (an INT8 kernel slower than FP32's).
+time, plus 0.6 ms for each op of ``slow_int8`` left INT8 (an INT8 kernel slower than FP32's). The
+ops in ``dynamic`` may also run INT8 in the dynamic approach (the space then has both).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from autoquant.adapters import Adapter
 from autoquant.data import iterate_batches
+from autoquant.latency import LatencyRatio
 from autoquant.space import OpInfo, QuantConfig, Space
 
 
@@ -27,6 +29,7 @@ class FakeModel:
     config: QuantConfig | None = None  # None: the FP32 model
     calibrations: list[int] = field(default_factory=list, repr=False)  # not part of the model
     slow_int8: tuple[str, ...] = field(default=(), kw_only=True)
+    dynamic: tuple[str, ...] = field(default=(), kw_only=True)  # ops that also run INT8 in the dynamic approach
 
     def accuracy(self) -> float:
         if self.config is None:
@@ -50,7 +53,10 @@ class FakeAdapter(Adapter):
 
     def __init__(self, model: FakeModel, calib_data: Any) -> None:
         self.model, self.calib_data = model, calib_data
-        self.space = Space(ops=tuple(OpInfo(name, "Linear") for name in model.sensitivity))
+        self.space = Space(
+            ops=tuple(OpInfo(name, "Linear", approaches=("static", "dynamic") if name in model.dynamic else ("static",))
+                      for name in model.sensitivity),
+            approaches=("static", "dynamic") if model.dynamic else ("static",))
 
     @property
     def fp32_model(self) -> FakeModel:
@@ -66,7 +72,7 @@ class FakeAdapter(Adapter):
     def build(self, config: QuantConfig) -> FakeModel:
         self.space.validate(config)
         return FakeModel(self.model.sensitivity, self.model.baseline, self.model.calibration_helps, config,
-                         slow_int8=self.model.slow_int8)
+                         slow_int8=self.model.slow_int8, dynamic=self.model.dynamic)
 
     def runner(self, model: FakeModel):
         """The "output" is the model's accuracy, so the probe's error tracks the accuracy loss. Every
@@ -106,3 +112,12 @@ def fake_model(n_ops: int = 6, sensitive: dict[int, float] | None = None, **kwar
 
 def accuracy(model: FakeModel) -> float:
     return model.accuracy()
+
+
+def fixed_latency(ratio_of):
+    """A tuner's latency_fn returning ``ratio_of(config)``, known to +-1% (the backend still runs)."""
+    def measure(config: QuantConfig, fp32_run, candidate_run) -> LatencyRatio:
+        candidate_run()
+        r = ratio_of(config)
+        return LatencyRatio(r, 0.99 * r, 1.01 * r, 0.95, 10, 1.0, r)
+    return measure

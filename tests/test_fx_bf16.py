@@ -97,10 +97,10 @@ def test_fallback_knob_applies_only_to_bf16_ops_in_fp32():
 
 
 def test_sensitivity_predicts_a_bf16_fallback_faster_than_fp32():
-    from autoquant.strategies.sensitivity import OpSensitivity, SensitivityStrategy, _Search
+    from autoquant.strategies.sensitivity import OpSensitivity, SensitivityStrategy, _Profile, _Search
 
     search = _Search(SensitivityStrategy(), _space(), None, 0.01)  # type: ignore[arg-type]  # no probe needed
-    search.ranking = [OpSensitivity("big", "Linear", 0.9, latency_cost=0.2)]
+    search.profiles["static"] = _Profile(QuantConfig(), (OpSensitivity("big", "Linear", 0.9, latency_cost=0.2),))
     fp32 = search._latency(QuantConfig(fp32_ops=frozenset({"big"})))
     bf16 = search._latency(QuantConfig(fp32_ops=frozenset({"big"}), fallback="bf16"))
     assert fp32 == pytest.approx(0.2) and bf16 == pytest.approx(0.12)

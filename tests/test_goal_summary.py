@@ -18,8 +18,8 @@ from rich.console import Console
 from torch import nn
 
 from autoquant import AccuracyCriterion, Restriction, Tuner
-from autoquant.latency import LatencyRatio
 from autoquant.report import summary_table
+from tests.fake_adapter import fixed_latency
 
 
 class TinyLinears(nn.Module):
@@ -48,15 +48,6 @@ def case():
     return model, calib, agreement
 
 
-def fixed(ratio_of) -> object:
-    """A latency_fn returning ``ratio_of(config)``, known to +-1%."""
-    def measure(config, fp32_run, candidate_run) -> LatencyRatio:
-        candidate_run()  # the real backend still runs
-        r = ratio_of(config)
-        return LatencyRatio(r, 0.99 * r, 1.01 * r, 0.95, 10, 1.0, r)
-    return measure
-
-
 EVERYTHING_PASSES = AccuracyCriterion(absolute=1.0)
 
 
@@ -64,7 +55,7 @@ def test_counts_cover_the_whole_model(case, tmp_path, caplog):
     model, calib, agreement = case
     caplog.set_level(logging.INFO, logger="autoquant")
     result = Tuner(EVERYTHING_PASSES, strategy="random", max_trials=1, restrict=Restriction(fp32_ops=["fc2"]),
-                   latency_fn=fixed(lambda c: 0.5)).tune(model, calib, agreement)
+                   latency_fn=fixed_latency(lambda c: 0.5)).tune(model, calib, agreement)
     counts = {c.op_type: c.to_dict() for c in result.op_counts}
     assert counts == {"Linear": {"int8": 2, "fp32": 1, "not_quantizable": 0, "total": 3},
                       "Embedding": {"int8": 0, "fp32": 0, "not_quantizable": 1, "total": 1}}
@@ -83,7 +74,7 @@ def test_a_pass_slower_than_fp32_does_not_stop_the_search(case):
     pass and stops at the first pass faster than FP32, which it returns."""
     model, calib, agreement = case
     result = Tuner(EVERYTHING_PASSES, strategy="random", max_trials=20, seed=0,
-                   latency_fn=fixed(lambda c: 1.3 - 0.25 * len(c.fp32_ops))).tune(model, calib, agreement)
+                   latency_fn=fixed_latency(lambda c: 1.3 - 0.25 * len(c.fp32_ops))).tune(model, calib, agreement)
     ratios = result.history["latency_ratio"].tolist()
     assert ratios[0] == pytest.approx(1.3) and result.trials > 1
     assert result.met and not result.slower_than_fp32
@@ -96,7 +87,7 @@ def test_when_no_pass_is_faster_than_fp32_it_says_so(case, tmp_path, caplog):
     model, calib, agreement = case
     caplog.set_level(logging.INFO, logger="autoquant")
     result = Tuner(EVERYTHING_PASSES, strategy="random", max_trials=3, seed=0,
-                   latency_fn=fixed(lambda c: 1.4 + 0.1 * len(c.fp32_ops))).tune(model, calib, agreement)
+                   latency_fn=fixed_latency(lambda c: 1.4 + 0.1 * len(c.fp32_ops))).tune(model, calib, agreement)
     assert result.trials == 3 and result.met and result.slower_than_fp32
     assert result.latency_ratio == pytest.approx(1.4)  # the fastest pass is returned
     assert "searching on (within max_trials=3)" in caplog.text

@@ -7,6 +7,7 @@ import time
 import pytest
 
 import autoquant.latency
+import autoquant.tuner
 from autoquant.errors import ConfigError
 from autoquant.latency import measure_ratio
 
@@ -67,3 +68,27 @@ def test_measure_ratio_waits_for_the_timing_lock(tmp_path, monkeypatch):
         fcntl.flock(holder, fcntl.LOCK_UN)
     thread.join(5)
     assert done.is_set()
+
+
+def test_the_tuner_measures_longer_while_faster_or_slower_than_fp32_is_undecided(monkeypatch):
+    """A pass measured at x0.99 +-20% would end the search as "faster than FP32": the tuner measures
+    it again, up to 4 times as long, until it can tell (here: slower, so the search goes on)."""
+    from autoquant import AccuracyCriterion, Tuner
+    from autoquant.latency import LatencyRatio
+    from tests.fake_adapter import FakeAdapter, fake_model
+
+    calls: list[tuple[float, float | None]] = []
+    real = autoquant.tuner.measure_ratio
+
+    def measure(baseline, candidate, **kwargs):
+        calls.append((kwargs["budget_s"], kwargs.get("decide")))
+        real(baseline, candidate, **kwargs)  # the backend runs
+        if len(calls) % 2:  # each candidate's first measurement cannot tell
+            return LatencyRatio(0.99, 0.8, 1.2, 0.95, 5, 1.0, 0.99)
+        return LatencyRatio(1.1, 1.05, 1.15, 0.95, 40, 1.0, 1.1)
+
+    monkeypatch.setattr(autoquant.tuner, "measure_ratio", measure)
+    result = Tuner(AccuracyCriterion(relative=0.5), strategy="random", max_trials=2, seed=0,
+                   latency_budget_s=0.01).tune(fake_model(n_ops=3), [None], lambda m: m.accuracy(), adapter=FakeAdapter)
+    assert calls[:2] == [(0.01, None), (0.04, 1.0)]
+    assert result.trials == 2 and result.slower_than_fp32 and result.latency_ratio == pytest.approx(1.1)

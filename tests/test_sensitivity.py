@@ -1,6 +1,7 @@
 """The sensitivity strategy (default): its loss model, its choices on the fast fake adapter, and a real FX model."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from autoquant.probe import OutputProbe, compare
 from autoquant.strategies import STRATEGIES, get_strategy
 from autoquant.strategies.evidence import LossModel, Observation
 from autoquant.strategies.sensitivity import SensitivityStrategy
-from tests.fake_adapter import FakeAdapter, fake_model
+from tests.fake_adapter import FakeAdapter, fake_model, fixed_latency
 
 
 def tune(model, eval_fn=None, *, adapter=FakeAdapter, strategy=None, **kwargs):
@@ -146,6 +147,29 @@ def test_ops_whose_int8_runs_slower_than_fp32_fall_back_for_speed():
     assert fp32_sequence(result) == ["", "op1 op4"]
     costs = dict(zip(result.sensitivity["op"], result.sensitivity["latency_cost"], strict=True))
     assert costs["op1"] < 0 and costs["op4"] < 0 < costs["op0"]
+
+
+def test_when_no_profiled_fallback_beats_fp32_the_other_approach_is_profiled_too(caplog):
+    """As MobileViT on ONNX Runtime: static INT8 is slower than FP32 wherever it is used (x1.0 + 0.02
+    per INT8 op: no static fallback beats FP32), and it is profiled first (it quantizes the most
+    ops); dynamic quantizes op0-op2 and is slower than FP32 only because of op2's INT8. The default
+    passes at x1.12; the dynamic approach is profiled too, and its fallback of op2 (x0.7) wins."""
+    def ratio(config: QuantConfig) -> float:
+        if config.approach == "static":
+            return 1.0 + 0.02 * (6 - len(config.fp32_ops))
+        int8 = {"op0", "op1", "op2"} - config.fp32_ops
+        return 1.0 - 0.15 * len(int8 - {"op2"}) + 0.5 * ("op2" in int8)
+
+    caplog.set_level(logging.INFO, logger="autoquant")
+    result = tune(fake_model(n_ops=6, dynamic=("op0", "op1", "op2")), latency_fn=fixed_latency(ratio))
+    assert result.met and not result.slower_than_fp32 and result.latency_ratio == pytest.approx(0.7)
+    assert result.config.approach == "dynamic" and "op2" in result.fp32_ops and "op0" not in result.fp32_ops
+    assert result.history["latency_ratio"].iloc[0] == pytest.approx(1.12) and result.trials == 2
+    assert "profiling the dynamic approach too" in caplog.text
+    table = result.sensitivity  # both profiles, the first (static) first
+    assert table["approach"].unique().tolist() == ["static", "dynamic"]
+    costs = table[table["approach"] == "dynamic"].set_index("op")["latency_cost"]
+    assert costs["op2"] < 0 < costs["op0"]
 
 
 def test_latency_costs_add_up_to_what_all_int8_saves_or_loses():
