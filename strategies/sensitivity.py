@@ -26,8 +26,10 @@ How it decides (each proposal is logged with its prediction):
    INT8; its latency as the sum of its FP32 ops' costs. Candidates are the ranked prefixes and the
    one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
    near miss leads to the cheapest op that the model says closes the gap, and an INT8 kernel
-   slower than FP32's falls back for speed. The chosen candidate is probed exactly
-   before it is proposed (and another chosen if that changes the verdict).
+   slower than FP32's falls back for speed. Where the fastest pass is slower than FP32 and no
+   candidate of the approaches profiled so far is predicted faster, the others are profiled too
+   (each candidate's latency is predicted from its own approach's costs). The chosen candidate is
+   probed exactly before it is proposed (and another chosen if that changes the verdict).
 
 With ``objective="latency"`` it goes on while an untried candidate is predicted faster than the
 fastest pass and likely to pass. The proposal is a function of the study's trials (and the
