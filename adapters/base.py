@@ -184,7 +184,10 @@ class TensorStatsAdapter(Adapter):
             if self._stats is None or tensor not in self._stats:
                 raise BackendError(f"No calibration statistics for tensor '{tensor}' (an autoquant bug: report it).")
             method = CalibrationMethod.parse(calibration)
-            self._ranges[key] = compute_range(self._stats[tensor], method, symmetric=symmetric)
+            try:
+                self._ranges[key] = compute_range(self._stats[tensor], method, symmetric=symmetric)
+            except CalibrationDataError as exc:  # name the tensor: the message alone cannot
+                raise CalibrationDataError(f"Tensor '{tensor}': {exc}") from exc
         return self._ranges[key]
 
     def save_stats(self, path: Path) -> bool:

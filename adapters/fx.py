@@ -82,9 +82,13 @@ class _RecordingObserver(MinMaxObserver):
     """Passes tensors through, feeding them to a TensorStats when one is attached."""
 
     stats: TensorStats | None = None
+    saw_non_tensor = False  # a number computed from shapes (``(d // heads) ** -0.5``): never quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        if not isinstance(x, torch.Tensor):
+            self.saw_non_tensor = True
+            return x
+        if not x.is_floating_point():
             return x
         if self.stats is not None:
             self.stats.update(x.detach().float().cpu().numpy())
@@ -196,9 +200,11 @@ class FXAdapter(TensorStatsAdapter):
             recording_qconfig = QConfig(_RecordingObserver.with_args(dtype=torch.quint8), _PER_CHANNEL_WEIGHT)
             recording = _prepare(traced, example, _static_mapping(recording_qconfig))
             self._run(recording, example)
+            numbers = _numbers(recording)
+            _drop_observers(recording, numbers)
         except Exception as exc:  # FX raises many types (TraceError, TypeError, NotImplementedError, ...)
             raise TraceError(first_line(exc, 300)) from exc
-        return Unit(path, traced, example, recording, leaf=leaf)
+        return Unit(path, traced, example, recording, leaf=leaf, numbers=numbers)
 
     def _trace(self, path: str, root: nn.Module, example: tuple[tuple, dict]) -> fx.GraphModule:
         """The unit's graph; where the model's forward computes with its input's shape (FX cannot
@@ -234,7 +240,7 @@ class FXAdapter(TensorStatsAdapter):
         """Ops that really become INT8 in the converted graph (module types alone can mislead)."""
         prepared = unit.recording
         static = dict(_convert(copy.deepcopy(prepared)).named_modules(remove_duplicate=False))
-        dynamic_prepared = _prepare(unit.module, unit.example, _dynamic_mapping(_PER_CHANNEL_WEIGHT))
+        dynamic_prepared = _prepare(unit.module, unit.example, _dynamic_mapping(_PER_CHANNEL_WEIGHT), unit.numbers)
         dynamic = dict(_convert(dynamic_prepared).named_modules(remove_duplicate=False))
         modules = dict(prepared.named_modules(remove_duplicate=False))
         observers = {n for n in prepared.graph.nodes if isinstance(_module_of(prepared, n), ObserverBase)}
@@ -398,7 +404,7 @@ class FXAdapter(TensorStatsAdapter):
                     qscheme=torch.per_tensor_symmetric if config.scheme == "symmetric" else torch.per_tensor_affine,
                 )
                 mapping = _static_mapping(QConfig(activation, weight))
-            unit.prepared[family] = _prepare(unit.module, unit.example, mapping)
+            unit.prepared[family] = _prepare(unit.module, unit.example, mapping, unit.numbers)
         return unit.prepared[family]
 
     @staticmethod
@@ -498,12 +504,39 @@ def _dynamic_mapping(weight: Any) -> QConfigMapping:
     return mapping
 
 
-def _prepare(module: fx.GraphModule, example: Example, mapping: QConfigMapping) -> fx.GraphModule:
+def _prepare(module: fx.GraphModule, example: Example, mapping: QConfigMapping,
+             numbers: frozenset[str] = frozenset()) -> fx.GraphModule:
+    """prepare_fx, without observers on ``numbers`` (nodes whose value is not a tensor)."""
     args, kwargs = example
     positional = inspect.signature(module.forward).bind(*args, **kwargs).args
     with warnings.catch_warnings():  # prepare_fx/convert_fx are deprecated in favour of PT2E
         warnings.simplefilter("ignore", DeprecationWarning)
-        return prepare_fx(copy.deepcopy(module), mapping, positional, backend_config=_backend_config())
+        prepared = prepare_fx(copy.deepcopy(module), mapping, positional, backend_config=_backend_config())
+    _drop_observers(prepared, numbers)
+    return prepared
+
+
+def _numbers(recording: fx.GraphModule) -> frozenset[str]:
+    """Nodes whose observer saw a number, not a tensor, when the recording graph ran: torch.ao
+    observes a scale computed from a shape (``(d // heads) ** -0.5``) as if it were an activation."""
+    return frozenset(node.args[0].name for node in recording.graph.nodes
+                     if isinstance(observer := _module_of(recording, node), _RecordingObserver)
+                     and observer.saw_non_tensor)
+
+
+def _drop_observers(prepared: fx.GraphModule, sources: frozenset[str]) -> None:
+    """Remove the observers of the nodes named in ``sources``: the op reading such a value takes it as
+    it is (it is no op of the space: not all its inputs are quantized)."""
+    dropped = False
+    for node in list(prepared.graph.nodes):
+        if (isinstance(_module_of(prepared, node), ObserverBase) and node.args
+                and isinstance(node.args[0], fx.Node) and node.args[0].name in sources):
+            node.replace_all_uses_with(node.args[0])
+            prepared.graph.erase_node(node)
+            dropped = True
+    if dropped:
+        prepared.delete_all_unused_submodules()
+        prepared.recompile()
 
 
 def _convert(prepared: fx.GraphModule) -> fx.GraphModule:

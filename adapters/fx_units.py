@@ -46,6 +46,7 @@ class Unit:
     node_ops: dict[str, str] = field(default_factory=dict)  # FX node name -> op name
     flow: list[FlowStep] = field(default_factory=list)  # every op node in graph order
     prepared: dict[tuple, fx.GraphModule] = field(default_factory=dict)  # per qconfig family
+    numbers: frozenset[str] = frozenset()  # nodes whose value is a number (from shapes), never observed
 
     def fp32_nodes(self, fp32_ops: frozenset[str]) -> list[str]:
         """Nodes to leave FP32: the FP32 ops, and the ops that only follow them.

@@ -543,3 +543,35 @@ def test_smoothing_is_offered_only_where_the_linear_input_is_float():
     for alpha in alphas:
         out = adapter.build(QuantConfig(smooth_alpha=alpha))(x)
         assert torch.allclose(out, float_fed(x), atol=0.1)
+
+
+class ShapeScaledAttention(nn.Module):
+    """Attention scores scaled by a number computed from the input's shape, ``(d // heads) ** -0.5``:
+    FX traces it as nodes, and torch.ao observes it as if it were a tensor."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, 4)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (d // self.heads) ** -0.5
+        return self.out(torch.matmul(torch.softmax(scores, dim=-1), v)).mean(1)
+
+
+def test_a_scale_computed_from_a_shape_is_no_tensor_to_quantize():
+    torch.manual_seed(0)
+    model = ShapeScaledAttention().eval()
+    data = [torch.randn(4, 6, 16) for _ in range(3)]
+    adapter = FXAdapter(model, data)
+    assert "mul" not in adapter.space.op_names  # one input is a number: nothing to quantize there
+    assert {"qkv", "out", "matmul", "matmul_1"} <= set(adapter.space.op_names)
+    adapter.calibrate()
+    x = data[0]
+    quantized = adapter.build(QuantConfig())  # raised: no values observed for the scale's "tensor"
+    assert quantized_modules(quantized) and torch.allclose(quantized(x), model(x), atol=0.05)
+    for op in adapter.space.op_names:
+        adapter.build(QuantConfig(fp32_ops=frozenset({op})))(x)
+    everything = adapter.build(QuantConfig(fp32_ops=frozenset(adapter.space.op_names)))
+    assert torch.allclose(everything(x), model(x), atol=1e-5)
