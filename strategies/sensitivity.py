@@ -11,7 +11,9 @@ How it decides (each proposal is logged with its prediction):
    to every measured trial (the default candidate, the tuner's first trial, is the first point),
    with a per-knob-setting correction and a spread, so it gives each candidate a chance to pass.
 3. The next candidate is the fastest untried one whose chance to pass is at least ``confidence``
-   (ties: fewer FP32 ops, then the higher chance). All-INT8 knob settings are the fastest, so
+   (ties: fewer FP32 ops, then the higher chance). Each proposal in a row that failed halves the
+   accepted chance of failing (0.5, 0.75, 0.875, ...): choosing the candidate whose probe error
+   is luckiest makes near misses come in runs (the winner's curse). All-INT8 knob settings are the fastest, so
    they come first while the model says one can pass.
 4. Otherwise ops fall back. Per op, once, at the best knob setting of the fastest approach known
    faster than FP32 (where none is, of the approach that quantizes the most ops, whose per-type
@@ -70,6 +72,7 @@ EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
 MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 REFINE_S = 1.0  # a latency group measured again, longer, where no eval_fn time is known
+RISK_DECAY = 2.0  # each proposal in a row that failed divides the accepted chance of failing by this
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class _Search:
         # op -> BF16/FP32 latency, where BF16 is the faster fallback
         self.bf16_ratios = {op.name: op.bf16_ratio for op in space.ops if op.bf16_ratio is not None}
         self.model = LossModel(tolerance, [])
+        self.required = options.confidence  # the chance to pass a proposal needs now
         self.unbuildable: set[str] = set()
         self.screen = KnobScreen([space.canonical(c) for c in space.knob_configs()])
         self._screened = False
@@ -362,6 +366,11 @@ class _Search:
         self.model = LossModel(self.tolerance, [
             Observation(c.describe(), error, m.loss) for c, m in measured
             if (error := self._error(c)) is not None])
+        missed = _missed(trials)
+        self.required = 1.0 - (1.0 - self.options.confidence) / RISK_DECAY**missed
+        if missed:
+            log.info("sensitivity: the last %d proposal(s) failed although predicted to pass: the next needs a %.2f "
+                     "chance", missed, self.required)
         passing = [(c, m.latency_ratio) for c, m in measured if m.passed]
         if passing:  # a faster pass is sought (objective latency, or a pass slower than FP32): the
             self.profile()  # bound and the candidates need the latency model, measured once
@@ -472,7 +481,7 @@ class _Search:
             exact = self.probe.known(config) is not None
             prediction = self.model.predict(config.describe(), error)
             latency = self._latency(config)
-            if prediction.p_pass >= self.options.confidence and (bound is None or latency < bound - 1e-9):
+            if prediction.p_pass >= self.required and (bound is None or latency < bound - 1e-9):
                 pool.append(_Candidate(config, latency, error, exact, prediction))
         return pool
 
@@ -520,6 +529,19 @@ def _latency_costs(savings: dict[str, float], together: float) -> dict[str, floa
         scale = (together - gains) / losses
         return {n: s * scale if s < 0 else s for n, s in savings.items()}
     return dict(savings)  # each op gains alone, all together lose: the measurements disagree
+
+
+def _missed(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """How many of the latest evaluated trials failed in a row, the first (the default, which no
+    prediction chose) not counted: the winner's curse of choosing the candidate whose probe error
+    happens to be luckiest makes near misses come in runs."""
+    evaluated = [t for t in records(trials) if t.evaluated]
+    streak = 0
+    for t in reversed(evaluated[1:]):
+        if t.passed:
+            break
+        streak += 1
+    return streak
 
 
 def _measured(trials: Sequence[optuna.trial.FrozenTrial]) -> list[tuple[QuantConfig, Measurement]]:

@@ -5,6 +5,7 @@ import logging
 import math
 
 import numpy as np
+import optuna
 import pytest
 import torch
 from torch import nn
@@ -466,3 +467,33 @@ def test_a_probe_over_its_budget_scores_the_knob_screen_not_the_whole_grid(caplo
     assert best.calibration in ("entropy", "percentile-99.99")
     unprobed = next(c for c in search.screen.configs if c.key() not in search._knob_scores())
     assert search._knob_error(unprobed) is not None and search.probe.known(unprobed) is None
+
+
+def test_each_failed_proposal_in_a_row_raises_the_chance_the_next_needs(caplog):
+    # op3's INT8 costs 0.05 that the probe cannot see: predicted passes fail until op3 falls back
+    def eval_fn(model):
+        return model.accuracy() - (0.05 if model.config is not None and "op3" not in model.config.fp32_ops else 0.0)
+
+    caplog.set_level(logging.INFO, logger="autoquant")
+    result = tune(fake_model(n_ops=8, sensitive={1: 0.004, 5: 0.003}), eval_fn)
+    assert result.met and "op3" in result.fp32_ops
+    assert "the last 1 proposal(s) failed although predicted to pass: the next needs a 0.75 chance" in caplog.text
+
+
+def test_missed_counts_the_latest_failures_in_a_row_but_not_the_default():
+    from autoquant.strategies.sensitivity import _missed
+
+    def study(outcomes):
+        s = optuna.create_study()
+        for i, passed in enumerate(outcomes):
+            attrs = {"config": QuantConfig().to_dict(), "config_key": f"c{i}", "accuracy": 0.9, "loss": 0.0,
+                     "passed": passed, "latency_ratio": 0.5, "latency_ms": 1.0, "fp32_latency_ms": 2.0, "n_fp32": 0,
+                     "build_s": 0.0, "eval_s": 0.0}
+            s.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.0,
+                                                  user_attrs=attrs))
+        return s.get_trials()
+
+    assert _missed(study([False])) == 0  # the default: no prediction chose it
+    assert _missed(study([False, False, False])) == 2
+    assert _missed(study([False, True, False])) == 1
+    assert _missed(study([True, False, True])) == 0
