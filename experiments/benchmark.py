@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from autoquant import AccuracyCriterion, QuantConfig, Restriction, Tuner
+from autoquant.adapters import adapter_for
 from autoquant.examples.digits import BATCH_SIZE, accuracy_fn, load_data, make_fragile, train_model
 from autoquant.latency import measure_ratio
 from autoquant.strategies import STRATEGIES
@@ -225,10 +226,17 @@ def run_autoquant(case: Case, strategy: str, criterion: AccuracyCriterion, args:
             "_adapter": result.adapter, "_config": result.config}
 
 
-def add_latencies(row: dict[str, Any], oracle: QuantConfig | None, args: argparse.Namespace) -> dict[str, Any]:
+def add_latencies(row: dict[str, Any], oracle: QuantConfig | None, case: Case,
+                  args: argparse.Namespace) -> dict[str, Any]:
     """The final model's latency against FP32 and against the oracle's fastest passing candidate: each a
     ratio measured here, interleaved, on the same batch (absolute times are meaningless on a shared machine)."""
-    adapter, config = row.pop("_adapter", None), row.pop("_config", None)
+    adapter, config, foreign = row.pop("_adapter", None), row.pop("_config", None), row.pop("_model", None)
+    if foreign is not None and oracle is not None:  # Neural Compressor's model against the oracle's, built here
+        ours = adapter_for(case.model)(case.model, case.calibration)
+        ours.calibrate()
+        first = next(iter(case.calibration))[0][:BATCH_SIZE]
+        reference = torch_runner(ours.build(ours.space.resolve(oracle)), first)
+        row["vs_oracle"] = measure_ratio(reference, torch_runner(foreign, first), budget_s=args.latency_budget).ratio
     if adapter is None:
         return row
     row["final_config"] = json.dumps(config.to_dict())
@@ -285,7 +293,7 @@ def run_neural_compressor(case: Case, relative: float, args: argparse.Namespace)
     layers = weight_layers(model)
     return {**row, "final_accuracy": accuracy, "relative_loss": (counting.scores[0] - accuracy) / counting.scores[0],
             "latency_ratio": latency.ratio, "ops_fp32": "", "conv_linear_fp32": f"{layers[0]}/{layers[1]}",
-            "config": f"engine {torch.backends.quantized.engine}"}
+            "config": f"engine {torch.backends.quantized.engine}", "_model": model}
 
 
 @contextlib.contextmanager
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 row = {"model": case.name, "held_out": case.held_out, "criterion": f"{relative:.2%} relative",
                        "oracle_met": oracle is not None, "oracle_config": _describe(oracle)}
                 try:
-                    row |= add_latencies(run(), oracle, args)
+                    row |= add_latencies(run(), oracle, case, args)
                 except Exception as exc:  # one broken tuner or backend must not lose the other rows
                     log.exception("%s on %s failed", tuner, case.name)
                     row |= {"tuner": tuner, "met": False, "config": f"error: {type(exc).__name__}: {exc}"[:200]}

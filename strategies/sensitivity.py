@@ -392,8 +392,8 @@ class _Search:
 
     def _choose(self, space: Space, tried: set[str], bound: float | None, beat_fp32: bool) -> _Candidate | None:
         """The fastest likely-to-pass untried candidate, probed exactly (None if there is none).
-        ``beat_fp32``: the fastest pass is slower than FP32, and no approach profiled so far has a
-        candidate predicted faster than FP32: the others are profiled too."""
+        ``beat_fp32``: the fastest pass is slower than FP32; where no candidate of the approaches
+        profiled so far is predicted faster than FP32, the others are profiled too."""
         knob_only = self.screen.configs
         if len(space.approaches) > 1 and not self.approach_latency:
             self._measure_approaches(space)
