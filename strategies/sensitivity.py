@@ -11,10 +11,13 @@ How it decides (each proposal is logged with its prediction):
    to every measured trial (the default candidate, the tuner's first trial, is the first point),
    with a per-knob-setting correction and a spread, so it gives each candidate a chance to pass.
 3. The next candidate is the fastest untried one whose chance to pass is at least ``confidence``
-   (ties: fewer FP32 ops, then the higher chance). Each proposal in a row that failed halves the
+   (ties: fewer FP32 ops, then the higher chance). All-INT8 knob settings are the fastest, so
+   they come first while the model says one can pass. A candidate's all-INT8 latency is that of
+   its kernel family (approach, activation scheme, weight granularity: ONNX Runtime runs int8
+   activations on other kernels than uint8): measured by an all-INT8 trial of it (the default,
+   the first trial), else once a candidate of the family would be chosen. Each proposal in a row that failed halves the
    accepted chance of failing (0.5, 0.75, 0.875, ...): choosing the candidate whose probe error
-   is luckiest makes near misses come in runs (the winner's curse). All-INT8 knob settings are the fastest, so
-   they come first while the model says one can pass.
+   is luckiest makes near misses come in runs (the winner's curse).
 4. Otherwise ops fall back. Per op, once, at the best knob setting of the fastest approach known
    faster than FP32 (where none is, of the approach that quantizes the most ops, whose per-type
    costs may still find the types whose INT8 pays): its share of the probe error with only it INT8 (or, with
@@ -164,7 +167,10 @@ class _Search:
     def __init__(self, options: SensitivityStrategy, space: Space, probe: OutputProbe, tolerance: float) -> None:
         self.options, self.space, self.probe, self.tolerance = options, space, probe, tolerance
         self.profiles: dict[str, _Profile] = {}  # by approach; the first measured is the search's main one
-        self.approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach
+        self.approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach (its default's)
+        # all-INT8 latency ratio per kernel family (approach, scheme, weight granularity), where measured:
+        # ONNX Runtime's symmetric (int8) activations run other kernels than asymmetric (uint8)
+        self.family_latency: dict[str, float] = {}
         self.paying: set[str] = set()  # approaches whose all-INT8 candidate is known faster than FP32
         # op -> BF16/FP32 latency, where BF16 is the faster fallback
         self.bf16_ratios = {op.name: op.bf16_ratio for op in space.ops if op.bf16_ratio is not None}
@@ -371,6 +377,9 @@ class _Search:
         if missed:
             log.info("sensitivity: the last %d proposal(s) failed although predicted to pass: the next needs a %.2f "
                      "chance", missed, self.required)
+        for c, m in measured:  # an all-INT8 trial measured its family's latency (the default: the first)
+            if not c.fp32_ops:
+                self.family_latency.setdefault(_family(c), round(m.latency_ratio / COST_RESOLUTION) * COST_RESOLUTION)
         passing = [(c, m.latency_ratio) for c, m in measured if m.passed]
         if passing:  # a faster pass is sought (objective latency, or a pass slower than FP32): the
             self.profile()  # bound and the candidates need the latency model, measured once
@@ -397,7 +406,7 @@ class _Search:
         knob_only = self.screen.configs
         if len(space.approaches) > 1 and not self.approach_latency:
             self._measure_approaches(space)
-        fastest = min(self.approach_latency.values(), default=0.0)
+        fastest = min(self.family_latency.values(), default=0.0)
         for _ in range(EXACT_PROBES):
             pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not self.profiles and (not pool or min(c.latency for c in pool) > fastest):  # a fallback may be faster
@@ -409,10 +418,20 @@ class _Search:
             if not pool:
                 return None
             best = min(pool, key=lambda c: (c.latency, len(c.config.fp32_ops), -c.prediction.p_pass))
+            if _family(best.config) not in self.family_latency and len({_family(c) for c in knob_only}) > 1:
+                self._measure_family(best.config)  # its kernels' speed, then choose again
+                continue
             if best.exact:
                 return best
             self._error(best.config)  # probe it exactly, then choose again
         return best
+
+    def _measure_family(self, config: QuantConfig) -> None:
+        """The all-INT8 latency of the config's kernel family, measured at its knob setting."""
+        latency = self._measured_latency(self.space.canonical(replace(config, fp32_ops=frozenset())))
+        ratio = latency.ratio if latency is not None else 1.0  # unbuildable: no saving
+        self.family_latency[_family(config)] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
+        log.info("sensitivity: all-INT8 latency of %s: %.3f", _family(config), self.family_latency[_family(config)])
 
     def _measure_approaches(self, space: Space) -> None:
         """Latency of each approach's default all-INT8 candidate (static and dynamic differ a lot)."""
@@ -421,6 +440,7 @@ class _Search:
                 latency = self._measured_latency(config)
                 ratio = latency.ratio if latency is not None else 1.0  # unbuildable: no saving
                 self.approach_latency[config.approach] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
+                self.family_latency.setdefault(_family(config), self.approach_latency[config.approach])
                 if self._saving(config) > 0:
                     self.paying.add(config.approach)
         log.info("sensitivity: all-INT8 latency by approach: %s",
@@ -501,13 +521,15 @@ class _Search:
         return self.profiles.get(config.approach) or next(iter(self.profiles.values()), None)
 
     def _latency(self, config: QuantConfig) -> float:
-        """Predicted: the approach's all-INT8 latency plus each FP32 op's cost (from that approach's
-        profile; 0 where it has none); a BF16 fallback's cost is scaled by its measured BF16/FP32
-        ratio (as if its INT8 time were small beside FP32's)."""
+        """Predicted: the all-INT8 latency of its kernel family (else of its approach's default)
+        plus each FP32 op's cost (from that approach's profile; 0 where it has none); a BF16
+        fallback's cost is scaled by its measured BF16/FP32 ratio (as if its INT8 time were small
+        beside FP32's)."""
         profile = self.profiles.get(config.approach)
         costs = {r.op: r.latency_cost for r in profile.ranking} if profile is not None else {}
         bf16 = self.bf16_ratios if config.fallback == "bf16" else {}
-        return self.approach_latency.get(config.approach, 0.0) + sum(
+        int8 = self.family_latency.get(_family(config), self.approach_latency.get(config.approach, 0.0))
+        return int8 + sum(
             costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
 
 
@@ -529,6 +551,11 @@ def _latency_costs(savings: dict[str, float], together: float) -> dict[str, floa
         scale = (together - gains) / losses
         return {n: s * scale if s < 0 else s for n, s in savings.items()}
     return dict(savings)  # each op gains alone, all together lose: the measurements disagree
+
+
+def _family(config: QuantConfig) -> str:
+    """The kernels a candidate runs: its approach, activation scheme and weight granularity."""
+    return "/".join(str(k) for k in (config.approach, config.scheme, config.granularity) if k is not None)
 
 
 def _missed(trials: Sequence[optuna.trial.FrozenTrial]) -> int:

@@ -173,6 +173,19 @@ def test_when_no_profiled_fallback_beats_fp32_the_other_approach_is_profiled_too
     assert costs["op2"] < 0 < costs["op0"]
 
 
+def test_knob_settings_that_run_other_kernels_are_timed_before_one_is_chosen(caplog):
+    """As ONNX Runtime's int8 (symmetric) and uint8 (asymmetric) activations: here asymmetric INT8
+    runs at x1.3, symmetric at x0.5. The default (asymmetric) fails; entropy rescues op2 under either
+    scheme, and the symmetric one is chosen because its family was timed (before: asymmetric, x1.3,
+    and "no passing candidate is faster than FP32")."""
+    caplog.set_level(logging.INFO, logger="autoquant")
+    model = fake_model(n_ops=6, sensitive={2: 0.05}, calibration_helps=("op2",))
+    result = tune(model, latency_fn=fixed_latency(lambda c: 1.3 if c.scheme == "asymmetric" else 0.5))
+    assert result.met and result.trials == 2 and result.latency_ratio == pytest.approx(0.5)
+    assert result.config.scheme == "symmetric" and result.config.calibration == "entropy"
+    assert "all-INT8 latency of static/symmetric/per_channel: 0.500" in caplog.text
+
+
 def test_latency_costs_add_up_to_what_all_int8_saves_or_loses():
     from autoquant.strategies.sensitivity import _latency_costs
 
