@@ -3,6 +3,7 @@
     python experiments/benchmark.py --out experiments/results                      # the whole suite
     python experiments/benchmark.py --models digits-fragile dwcnn --criteria 0.01 0.001 \
         --strategies sensitivity bayesian --oracle-trials 60 --name benchmark-reduced   # a reduced run
+    python experiments/benchmark.py --merge A.csv B.csv --name benchmark      # one table from several runs
 
 Cases (``--models``): the digits CNN plain and fragile on PyTorch FX (``digits``, ``digits-fragile``)
 and exported to ONNX (``digits-onnx``, ``digits-onnx-fragile``); all-MiniLM-L6-v2 on STS-B dev
@@ -397,11 +398,24 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--out", default="experiments/results")
     parser.add_argument("--name", default="benchmark", help="file name stem of the outputs")
     parser.add_argument("--replot", action="store_true", help="only redraw the .md and .png from the .csv")
+    parser.add_argument("--merge", nargs="+", metavar="CSV", help=(
+        "runs nothing: one table from earlier runs' CSVs, a later file's row replacing an earlier one's for the "
+        "same model, criterion and tuner"))
     args = parser.parse_args(argv)
     command = "python experiments/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     if args.replot:
         return write(pd.read_csv(out / f"{args.name}.csv").to_dict("records"), out, args.name, command)
+    if args.merge:
+        merged = pd.concat([pd.read_csv(path) for path in args.merge])
+        merged = merged.drop_duplicates(["model", "criterion", "tuner"], keep="last").reset_index(drop=True)
+        # the suite's order: cases, looser criteria first, strategies by name, Neural Compressor last
+        keys = pd.DataFrame({"case": merged["model"].map({name: i for i, name in enumerate(CASES)}),
+                             "loss": -merged["criterion"].str.split("%").str[0].astype(float),
+                             "tuner": merged["tuner"].where(merged["tuner"].isin(list(STRATEGIES)), "~")})
+        merged = merged.loc[keys.sort_values(["case", "loss", "tuner"], kind="stable").index]
+        out.mkdir(parents=True, exist_ok=True)
+        return write(merged.to_dict("records"), out, args.name, command)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
