@@ -15,9 +15,10 @@ How it decides (each proposal is logged with its prediction):
    they come first while the model says one can pass. A candidate's all-INT8 latency is that of
    its kernel family (approach, activation scheme, weight granularity: ONNX Runtime runs int8
    activations on other kernels than uint8): measured by an all-INT8 trial of it (the default,
-   the first trial), else once a candidate of the family would be chosen. Each proposal in a row that failed halves the
-   accepted chance of failing (0.5, 0.75, 0.875, ...): choosing the candidate whose probe error
-   is luckiest makes near misses come in runs (the winner's curse).
+   the first trial), else once a candidate of the family would be chosen. From the second
+   proposal in a row that failed, each halves the accepted chance of failing (0.5, 0.5, 0.75,
+   0.875, ...): one miss is what the refitted model learns from, but choosing the candidate whose
+   probe error is luckiest makes near misses come in runs (the winner's curse).
 4. Otherwise ops fall back. Per op, once, at the best knob setting of the fastest approach known
    faster than FP32 (where none is, of the approach that quantizes the most ops, whose per-type
    costs may still find the types whose INT8 pays): its share of the probe error with only it INT8 (or, with
@@ -75,7 +76,7 @@ EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
 MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 REFINE_S = 1.0  # a latency group measured again, longer, where no eval_fn time is known
-RISK_DECAY = 2.0  # each proposal in a row that failed divides the accepted chance of failing by this
+RISK_DECAY = 2.0  # each proposal in a row that failed, after the first, divides the accepted chance of failing
 
 
 @dataclass(frozen=True)
@@ -372,9 +373,9 @@ class _Search:
         self.model = LossModel(self.tolerance, [
             Observation(c.describe(), error, m.loss) for c, m in measured
             if (error := self._error(c)) is not None])
-        missed = _missed(trials)
-        self.required = 1.0 - (1.0 - self.options.confidence) / RISK_DECAY**missed
-        if missed:
+        missed = _missed(trials)  # one miss is the loss model's business (it refits); a run of them is not
+        self.required = 1.0 - (1.0 - self.options.confidence) / RISK_DECAY ** max(missed - 1, 0)
+        if missed > 1:
             log.info("sensitivity: the last %d proposal(s) failed although predicted to pass: the next needs a %.2f "
                      "chance", missed, self.required)
         for c, m in measured:  # an all-INT8 trial measured its family's latency (the default: the first)
