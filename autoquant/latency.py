@@ -12,6 +12,7 @@ same file: it would wait for itself.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import statistics
 import time
@@ -23,6 +24,11 @@ from autoquant.errors import ConfigError
 
 LOCK_VARIABLE = "AUTOQUANT_TIMING_LOCK"
 WARMUP_PAIRS = 2  # untimed runs of each model first: allocators, lazily packed weights, caches
+
+
+def pairs_to_decide(confidence: float) -> int:
+    """The fewest pairs whose [min, max] holds the median with ``confidence`` (1 - 2 / 2^n): 6 for 95%."""
+    return math.ceil(math.log2(2 / (1 - confidence)))
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -45,8 +51,10 @@ class LatencyRatio:
     candidate_ms: float
 
     def excludes(self, value: float) -> bool:
-        """Whether ``value`` lies outside the interval (1.0: the candidate is known faster or slower)."""
-        return not self.low <= value <= self.high
+        """Whether ``value`` lies outside the interval (1.0: the candidate is known faster or slower).
+        Never with fewer pairs than ``pairs_to_decide``: their widest interval, [min, max], holds
+        the median less often than stated (3 pairs: 75%, so a null effect reads as a sign 1 time in 4)."""
+        return self.pairs >= pairs_to_decide(self.confidence) and not self.low <= value <= self.high
 
     @property
     def half_width(self) -> float:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoquant.errors import BackendError, ConfigError, check_choice, first_line
-from autoquant.latency import WARMUP_PAIRS, LatencyRatio, measure_ratio
+from autoquant.latency import WARMUP_PAIRS, LatencyRatio, measure_ratio, pairs_to_decide
 from autoquant.space import QuantConfig, Space
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ KINDS = ("auto", "logits", "embedding", "relative")
 # (config, fp32 runner, candidate runner) -> the candidate's latency over FP32's
 LatencyFn = Callable[[QuantConfig, Callable[[], object], Callable[[], object]], LatencyRatio]
 DEFAULT_MAX_BATCHES = 4
-RUNS_PER_LATENCY = 6  # model runs of one latency measurement (3 interleaved pairs at least)
+RUNS_PER_LATENCY = 2 * pairs_to_decide(0.95)  # model runs of one latency measurement: enough pairs to tell
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from autoquant.data import batch_count
 from autoquant.errors import AutoquantError, ConfigError, first_line, unknown_choice
 from autoquant.evaluation import CandidateFailed, EvalFn, evaluate, evaluate_candidate
 from autoquant.fingerprint import Fingerprint, fingerprint
-from autoquant.latency import LatencyRatio, measure_ratio
+from autoquant.latency import LatencyRatio, measure_ratio, pairs_to_decide
 from autoquant.probe import LatencyFn, OutputProbe
 from autoquant.report import config_text, describe_space, history_frame
 from autoquant.result import TuneResult, counts_text
@@ -414,13 +414,13 @@ class _Run:
         candidate = self.backend.runner(model)
         if self.tuner.latency_fn is not None:
             return self.tuner.latency_fn(config, self.fp32_runner, candidate)
-        precision, budget = self.tuner.latency_precision, self.tuner.latency_budget_s
-        ratio = measure_ratio(self.fp32_runner, candidate, precision=precision, budget_s=budget, min_pairs=5)
+        precision, budget, pairs = self.tuner.latency_precision, self.tuner.latency_budget_s, pairs_to_decide(0.95)
+        ratio = measure_ratio(self.fp32_runner, candidate, precision=precision, budget_s=budget, min_pairs=pairs)
         if ratio.excludes(1.0) or ratio.half_width <= precision:
             return ratio
         # faster or slower than FP32 is what ends the search and what the result says: measured longer
         return measure_ratio(self.fp32_runner, candidate, precision=precision,
-                             budget_s=UNDECIDED_LATENCY_FACTOR * budget, min_pairs=5, decide=1.0)
+                             budget_s=UNDECIDED_LATENCY_FACTOR * budget, min_pairs=pairs, decide=1.0)
 
     def _record(self, trial: optuna.Trial, measurement: Measurement, *, duplicate_of: int | None = None) -> None:
         for name, value in measurement.to_attrs().items():

@@ -35,9 +35,18 @@ def test_decide_stops_once_faster_or_slower_is_known():
     # +-5% would take many pairs at 1 ms vs 1.5 ms; "slower than the baseline" is known after a few
     result = measure_ratio(sleeper(0.001), sleeper(0.0015), precision=1e-6, budget_s=20, min_pairs=3, decide=1.0)
     assert result.excludes(1.0) and result.low > 1.0
-    assert result.pairs < 20
+    assert 6 <= result.pairs < 20  # not before 6 pairs: fewer cannot tell at 95%
     without = measure_ratio(sleeper(0.001), sleeper(0.0015), precision=1e-6, budget_s=0.2, min_pairs=3)
     assert without.pairs > 40  # without decide: measured until the budget ran out
+
+
+def test_too_few_pairs_tell_nothing():
+    from autoquant.latency import LatencyRatio, pairs_to_decide
+
+    assert pairs_to_decide(0.95) == 6  # [min, max] of 6 pairs holds the median 1 - 2/64 of the time
+    three = LatencyRatio(1.1, 1.05, 1.15, 0.95, 3, 1.0, 1.1)  # all 3 pairs slower: 1 chance in 8 with no effect
+    assert not three.excludes(1.0)
+    assert LatencyRatio(1.1, 1.05, 1.15, 0.95, 6, 1.0, 1.1).excludes(1.0)
 
 
 def test_bad_arguments_are_config_errors():
