@@ -233,8 +233,7 @@ def add_latencies(row: dict[str, Any], oracle: QuantConfig | None, case: Case,
     ratio measured here, interleaved, on the same batch (absolute times are meaningless on a shared machine)."""
     adapter, config, foreign = row.pop("_adapter", None), row.pop("_config", None), row.pop("_model", None)
     if foreign is not None and oracle is not None:  # Neural Compressor's model against the oracle's, built here
-        ours = adapter_for(case.model)(case.model, case.calibration)
-        ours.calibrate()
+        ours = _calibrated_adapter(case)
         first = next(iter(case.calibration))[0][:BATCH_SIZE]
         reference = torch_runner(ours.build(ours.space.resolve(oracle)), first)
         row["vs_oracle"] = measure_ratio(reference, torch_runner(foreign, first), budget_s=args.latency_budget).ratio
@@ -248,6 +247,17 @@ def add_latencies(row: dict[str, Any], oracle: QuantConfig | None, case: Case,
         reference = adapter.runner(adapter.build(adapter.space.resolve(oracle)))
         row["vs_oracle"] = measure_ratio(reference, final, budget_s=args.latency_budget).ratio
     return row
+
+
+_ADAPTERS: dict[str, Any] = {}
+
+
+def _calibrated_adapter(case: Case) -> Any:
+    """Our adapter for the case, calibrated once per run (every criterion's oracle is built from it)."""
+    if case.name not in _ADAPTERS:
+        _ADAPTERS[case.name] = adapter_for(case.model)(case.model, case.calibration)
+        _ADAPTERS[case.name].calibrate()
+    return _ADAPTERS[case.name]
 
 
 def nc_available() -> bool:

@@ -280,7 +280,7 @@ class _Search:
         for group in groups:
             saving = self._saving(replace(reference, fp32_ops=names - set(group)), budget_s)
             # rounded per group, not per op: a type's saving split over 54 ops is not rounded away
-            saving = round(saving / COST_RESOLUTION) * COST_RESOLUTION
+            saving = _rounded(saving)
             savings.update((name, saving / len(group)) for name in group)
         return savings
 
@@ -314,7 +314,7 @@ class _Search:
                      "whose measurement could not tell")
             budget = self._refine_budget(groups)
             savings, together = self._savings(reference, groups, budget), self._saving(reference, budget)
-        costs = _latency_costs(savings, round(together / COST_RESOLUTION) * COST_RESOLUTION)
+        costs = _latency_costs(savings, _rounded(together))
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
@@ -380,7 +380,7 @@ class _Search:
                      "chance", missed, self.required)
         for c, m in measured:  # an all-INT8 trial measured its family's latency (the default: the first)
             if not c.fp32_ops:
-                self.family_latency.setdefault(_family(c), round(m.latency_ratio / COST_RESOLUTION) * COST_RESOLUTION)
+                self.family_latency.setdefault(_family(c), _rounded(m.latency_ratio))
         passing = [(c, m.latency_ratio) for c, m in measured if m.passed]
         if passing:  # a faster pass is sought (objective latency, or a pass slower than FP32): the
             self.profile()  # bound and the candidates need the latency model, measured once
@@ -408,6 +408,7 @@ class _Search:
         if len(space.approaches) > 1 and not self.approach_latency:
             self._measure_approaches(space)
         fastest = min(self.family_latency.values(), default=0.0)
+        families = {_family(c) for c in knob_only}
         for _ in range(EXACT_PROBES):
             pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not self.profiles and (not pool or min(c.latency for c in pool) > fastest):  # a fallback may be faster
@@ -419,7 +420,7 @@ class _Search:
             if not pool:
                 return None
             best = min(pool, key=lambda c: (c.latency, len(c.config.fp32_ops), -c.prediction.p_pass))
-            if _family(best.config) not in self.family_latency and len({_family(c) for c in knob_only}) > 1:
+            if _family(best.config) not in self.family_latency and len(families) > 1:
                 self._measure_family(best.config)  # its kernels' speed, then choose again
                 continue
             if best.exact:
@@ -429,18 +430,19 @@ class _Search:
 
     def _measure_family(self, config: QuantConfig) -> None:
         """The all-INT8 latency of the config's kernel family, measured at its knob setting."""
-        latency = self._measured_latency(self.space.canonical(replace(config, fp32_ops=frozenset())))
-        ratio = latency.ratio if latency is not None else 1.0  # unbuildable: no saving
-        self.family_latency[_family(config)] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
+        self.family_latency[_family(config)] = self._int8_latency(replace(config, fp32_ops=frozenset()))
         log.info("sensitivity: all-INT8 latency of %s: %.3f", _family(config), self.family_latency[_family(config)])
+
+    def _int8_latency(self, config: QuantConfig) -> float:
+        """An all-INT8 candidate's measured latency ratio, rounded (1.0 if it cannot be built: no saving)."""
+        latency = self._measured_latency(self.space.canonical(config))
+        return _rounded(latency.ratio) if latency is not None else 1.0
 
     def _measure_approaches(self, space: Space) -> None:
         """Latency of each approach's default all-INT8 candidate (static and dynamic differ a lot)."""
         for config in space.knob_configs():
             if config.approach not in self.approach_latency:
-                latency = self._measured_latency(config)
-                ratio = latency.ratio if latency is not None else 1.0  # unbuildable: no saving
-                self.approach_latency[config.approach] = round(ratio / COST_RESOLUTION) * COST_RESOLUTION
+                self.approach_latency[config.approach] = self._int8_latency(config)
                 self.family_latency.setdefault(_family(config), self.approach_latency[config.approach])
                 if self._saving(config) > 0:
                     self.paying.add(config.approach)
@@ -552,6 +554,11 @@ def _latency_costs(savings: dict[str, float], together: float) -> dict[str, floa
         scale = (together - gains) / losses
         return {n: s * scale if s < 0 else s for n, s in savings.items()}
     return dict(savings)  # each op gains alone, all together lose: the measurements disagree
+
+
+def _rounded(ratio: float) -> float:
+    """A measured latency share, rounded to COST_RESOLUTION: noise must not reorder candidates."""
+    return round(ratio / COST_RESOLUTION) * COST_RESOLUTION
 
 
 def _family(config: QuantConfig) -> str:
