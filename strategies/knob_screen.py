@@ -1,10 +1,12 @@
 """Which whole-model knob settings the probe scores, when it cannot afford them all.
 
 The settings multiply (granularity x calibration x scheme x SmoothQuant alpha: 80 on a transformer)
-and each costs a build. The screen scores the default setting and every setting that changes one
-knob from it (the main effects), then fits the log probe error as a sum of one effect per knob
-value (least squares) and scores, while the caller's budget allows, the unscored setting the fit
-predicts best, refitting after each. An unscored setting is given the fit's prediction; one that
+and each costs a build. The screen scores the default setting, every setting that changes one
+knob from it (the main effects) and every activation range (calibration x scheme, the rest at the
+default: the two interact, as both set the range, and a clipping method may only pay with a
+symmetric grid), then fits the log probe error as a sum of one effect per knob value (least
+squares) and scores, while the caller's budget allows, the unscored setting the fit predicts best,
+refitting after each. An unscored setting is given the fit's prediction; one that
 shares a knob value with which nothing could be built is taken as unbuildable too.
 """
 
@@ -18,6 +20,7 @@ import numpy as np
 from autoquant.space import QuantConfig
 
 FIELDS = ("approach", "granularity", "calibration", "scheme", "smooth_alpha")
+RANGE_FIELDS = ("calibration", "scheme")  # interacting knobs: every pair of their values is scored
 RIDGE = 1e-3  # keeps the least squares defined when effects are collinear (dynamic has no calibration)
 TINY = 1e-30  # a zero error (FP32-identical outputs), in logs
 
@@ -28,11 +31,14 @@ class KnobScreen:
     >>> configs = [QuantConfig(calibration=c, scheme=s) for s in ("asymmetric", "symmetric")
     ...            for c in ("minmax", "entropy")]
     >>> screen = KnobScreen(configs)
-    >>> [c.describe() for c in screen.first()]  # the default and each one-knob change
+    >>> [c.describe() for c in screen.first()]  # the default and every activation range
     ['static/minmax/asymmetric/per_channel', 'static/entropy/asymmetric/per_channel', \
-'static/minmax/symmetric/per_channel']
-    >>> errors = {c.key(): e for c, e in zip(screen.first(), (1e-2, 1e-3, 1e-2), strict=True)}
-    >>> f"{screen.predict(errors)[configs[3].key()]:.0e}"  # entropy's gain carries over to symmetric
+'static/minmax/symmetric/per_channel', 'static/entropy/symmetric/per_channel']
+    >>> from dataclasses import replace
+    >>> configs += [replace(c, granularity="per_tensor") for c in configs]
+    >>> screen = KnobScreen(configs)
+    >>> errors = {c.key(): e for c, e in zip(screen.first(), (1e-2, 1e-3, 1e-2, 1e-3, 1e-2), strict=True)}
+    >>> f"{screen.predict(errors)[configs[5].key()]:.0e}"  # entropy's gain carries over to per-tensor
     '1e-03'
     """
 
@@ -41,10 +47,12 @@ class KnobScreen:
         self._values = [sorted({_value(c, f) for c in self.configs}) for f in FIELDS]
 
     def first(self) -> list[QuantConfig]:
-        """The default setting, each setting one knob away from it, and each approach's first."""
+        """The default setting, each setting one knob away from it, each activation range (the
+        other knobs at the default) and each approach's first."""
         default = self.configs[0]
         first = [c for c in self.configs
-                 if sum(getattr(c, f) != getattr(default, f) for f in FIELDS) <= 1]
+                 if sum(getattr(c, f) != getattr(default, f) for f in FIELDS) <= 1
+                 or all(getattr(c, f) == getattr(default, f) for f in FIELDS if f not in RANGE_FIELDS)]
         approaches = {c.approach: c for c in reversed(self.configs)}  # each approach's first setting
         return first + [c for c in approaches.values() if c not in first]
 

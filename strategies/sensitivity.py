@@ -22,12 +22,12 @@ How it decides (each proposal is logged with its prediction):
 4. Otherwise ops fall back. Per op, once, at the best knob setting of the fastest approach known
    faster than FP32 (where none is, of the approach that quantizes the most ops, whose per-type
    costs may still find the types whose INT8 pays): its share of the probe error with only it INT8 (or, with
-   ``measure="fp32"``, the error it removes in FP32) and its latency cost (the speed-up it gives
-   alone, measured against FP32; per op type, split evenly, where one measurement per op would
+   ``measure="fp32"``, the error it removes in FP32) and its latency cost (how much slower all
+   INT8 runs with it in FP32; per op type, split evenly, where one measurement per op would
    exceed the probe's budget of two eval_fn calls; likewise the error, per run of consecutive ops
-   where one candidate per op would). A cost is negative where the op's INT8 ran slower than FP32,
-   0 where its measurement could not tell faster from slower (where no op is known to gain, those
-   are measured again, longer: one eval_fn call's time among them); costs add up to all INT8's saving.
+   where one candidate per op would). A cost is negative where falling the op back ran faster,
+   0 where the measurements could not tell (where no op is known to gain, those are measured
+   again, longer: one eval_fn call's time among them); costs add up to all INT8's saving.
    A candidate's error is predicted as the knob setting's error times the share of ops still
    INT8; its latency as the sum of its FP32 ops' costs. Candidates are the ranked prefixes and the
    one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
@@ -56,7 +56,7 @@ import pandas as pd
 
 from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, check_choice
-from autoquant.latency import LatencyRatio
+from autoquant.latency import LatencyRatio, pairs_to_decide
 from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import Measurement, measured_by_key, records
@@ -76,6 +76,8 @@ EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
 MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 REFINE_S = 1.0  # a latency group measured again, longer, where no eval_fn time is known
+# two measurements of one model, taken apart in time, differ by up to this share (the load drifts)
+DRIFT = 0.05
 RISK_DECAY = 2.0  # each proposal in a row that failed, after the first, divides the accepted chance of failing
 
 
@@ -92,10 +94,12 @@ class OpSensitivity:
 
 @dataclass(frozen=True)
 class _Profile:
-    """The per-op profile of one approach: measured at ``reference`` (all INT8), most sensitive op first."""
+    """The per-op profile of one approach: measured at ``reference`` (all INT8), most sensitive op
+    first; ``saving`` is the share of FP32 latency the reference saves (its ops' costs add up to it)."""
 
     reference: QuantConfig
     ranking: tuple[OpSensitivity, ...]
+    saving: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -273,15 +277,21 @@ class _Search:
         return 1.0 - latency.ratio if latency is not None and latency.excludes(1.0) else 0.0
 
     def _savings(self, reference: QuantConfig, groups: list[list[str]], budget_s: float) -> dict[str, float]:
-        """Per op, its group's saving with only that group INT8, split evenly (signed: negative where
-        the group's INT8 kernels run slower than FP32)."""
+        """Per op, what falling its group back from ``reference`` (all INT8) costs, split evenly: the
+        group-in-FP32 candidate's latency minus all INT8's, in FP32 latency units (negative where
+        the group's INT8 kernels run slower than FP32; 0 where the two measurements cannot tell).
+        Measured from all INT8, not with the group INT8 alone: alone, an op pays quantize and
+        dequantize at both edges, which all INT8 mostly does not (ONNX Runtime: a lone INT8 conv of
+        the digits CNN ran slower than FP32, while all INT8 ran at x0.47)."""
         names = frozenset(n for group in groups for n in group)
+        int8 = self._measured_latency(reference, budget_s)
         savings: dict[str, float] = {}
         for group in groups:
-            saving = self._saving(replace(reference, fp32_ops=names - set(group)), budget_s)
-            # rounded per group, not per op: a type's saving split over 54 ops is not rounded away
-            saving = _rounded(saving)
-            savings.update((name, saving / len(group)) for name in group)
+            fp32 = (self._measured_latency(replace(reference, fp32_ops=frozenset(group)), budget_s)
+                    if set(group) != names else None)  # all of them FP32: FP32's latency, by definition
+            # rounded per group, not per op: a type's cost split over 54 ops is not rounded away
+            cost = _rounded(_difference(fp32, int8) if set(group) != names else self._saving(reference, budget_s))
+            savings.update((name, cost / len(group)) for name in group)
         return savings
 
     def _refine_budget(self, groups: list[list[str]]) -> float:
@@ -318,7 +328,8 @@ class _Search:
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
-        profile = _Profile(reference, tuple(OpSensitivity(n, types[n], shares[n], costs[n]) for n in order))
+        profile = _Profile(reference, tuple(OpSensitivity(n, types[n], shares[n], costs[n]) for n in order),
+                           _rounded(together))
         self.profiles[reference.approach] = profile
         log.info("sensitivity: per-op profile at %s: %s", reference.describe(),
                  ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in profile.ranking[:8]))
@@ -525,35 +536,51 @@ class _Search:
 
     def _latency(self, config: QuantConfig) -> float:
         """Predicted: the all-INT8 latency of its kernel family (else of its approach's default)
-        plus each FP32 op's cost (from that approach's profile; 0 where it has none); a BF16
-        fallback's cost is scaled by its measured BF16/FP32 ratio (as if its INT8 time were small
-        beside FP32's)."""
+        plus each FP32 op's cost (from that approach's profile, scaled to the family's saving: a
+        family that saves less has less to lose; 0 where it has none); a BF16 fallback's cost is
+        scaled by its measured BF16/FP32 ratio (as if its INT8 time were small beside FP32's)."""
         profile = self.profiles.get(config.approach)
         costs = {r.op: r.latency_cost for r in profile.ranking} if profile is not None else {}
         bf16 = self.bf16_ratios if config.fallback == "bf16" else {}
         int8 = self.family_latency.get(_family(config), self.approach_latency.get(config.approach, 0.0))
-        return int8 + sum(
-            costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
+        scale = 1.0
+        if profile is not None and abs(profile.saving) > COST_RESOLUTION and (1.0 - int8) * profile.saving > 0:
+            scale = (1.0 - int8) / profile.saving
+        return int8 + scale * sum(costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
 
 
 def _latency_costs(savings: dict[str, float], together: float) -> dict[str, float]:
     """Each op's share of FP32 latency that its INT8 saves (negative: falling it back is faster).
-    Savings measured one op (or type) at a time overlap (shared overheads, Q/DQ at the edges), so
-    they are scaled to add up to what all INT8 saves (or loses): the gains where it saves, the
-    losses where it loses, so the all-FP32 candidate is predicted at FP32's latency. Where no op
-    gains, INT8 does not pay anywhere: latency is no reason to prefer one candidate (all 0; the
-    tuner reports a result slower than FP32)."""
+    Costs measured one op (or type) at a time do not add up (shared overheads, Q/DQ at the edges),
+    so they are scaled to add up to what all INT8 saves (or loses): the gains where it saves, the
+    losses where it loses, so the all-FP32 candidate is predicted at FP32's latency. Where all INT8
+    saves but no fallback was measured to cost, the saving is split evenly over the ops whose
+    measurement could not tell (an op's share of a gain too small to measure alone)."""
     losses = sum(min(s, 0.0) for s in savings.values())
     gains = sum(max(s, 0.0) for s in savings.values())
-    if gains <= 0:
-        return dict.fromkeys(savings, 0.0)
-    if together >= 0:
+    undecided = [n for n, s in savings.items() if s == 0]
+    if together >= 0 and gains > 0:
         scale = (together - losses) / gains
         return {n: s * scale if s > 0 else s for n, s in savings.items()}
-    if losses < 0:
+    if together >= 0 and undecided:
+        return {n: (together - losses) / len(undecided) if s == 0 else s for n, s in savings.items()}
+    if together < 0 and losses < 0:
         scale = (together - gains) / losses
         return {n: s * scale if s < 0 else s for n, s in savings.items()}
     return dict(savings)  # each op gains alone, all together lose: the measurements disagree
+
+
+def _difference(measured: LatencyRatio | None, reference: LatencyRatio | None) -> float:
+    """``measured``'s ratio minus ``reference``'s where the two differ beyond their intervals and
+    beyond DRIFT of the reference, else 0 (noise must not make a cost; nor a candidate that could
+    not be built)."""
+    if measured is None or reference is None:
+        return 0.0
+    if min(measured.pairs, reference.pairs) < pairs_to_decide(measured.confidence):
+        return 0.0
+    difference = measured.ratio - reference.ratio
+    apart = measured.low > reference.high or measured.high < reference.low
+    return difference if apart and abs(difference) > DRIFT * reference.ratio else 0.0
 
 
 def _rounded(ratio: float) -> float:
