@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.ao.nn.quantized import LayerNorm as QuantizedLayerNorm
 
 from autoquant.calibration import TensorStats
 from autoquant.smoothing import smoothing_scales, weight_absmax
@@ -54,8 +55,10 @@ def smoothing_groups(recording: fx.GraphModule, is_observer) -> list[SmoothGroup
 
 def _always_float(recording: fx.GraphModule, producer: object) -> bool:
     """The tensor reaches its Linears through a quantize in every candidate: a unit input or the
-    output of an op with no INT8 kernel. An INT8 producer (a Linear+ReLU) hands over a tensor that
-    is already quantized, with no quantize to put the division before."""
+    output of an op with no INT8 kernel, or a LayerNorm (where its input is INT8, so is its
+    output: the division is folded into its scale and shift). Another INT8 producer (a
+    Linear+ReLU) hands over a tensor that is already quantized, with no quantize to put the
+    division before."""
     if not isinstance(producer, fx.Node):
         return False
     if producer.op == "placeholder":
@@ -91,11 +94,15 @@ class Smoother:
 
 
 def divide_inputs(converted: fx.GraphModule, linears: tuple[str, ...], inverse: torch.Tensor, name: str) -> None:
-    """Multiply the input of the quantize that feeds ``linears`` by ``inverse`` (1 / s)."""
+    """Divide the input of ``linears`` by ``s``: multiply the input of the quantize that feeds them
+    by ``inverse`` (1 / s), or, where an INT8 LayerNorm feeds only them (its input was INT8: a
+    pre-LN transformer's residual stream), fold ``inverse`` into its scale and shift."""
     graph = converted.graph
     quantizes = {n.args[0] for n in graph.nodes if n.op == "call_module" and n.target in linears}
     converted.register_buffer(name, inverse)
     for quantize in quantizes:
+        if _fold_into_layer_norm(converted, quantize, linears, inverse):
+            continue
         if not (isinstance(quantize, fx.Node) and quantize.target is torch.quantize_per_tensor):
             raise ValueError(f"expected a quantize_per_tensor before {linears}, found {quantize}")
         with graph.inserting_before(quantize):
@@ -103,3 +110,19 @@ def divide_inputs(converted: fx.GraphModule, linears: tuple[str, ...], inverse: 
         quantize.args = (scaled, *quantize.args[1:])
     graph.lint()
     converted.recompile()
+
+
+def _fold_into_layer_norm(converted: fx.GraphModule, node: object, linears: tuple[str, ...],
+                          inverse: torch.Tensor) -> bool:
+    """Scale the affine of an INT8 LayerNorm that feeds only ``linears`` by ``inverse`` (new
+    parameters: the float model's are shared); its output range is already the smoothed one."""
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return False
+    norm = converted.get_submodule(str(node.target))
+    if not (isinstance(norm, QuantizedLayerNorm) and all(u.target in linears for u in node.users)):
+        return False
+    weight = norm.weight.detach() if norm.weight is not None else torch.ones_like(inverse)
+    norm.weight = nn.Parameter(weight * inverse.to(weight.dtype), requires_grad=False)
+    if norm.bias is not None:
+        norm.bias = nn.Parameter(norm.bias.detach() * inverse.to(norm.bias.dtype), requires_grad=False)
+    return True

@@ -545,6 +545,37 @@ def test_smoothing_is_offered_only_where_the_linear_input_is_float():
         assert torch.allclose(out, float_fed(x), atol=0.1)
 
 
+class PreNormBlock(nn.Module):
+    """A pre-LN block: the LayerNorm reads an INT8 tensor, so torch.ao makes it an INT8 LayerNorm,
+    which hands its Linear an already quantized tensor; one LayerNorm channel is 30x the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(8, 16), nn.LayerNorm(16)
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.norm.weight[3] = 30.0
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h + self.fc(self.norm(h)))
+
+
+def test_smoothing_folds_into_an_int8_layer_norm():
+    # It once failed every smoothed candidate of a pre-LN transformer ("expected a quantize_per_tensor").
+    torch.manual_seed(0)
+    model, batches = PreNormBlock().eval(), [torch.randn(32, 8) for _ in range(4)]
+    adapter = FXAdapter(model, batches)
+    adapter.calibrate()
+    x, errors = batches[0], {}
+    for alpha in adapter.space.smooth_alphas:
+        built = adapter.build(QuantConfig(smooth_alpha=alpha))
+        assert isinstance(built.get_submodule("norm"), torch.ao.nn.quantized.LayerNorm)
+        errors[alpha] = float(((built(x) - model(x)) ** 2).mean() / (model(x) ** 2).mean())
+    assert all(errors[a] < errors[None] for a in errors if a is not None), errors
+    assert model.norm.weight[3] == 30.0  # the float model's parameters are untouched
+
+
 class ShapeScaledAttention(nn.Module):
     """Attention scores scaled by a number computed from the input's shape, ``(d // heads) ** -0.5``:
     FX traces it as nodes, and torch.ao observes it as if it were a tensor."""
