@@ -27,7 +27,7 @@ How it decides (each proposal is logged with its prediction):
    exceed the probe's budget of two eval_fn calls; likewise the error, per run of consecutive ops
    where one candidate per op would). A cost is negative where falling the op back ran faster,
    0 where the measurements could not tell (where no op is known to gain, those are measured
-   again, longer: one eval_fn call's time among them); costs add up to all INT8's saving.
+   again, longer: one eval_fn call's time among them); costs add up to at least all INT8's saving.
    A candidate's error is predicted as the knob setting's error times the share of ops still
    INT8; its latency as the sum of its FP32 ops' costs. Candidates are the ranked prefixes and the
    one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
@@ -94,12 +94,10 @@ class OpSensitivity:
 
 @dataclass(frozen=True)
 class _Profile:
-    """The per-op profile of one approach: measured at ``reference`` (all INT8), most sensitive op
-    first; ``saving`` is the share of FP32 latency the reference saves (its ops' costs add up to it)."""
+    """The per-op profile of one approach: measured at ``reference`` (all INT8), most sensitive op first."""
 
     reference: QuantConfig
     ranking: tuple[OpSensitivity, ...]
-    saving: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -328,8 +326,7 @@ class _Search:
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
-        profile = _Profile(reference, tuple(OpSensitivity(n, types[n], shares[n], costs[n]) for n in order),
-                           _rounded(together))
+        profile = _Profile(reference, tuple(OpSensitivity(n, types[n], shares[n], costs[n]) for n in order))
         self.profiles[reference.approach] = profile
         log.info("sensitivity: per-op profile at %s: %s", reference.describe(),
                  ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in profile.ranking[:8]))
@@ -536,31 +533,30 @@ class _Search:
 
     def _latency(self, config: QuantConfig) -> float:
         """Predicted: the all-INT8 latency of its kernel family (else of its approach's default)
-        plus each FP32 op's cost (from that approach's profile, scaled to the family's saving: a
-        family that saves less has less to lose; 0 where it has none); a BF16 fallback's cost is
-        scaled by its measured BF16/FP32 ratio (as if its INT8 time were small beside FP32's)."""
+        plus each FP32 op's cost (from that approach's profile; 0 where it has none); a BF16
+        fallback's cost is scaled by its measured BF16/FP32 ratio (as if its INT8 time were small
+        beside FP32's)."""
         profile = self.profiles.get(config.approach)
         costs = {r.op: r.latency_cost for r in profile.ranking} if profile is not None else {}
         bf16 = self.bf16_ratios if config.fallback == "bf16" else {}
         int8 = self.family_latency.get(_family(config), self.approach_latency.get(config.approach, 0.0))
-        scale = 1.0
-        if profile is not None and abs(profile.saving) > COST_RESOLUTION and (1.0 - int8) * profile.saving > 0:
-            scale = (1.0 - int8) / profile.saving
-        return int8 + scale * sum(costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
+        return int8 + sum(costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
 
 
 def _latency_costs(savings: dict[str, float], together: float) -> dict[str, float]:
     """Each op's share of FP32 latency that its INT8 saves (negative: falling it back is faster).
-    Costs measured one op (or type) at a time do not add up (shared overheads, Q/DQ at the edges),
-    so they are scaled to add up to what all INT8 saves (or loses): the gains where it saves, the
-    losses where it loses, so the all-FP32 candidate is predicted at FP32's latency. Where all INT8
-    saves but no fallback was measured to cost, the saving is split evenly over the ops whose
-    measurement could not tell (an op's share of a gain too small to measure alone)."""
+    The costs are marginal, each measured from all INT8, so they need not add up to what all INT8
+    saves. Where they add up to more, they are kept: each fallback pays a quantize and a dequantize
+    at its edges, and the candidates that matter fall back few ops. Where less (gains too small to
+    measure one op at a time), the gains are scaled up to it, so the all-FP32 candidate is
+    predicted at FP32's latency; where all INT8 saves but no fallback was measured to cost, the
+    saving is split evenly over the ops whose measurement could not tell. Where all INT8 loses,
+    the losses are scaled to add up, with the gains, to what it loses."""
     losses = sum(min(s, 0.0) for s in savings.values())
     gains = sum(max(s, 0.0) for s in savings.values())
     undecided = [n for n, s in savings.items() if s == 0]
     if together >= 0 and gains > 0:
-        scale = (together - losses) / gains
+        scale = max((together - losses) / gains, 1.0)
         return {n: s * scale if s > 0 else s for n, s in savings.items()}
     if together >= 0 and undecided:
         return {n: (together - losses) / len(undecided) if s == 0 else s for n, s in savings.items()}

@@ -165,8 +165,8 @@ def test_an_ops_latency_cost_is_what_falling_it_back_from_all_int8_costs():
 
     result = tune(fake_model(n_ops=6, sensitive={3: 0.02}), latency_fn=fixed_latency(ratio))
     costs = result.sensitivity.set_index("op")["latency_cost"]
-    assert all(costs > 0) and costs["op2"] > costs["op0"]
-    assert sum(costs) == pytest.approx(0.3, abs=0.01)  # what all INT8 saves
+    # marginal, as measured (they add up to more than all INT8 saves: each fallback pays its edges)
+    assert costs["op0"] == pytest.approx(0.1, abs=0.01) and costs["op2"] == pytest.approx(0.4, abs=0.01)
     assert result.met and fp32_sequence(result) == ["", "op3"]
 
 
@@ -209,10 +209,12 @@ def test_knob_settings_that_run_other_kernels_are_timed_before_one_is_chosen(cap
 def test_latency_costs_add_up_to_what_all_int8_saves_or_loses():
     from autoquant.strategies.sensitivity import _latency_costs
 
-    # INT8 pays (saves 0.5 in all): gains overlap, so they are scaled to 0.5 plus the loss's 0.1
-    costs = _latency_costs({"a": 0.4, "b": 0.4, "c": -0.1}, 0.5)
+    # INT8 pays (saves 0.5 in all): gains too small to measure alone are scaled up to 0.5 plus the loss's 0.1
+    costs = _latency_costs({"a": 0.2, "b": 0.2, "c": -0.1}, 0.5)
     assert costs["c"] == -0.1 and costs["a"] == costs["b"] == pytest.approx(0.3)
     assert sum(costs.values()) == pytest.approx(0.5)
+    # marginal costs that add up to more (each fallback pays Q/DQ at its edges) are kept
+    assert _latency_costs({"a": 0.4, "b": 0.4, "c": -0.1}, 0.5) == {"a": 0.4, "b": 0.4, "c": -0.1}
     # INT8 loses as a whole: the losses are scaled to add up, with the gains, to what all INT8 loses
     costs = _latency_costs({"a": 0.1, "c": -0.4}, -0.2)
     assert costs["a"] == 0.1 and costs["c"] == pytest.approx(-0.3)
@@ -356,7 +358,10 @@ def outlier():
 
 def test_real_tune_reports_the_ranking_and_an_editable_config(outlier, tmp_path):
     model, calibration, fidelity = outlier
-    result = Tuner(AccuracyCriterion(relative=0.001), max_trials=12).tune(model, calibration, fidelity)
+    # BF16 fallback pinned off: whether a Linear runs faster in BF16 is measured by each adapter,
+    # so a config with it rebuilds only where the new adapter measures the same (a known limit)
+    result = Tuner(AccuracyCriterion(relative=0.001), max_trials=12,
+                   restrict=Restriction(fallback="fp32")).tune(model, calibration, fidelity)
     assert Tuner().strategy.name == "sensitivity"  # the default
     assert result.met and result.sensitivity is not None
     assert result.sensitivity["op"].iloc[0] == "fc2"  # the fragile layer ranks first
