@@ -394,6 +394,8 @@ class _Search:
             self.profile()  # bound and the candidates need the latency model, measured once
         bound = min((self._latency(c) for c, _ in passing), default=None)
         slower = bool(passing) and min(ratio for _, ratio in passing) >= 1.0
+        if slower and bound is not None:  # every pass measured slower than FP32, whatever its prediction
+            bound = max(bound, 1.0)  # said: a candidate predicted faster than FP32 is worth a trial
         chosen = self._choose(space, tried, bound, beat_fp32=slower)
         if chosen is not None:
             log.info("sensitivity: next %s, FP32 ops %s: predicted loss %.3g, chance to pass %.2f, latency +%.3f "
