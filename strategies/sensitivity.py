@@ -37,9 +37,11 @@ How it decides (each proposal is logged with its prediction):
    (each candidate's latency is predicted from its own approach's costs). The chosen candidate is
    probed exactly before it is proposed (and another chosen if that changes the verdict).
 
-With ``objective="latency"`` it goes on while an untried candidate is predicted faster than the
-fastest pass and likely to pass. The proposal is a function of the study's trials (and the
-probe, which is deterministic), so resumed runs and several workers continue one search. The
+While every pass is slower than FP32, it goes on with any candidate predicted faster than FP32
+(a pass's own prediction may have been optimistic). With ``objective="latency"`` it goes on
+while an untried candidate is predicted faster than the fastest pass and likely to pass. The
+proposal is a function of the study's trials (and the probe, which is deterministic), so resumed
+runs and several workers continue one search. The
 latency costs are measured once per run and rounded; on a noisy machine two runs may still order
 two ops of near-equal cost differently.
 """
