@@ -341,7 +341,7 @@ class Space:
 
     def validate(self, config: QuantConfig) -> QuantConfig:
         """Check a config against this space (e.g. one loaded from a file) and canonicalise it."""
-        if config.fallback not in self.fallbacks and config.fallback == "bf16":
+        if config.fallback == "bf16" and "bf16" not in self.fallbacks:
             raise ConfigError("fallback: bf16 is not offered here: no Linear of this model was measured faster in "
                               "BF16 than in FP32 on this machine (the offer is timed when the adapter is made). "
                               "Set fallback: fp32.")
