@@ -37,11 +37,9 @@ How it decides (each proposal is logged with its prediction):
    (each candidate's latency is predicted from its own approach's costs). The chosen candidate is
    probed exactly before it is proposed (and another chosen if that changes the verdict).
 
-While every pass is slower than FP32, it goes on with any candidate predicted faster than FP32
-(a pass's own prediction may have been optimistic). With ``objective="latency"`` it goes on
-while an untried candidate is predicted faster than the fastest pass and likely to pass. The
-proposal is a function of the study's trials (and the probe, which is deterministic), so resumed
-runs and several workers continue one search. The
+With ``objective="latency"`` it goes on while an untried candidate is predicted faster than the
+fastest pass and likely to pass. The proposal is a function of the study's trials (and the
+probe, which is deterministic), so resumed runs and several workers continue one search. The
 latency costs are measured once per run and rounded; on a noisy machine two runs may still order
 two ops of near-equal cost differently.
 """
@@ -396,8 +394,6 @@ class _Search:
             self.profile()  # bound and the candidates need the latency model, measured once
         bound = min((self._latency(c) for c, _ in passing), default=None)
         slower = bool(passing) and min(ratio for _, ratio in passing) >= 1.0
-        if slower and bound is not None:  # every pass measured slower than FP32, whatever its prediction
-            bound = max(bound, 1.0)  # said: a candidate predicted faster than FP32 is worth a trial
         chosen = self._choose(space, tried, bound, beat_fp32=slower)
         if chosen is not None:
             log.info("sensitivity: next %s, FP32 ops %s: predicted loss %.3g, chance to pass %.2f, latency +%.3f "
