@@ -56,6 +56,12 @@ class LatencyRatio:
         the median less often than stated (3 pairs: 75%, so a null effect reads as a sign 1 time in 4)."""
         return self.pairs >= pairs_to_decide(self.confidence) and not self.low <= value <= self.high
 
+    def apart_from(self, other: LatencyRatio) -> bool:
+        """Whether this interval and ``other``'s do not overlap, each from enough pairs to decide
+        (two models measured one after the other against the same baseline: which one is faster)."""
+        enough = min(self.pairs, other.pairs) >= pairs_to_decide(self.confidence)
+        return enough and (self.low > other.high or self.high < other.low)
+
     @property
     def half_width(self) -> float:
         """The interval's half-width relative to the ratio (0.05: known to about +-5%)."""

@@ -56,7 +56,7 @@ import pandas as pd
 
 from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, check_choice
-from autoquant.latency import LatencyRatio, pairs_to_decide
+from autoquant.latency import LatencyRatio
 from autoquant.probe import KINDS, OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import Measurement, measured_by_key, records
@@ -285,11 +285,13 @@ class _Search:
         int8 = self._measured_latency(reference, budget_s)
         savings: dict[str, float] = {}
         for group in groups:
-            fp32 = (self._measured_latency(replace(reference, fp32_ops=frozenset(group)), budget_s)
-                    if set(group) != names else None)  # all of them FP32: FP32's latency, by definition
+            if set(group) == names:  # all of them FP32: FP32's latency, by definition
+                cost = self._saving(reference, budget_s)
+            else:
+                fallen = self._measured_latency(replace(reference, fp32_ops=frozenset(group)), budget_s)
+                cost = _difference(fallen, int8)
             # rounded per group, not per op: a type's cost split over 54 ops is not rounded away
-            cost = _rounded(_difference(fp32, int8) if set(group) != names else self._saving(reference, budget_s))
-            savings.update((name, cost / len(group)) for name in group)
+            savings.update((name, _rounded(cost) / len(group)) for name in group)
         return savings
 
     def _refine_budget(self, groups: list[list[str]]) -> float:
@@ -570,13 +572,10 @@ def _difference(measured: LatencyRatio | None, reference: LatencyRatio | None) -
     """``measured``'s ratio minus ``reference``'s where the two differ beyond their intervals and
     beyond DRIFT of the reference, else 0 (noise must not make a cost; nor a candidate that could
     not be built)."""
-    if measured is None or reference is None:
-        return 0.0
-    if min(measured.pairs, reference.pairs) < pairs_to_decide(measured.confidence):
+    if measured is None or reference is None or not measured.apart_from(reference):
         return 0.0
     difference = measured.ratio - reference.ratio
-    apart = measured.low > reference.high or measured.high < reference.low
-    return difference if apart and abs(difference) > DRIFT * reference.ratio else 0.0
+    return difference if abs(difference) > DRIFT * reference.ratio else 0.0
 
 
 def _rounded(ratio: float) -> float:

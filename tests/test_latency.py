@@ -47,6 +47,11 @@ def test_too_few_pairs_tell_nothing():
     three = LatencyRatio(1.1, 1.05, 1.15, 0.95, 3, 1.0, 1.1)  # all 3 pairs slower: 1 chance in 8 with no effect
     assert not three.excludes(1.0)
     assert LatencyRatio(1.1, 1.05, 1.15, 0.95, 6, 1.0, 1.1).excludes(1.0)
+    # two models against one baseline: apart only where both intervals, from enough pairs, do not overlap
+    fast, slow = LatencyRatio(0.5, 0.48, 0.52, 0.95, 6, 1.0, 0.5), LatencyRatio(0.6, 0.55, 0.65, 0.95, 6, 1.0, 0.6)
+    assert fast.apart_from(slow) and slow.apart_from(fast)
+    assert not fast.apart_from(LatencyRatio(0.55, 0.51, 0.6, 0.95, 6, 1.0, 0.55))  # overlapping
+    assert not fast.apart_from(LatencyRatio(0.6, 0.55, 0.65, 0.95, 3, 1.0, 0.6))  # 3 pairs
 
 
 def test_bad_arguments_are_config_errors():
