@@ -337,7 +337,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     worst eval_fn calls and latency against the oracle."""
     rows = []
     for (held_out, tuner), group in table.groupby(["held_out", "tuner"], sort=False):
-        meetable = group[group["oracle_met"]]
+        meetable = group[group["oracle_met"] == True]  # noqa: E712 (None: no oracle ran for the case)
         rows.append({"cases": "held out" if held_out else "design", "tuner": tuner,
                      "met / meetable": f"{int(meetable['met'].sum())}/{len(meetable)}",
                      "median evaluations": group["evaluations"].median(), "max evaluations": group["evaluations"].max(),
@@ -399,7 +399,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--strategies", nargs="+", default=sorted(STRATEGIES), choices=sorted(STRATEGIES))
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--max-trials", type=int, default=40)
-    parser.add_argument("--oracle-trials", type=int, default=300, help="candidates the exhaustive oracle evaluates")
+    parser.add_argument("--oracle-trials", type=int, default=300,
+                        help="candidates the exhaustive oracle evaluates (0: no oracle, for cases where one "
+                             "evaluation takes seconds; their rows have no 'vs oracle')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-budget", type=float, default=1.0, help="seconds per final latency measurement")
     parser.add_argument("--no-nc", action="store_true", help="skip Neural Compressor even where it imports")
@@ -435,17 +437,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     use_nc = not args.no_nc and any(c.torch_model for c in cases) and nc_available()
     rows: list[dict[str, Any]] = []
     for case in cases:
-        baseline, trials = oracle_trials(case, args)
+        baseline, trials = oracle_trials(case, args) if args.oracle_trials > 0 else (None, None)
         for relative in args.criteria:
             criterion = AccuracyCriterion(relative=relative)
-            oracle = oracle_config(baseline, trials, criterion)
+            oracle = oracle_config(baseline, trials, criterion) if trials is not None else None
             runs = [(s, functools.partial(run_autoquant, case, s, criterion, args)) for s in args.strategies]
             if use_nc and case.torch_model:
                 runs.append(("neural-compressor", functools.partial(run_neural_compressor, case, relative, args)))
             for tuner, run in runs:
                 log.info("%s, %.2f%% relative: %s ...", case.name, 100 * relative, tuner)
                 row = {"model": case.name, "held_out": case.held_out, "criterion": f"{relative:.2%} relative",
-                       "oracle_met": oracle is not None, "oracle_config": _describe(oracle)}
+                       "oracle_met": oracle is not None if trials is not None else None,
+                       "oracle_config": _describe(oracle) if trials is not None else "not run"}
                 try:
                     row |= add_latencies(run(), oracle, case, args)
                 except Exception as exc:  # one broken tuner or backend must not lose the other rows
