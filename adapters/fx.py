@@ -185,7 +185,8 @@ class FXAdapter(TensorStatsAdapter):
         alphas = ALPHAS if any(self._smooth_groups.values()) else (None,)
         self.space = Space(ops=tuple(ops), approaches=("static", "dynamic") if dynamic else ("static",),
                            smooth_alphas=alphas, unsupported=tuple(unsupported),
-                           fallbacks=("fp32", "bf16") if self._bf16 else ("fp32",))
+                           fallbacks=("fp32", "bf16") if any(op.bf16_ratio is not None for op in ops) else ("fp32",),
+                           bf16_buildable=frozenset(self._bf16))
 
     @property
     def fp32_model(self) -> nn.Module:
@@ -284,12 +285,13 @@ class FXAdapter(TensorStatsAdapter):
             module = modules.get(op.name)
             if type(module) is nn.Linear and op.name in examples and examples[op.name][0]:
                 linears[op.name] = (module, examples[op.name][0][0])
-        self.bf16_measured = measure_bf16(linears)
+        self.bf16_measured = measure_bf16(linears)  # empty where the CPU has no native BF16
         ratios = {name: r.ratio for name, r in self.bf16_measured.items() if faster(r)}
         # op name -> (unit path, module target in the unit's graph): where build swaps in the BF16 form
+        # (every measured Linear: a saved config may name one that this machine's timing does not offer)
         self._bf16 = {unit.op_name(target): (unit.path, target) for unit in self._units
-                      for target, _ in unit.recording.named_modules() if unit.op_name(target) in ratios}
-        return [replace(op, bf16_ratio=ratios[op.name]) if op.name in self._bf16 else op for op in ops]
+                      for target, _ in unit.recording.named_modules() if unit.op_name(target) in self.bf16_measured}
+        return [replace(op, bf16_ratio=ratios[op.name]) if op.name in ratios else op for op in ops]
 
     # --- calibration ----------------------------------------------------------------------------
     @contextmanager
@@ -349,17 +351,17 @@ class FXAdapter(TensorStatsAdapter):
                     _strip_dynamic_qdq(converted[unit.path])
                     if full_range_is_exact():  # 8-bit activations where the kernel cannot saturate
                         use_full_range(converted[unit.path])
-                if config.fallback == "bf16":
-                    self._to_bf16(unit, converted[unit.path], config.fp32_ops)
+                if bf16 := self.space.bf16_of(config):
+                    self._to_bf16(unit, converted[unit.path], bf16)
                 if unit.path == "":
                     fx_graph.restore_output_class(converted[unit.path], self._output_class)
             except Exception as exc:
                 raise BackendError(f"convert_fx failed for {config.describe()}: {first_line(exc, 300)}") from exc
         return _with_device_anchor(self._assemble(self._model, converted, copy_root=True))
 
-    def _to_bf16(self, unit: Unit, converted: fx.GraphModule, fp32_ops: frozenset[str]) -> None:
-        """The FP32 Linears of ``unit`` that run faster in BF16, swapped for their BF16 form."""
-        for name in fp32_ops:
+    def _to_bf16(self, unit: Unit, converted: fx.GraphModule, bf16_ops: frozenset[str]) -> None:
+        """The FP32 Linears of ``unit`` built in BF16, swapped for their BF16 form."""
+        for name in bf16_ops:
             path, target = self._bf16.get(name, (None, ""))
             linear = converted.get_submodule(target) if path == unit.path else None
             if type(linear) is nn.Linear:

@@ -81,6 +81,9 @@ class QuantConfig:
     input activations of single ops (static only), e.g. ``{"features.3": "entropy"}``.
     ``smooth_alpha`` is SmoothQuant's migration strength (autoquant.smoothing; static only), None = off.
     ``fallback`` is the precision of the FP32 ops that the backend runs faster in BF16 ("bf16"), or "fp32".
+    ``bf16_ops`` names the ops built in BF16 when they are in FP32 (``Space.resolve`` fills it in from
+    ``fallback``: a result's config names them, so it rebuilds the same model whatever a later BF16
+    timing says).
     """
 
     approach: str = "static"
@@ -91,10 +94,12 @@ class QuantConfig:
     op_calibration: Mapping[str, str] = field(default_factory=dict)
     smooth_alpha: float | None = None
     fallback: str = "fp32"
+    bf16_ops: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         # Normalise so that equal configs compare equal whatever containers they were given.
         object.__setattr__(self, "fp32_ops", frozenset(self.fp32_ops))
+        object.__setattr__(self, "bf16_ops", frozenset(self.bf16_ops))
         object.__setattr__(self, "op_calibration", dict(sorted(dict(self.op_calibration).items())))
         object.__setattr__(self, "smooth_alpha", check_alpha(self.smooth_alpha))
 
@@ -116,11 +121,12 @@ class QuantConfig:
             # Only when on: configs stored before the knob existed keep their keys.
             **({"smooth_alpha": self.smooth_alpha} if self.smooth_alpha is not None else {}),
             **({"fallback": self.fallback} if self.fallback != "fp32" else {}),
+            **({"bf16_ops": sorted(self.bf16_ops)} if self.bf16_ops else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        allowed = [*ALL_KNOBS, "fp32_ops", "op_calibration"]
+        allowed = [*ALL_KNOBS, "fp32_ops", "op_calibration", "bf16_ops"]
         unknown = set(data) - set(allowed)
         if unknown:
             raise ConfigError(f"Unknown QuantConfig keys {sorted(unknown)}; allowed: {allowed}.")
@@ -172,6 +178,7 @@ class Space:
     schemes: tuple[str, ...] = SCHEMES
     smooth_alphas: tuple[float | None, ...] = (None,)  # (None,): the adapter cannot smooth
     fallbacks: tuple[str, ...] = ("fp32",)  # ("fp32", "bf16") where some op runs faster in BF16
+    bf16_buildable: frozenset[str] = frozenset()  # ops the backend can build in BF16 (faster or not)
     fixed_fp32: frozenset[str] = frozenset()
     unsupported: tuple[UnsupportedOp, ...] = ()
 
@@ -223,8 +230,15 @@ class Space:
         ) for kind in kinds)
 
     def resolve(self, config: QuantConfig) -> QuantConfig:
-        """``config`` with every FP32 op listed, as a backend must build it."""
-        return replace(config, fp32_ops=self.fp32_ops(config))
+        """``config`` with every FP32 op listed, and those built in BF16, as a backend must build it."""
+        return replace(config, fp32_ops=self.fp32_ops(config), bf16_ops=self.bf16_of(config))
+
+    def bf16_of(self, config: QuantConfig) -> frozenset[str]:
+        """The FP32 ops ``config`` builds in BF16: those it lists, else under ``fallback="bf16"`` the
+        ones measured faster in BF16."""
+        if config.bf16_ops:
+            return config.bf16_ops
+        return self.fp32_ops(config) & self.bf16_ops() if config.fallback == "bf16" else frozenset()
 
     def knob_configs(self) -> list[QuantConfig]:
         """Every knob combination with no op in FP32, in order of preference (first = default)."""
@@ -332,8 +346,11 @@ class Space:
             op: method for op, method in config.op_calibration.items()
             if op in tunable and op not in fp32 and method != config.calibration
         }
-        config = replace(config, fp32_ops=fp32, op_calibration=overrides)
-        if not (self.fp32_ops(config) & self.bf16_ops()):
+        config = replace(config, fp32_ops=fp32, op_calibration=overrides,
+                         bf16_ops=config.bf16_ops & self.fp32_ops(config))
+        if config.bf16_ops:
+            config = replace(config, fallback="bf16")
+        elif not (self.fp32_ops(config) & self.bf16_ops()):
             config = replace(config, fallback="fp32")  # no op it would change
         if config.approach == "dynamic":
             config = replace(config, calibration=None, scheme=None, smooth_alpha=None, op_calibration={})
@@ -341,12 +358,16 @@ class Space:
 
     def validate(self, config: QuantConfig) -> QuantConfig:
         """Check a config against this space (e.g. one loaded from a file) and canonicalise it."""
-        if config.fallback == "bf16" and "bf16" not in self.fallbacks:
+        if config.bf16_ops:
+            self._check_bf16_ops(config)
+        elif config.fallback == "bf16" and "bf16" not in self.fallbacks:
             raise ConfigError("fallback: bf16 is not offered here: no Linear of this model was measured faster in "
                               "BF16 than in FP32 on this machine (the offer is timed when the adapter is made). "
                               "Set fallback: fp32.")
         for knob in ALL_KNOBS:
             value = getattr(config, knob)
+            if knob == "fallback" and config.bf16_ops:  # named ops, checked above: no timed offer needed
+                continue
             if value is not None or config.approach != "dynamic":
                 _check_choice(knob, value, self.choices(knob))
         for name in config.fp32_ops:
@@ -355,6 +376,14 @@ class Space:
             _check_choice("op", name, self.op_names)
             _check_choice("calibration", method, self.calibrations)
         return self.canonical(config)
+
+    def _check_bf16_ops(self, config: QuantConfig) -> None:
+        for name in config.bf16_ops:
+            _check_choice("op", name, self.op_names)
+        if not config.bf16_ops <= self.bf16_buildable:
+            raise ConfigError(f"bf16_ops {sorted(config.bf16_ops - self.bf16_buildable)} cannot be built in BF16 "
+                              "here (BF16 fallback needs the FX adapter, a plain Linear, and a CPU with native "
+                              "BF16). Remove bf16_ops to build them in FP32.")
 
 
 def _check_choice(what: str, value: Any, allowed: Iterable[Any]) -> None:

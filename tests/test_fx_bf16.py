@@ -3,6 +3,8 @@ where chosen, and close to FP32; the space's knob, its canonical form and the st
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -65,6 +67,38 @@ def test_bf16_fallback_builds_runs_and_stays_close_to_fp32(wide):
     assert out.dtype == torch.float32
     error = float((out - reference).norm() / reference.norm())
     assert (error > 0) == bool(offered) and error < 1e-2  # BF16 rounding, far below INT8's
+
+
+def test_a_config_naming_its_bf16_ops_rebuilds_them_whatever_the_timing_offers(wide):
+    # a result's config names the Linears it built in BF16, so it rebuilds the same model where a
+    # later adapter's timing offers other ones: "head" is measured slower in BF16, built in it when named
+    _, _, adapter = wide
+    named = QuantConfig(fp32_ops=frozenset({"big", "head"}), bf16_ops=frozenset({"head"}))
+    if not supported():
+        with pytest.raises(ConfigError, match=r"bf16_ops \['head'\] cannot be built in BF16 here.*Remove bf16_ops"):
+            adapter.build(named)
+        return
+    assert "head" not in adapter.space.bf16_ops() and adapter.space.bf16_buildable == {"big", "head"}
+    built = adapter.build(named)
+    assert {name for name, m in built.named_modules() if isinstance(m, BF16Linear)} == {"head"}
+    resolved = adapter.space.resolve(QuantConfig(fp32_ops=frozenset({"big", "head"}), fallback="bf16"))
+    assert resolved.bf16_ops == adapter.space.bf16_ops()  # what the timing offered, named
+
+
+def test_resolve_names_the_bf16_ops_and_a_saved_config_keeps_them():
+    space = replace(_space(), bf16_buildable=frozenset({"big", "small"}))
+    resolved = space.resolve(QuantConfig(fp32_ops=frozenset({"big", "small"}), fallback="bf16"))
+    assert resolved.bf16_ops == {"big"} and resolved.to_dict()["bf16_ops"] == ["big"]
+    assert QuantConfig.from_dict(resolved.to_dict()) == resolved
+    assert "bf16_ops" not in space.resolve(QuantConfig(fp32_ops=frozenset({"big"}))).to_dict()
+    # named ops need no timed offer, and apply only to ops in FP32
+    named = space.validate(QuantConfig(fp32_ops=frozenset({"small"}), bf16_ops=frozenset({"small", "big"})))
+    assert named.bf16_ops == {"small"} and named.fallback == "bf16"
+    assert space.validate(QuantConfig(bf16_ops=frozenset({"big"}))) == QuantConfig()
+    with pytest.raises(ConfigError, match=r"bf16_ops \['big'\] cannot be built in BF16 here"):
+        _space().validate(QuantConfig(fp32_ops=frozenset({"big"}), bf16_ops=frozenset({"big"})))
+    with pytest.raises(ConfigError, match="Unknown op 'nope'"):
+        space.validate(QuantConfig(fp32_ops=frozenset({"big"}), bf16_ops=frozenset({"nope"})))
 
 
 def test_bf16_linear_computes_in_bf16():
