@@ -71,7 +71,9 @@ class ProbeCost:
     budget_s: float | None = None  # what the probe may spend (None: no eval_fn time known, no bound)
 
     def describe(self) -> str:
-        budget = f" (budget {self.budget_s:.1f} s)" if self.budget_s is not None else ""
+        budget = "" if self.budget_s is None else (
+            f" (budget {self.budget_s:.1f} s)" if self.seconds <= self.budget_s else
+            f" (OVER its budget of {self.budget_s:.1f} s: the fewest candidates a ranking needs took longer)")
         return (f"{self.builds} candidates built, {self.runs} model runs on {self.batches} calibration batch(es) "
                 f"({self.samples} samples), {self.latency_measurements} latency measurements, "
                 f"{self.seconds:.1f} s{budget}")

@@ -27,7 +27,8 @@ How it decides (each proposal is logged with its prediction):
    exceed the probe's budget of two eval_fn calls; likewise the error, per run of consecutive ops
    where one candidate per op would). A cost is negative where falling the op back ran faster,
    0 where the measurements could not tell (where no op is known to gain, those are measured
-   again, longer: one eval_fn call's time among them); costs add up to at least all INT8's saving.
+   again, longer: one eval_fn call's time among them, if the probe's budget has it left); costs
+   add up to at least all INT8's saving.
    A candidate's error is predicted as the knob setting's error times the share of ops still
    INT8; its latency as the sum of its FP32 ops' costs. Candidates are the ranked prefixes and the
    one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
@@ -294,11 +295,15 @@ class _Search:
             savings.update((name, _rounded(cost) / len(group)) for name in group)
         return savings
 
-    def _refine_budget(self, groups: list[list[str]]) -> float:
-        """Seconds for each of the latency groups measured again: one eval_fn call's time among them
-        all (REFINE_S each without one)."""
-        eval_s = self.probe.eval_seconds
-        return max(eval_s / len(groups) if eval_s else REFINE_S, self.options.latency_budget_s)
+    def _refine_budget(self, groups: list[list[str]]) -> float | None:
+        """Seconds for each of the latency groups (and all INT8) measured again: one eval_fn call's
+        time among them, within what is left of the probe's budget (REFINE_S each without a budget);
+        None where that leaves no more than a first measurement had."""
+        budget, eval_s = self.probe.budget_s, self.probe.eval_seconds
+        if budget is None or eval_s is None:
+            return max(REFINE_S, self.options.latency_budget_s)
+        each = min(eval_s, budget - self.probe.cost.seconds) / (len(groups) + 1)
+        return each if each > self.options.latency_budget_s else None
 
     def _profile(self, reference: QuantConfig) -> _Profile:
         """Per op at ``reference`` (all INT8): its share of the probe error and its latency cost."""
@@ -320,10 +325,14 @@ class _Search:
         if not any(s > 0 for s in savings.values()) and together <= 0:
             # INT8 pays nowhere, as measured: where a group's measurement could not tell, a gain too
             # small for it may be all a faster-than-FP32 candidate has
-            log.info("sensitivity: no op type's INT8 is known faster than FP32: measuring again, longer, those "
-                     "whose measurement could not tell")
             budget = self._refine_budget(groups)
-            savings, together = self._savings(reference, groups, budget), self._saving(reference, budget)
+            if budget is None:
+                log.info("sensitivity: no op type's INT8 is known faster than FP32, and the probe's budget is spent: "
+                         "not measured again")
+            else:
+                log.info("sensitivity: no op type's INT8 is known faster than FP32: measuring again, longer, those "
+                         "whose measurement could not tell")
+                savings, together = self._savings(reference, groups, budget), self._saving(reference, budget)
         costs = _latency_costs(savings, _rounded(together))
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}

@@ -293,6 +293,26 @@ def test_a_probe_over_its_budget_measures_latency_per_op_type():
     assert counts == {None: 7, 1e-6: 1}
 
 
+def test_latency_measured_again_longer_only_with_what_is_left_of_the_probes_budget(caplog):
+    # no op type's INT8 is known faster than FP32 (every measurement: x1.0 +-1%), so the latency
+    # groups would be measured again, longer: one eval_fn call's time among them, out of the budget
+    adapter = FakeAdapter(fake_model(n_ops=4), [None])
+    caplog.set_level(logging.INFO, logger="autoquant")
+    counts = {}
+    for eval_seconds in (10.0, 1e-6):  # a budget with time left; one spent before the profile starts
+        caplog.clear()
+        probe = OutputProbe(adapter, adapter.space, eval_seconds=eval_seconds, min_budget_s=0,
+                            latency_fn=fixed_latency(lambda config: 1.0))
+        strategy = SensitivityStrategy()
+        strategy.setup(adapter.space, probe)
+        strategy.profile()
+        counts[eval_seconds] = probe.cost.latency_measurements
+        again = "measuring again, longer" in caplog.text
+        assert again == (eval_seconds == 10.0)
+        assert ("the probe's budget is spent: not measured again" in caplog.text) == (not again)
+    assert counts[10.0] > counts[1e-6]
+
+
 def test_a_probe_over_its_budget_measures_errors_per_run_of_ops():
     adapter = FakeAdapter(fake_model(n_ops=24, sensitive={13: 0.02}), [None])
     strategy = SensitivityStrategy()
@@ -392,7 +412,7 @@ def test_a_probe_fits_its_planned_candidates_in_two_eval_fn_calls(outlier):
     config = QuantConfig(fp32_ops={"fc0"})
     assert probe.cost.runs == 4  # the FP32 reference ran on all four before the plan cut it
     probe.error(config)
-    assert probe.cost.runs == 5 and "(budget 0.0 s)" in probe.cost.describe()
+    assert probe.cost.runs == 5 and "(OVER its budget of 0.0 s" in probe.cost.describe()
     probe.plan(1)  # chosen once: later plans change nothing
     assert probe.cost.batches == 1
 
