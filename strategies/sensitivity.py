@@ -30,16 +30,20 @@ How it decides (each proposal is logged with its prediction):
    again, longer: one eval_fn call's time among them, if the probe's budget has it left); costs
    add up to at least all INT8's saving.
    A candidate's error is predicted as the knob setting's error times the share of ops still
-   INT8; its latency as the sum of its FP32 ops' costs. Candidates are the ranked prefixes and the
+   INT8; its latency as the sum of its FP32 ops' costs, plus how much slower than predicted the
+   approach's measured fallback trials ran (costs measured one at a time need not add up: two
+   neighbours in FP32 pay a quantize between them). Candidates are the ranked prefixes and the
    one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
    near miss leads to the cheapest op that the model says closes the gap, and an INT8 kernel
    slower than FP32's falls back for speed. Where the fastest pass is slower than FP32 and no
    candidate of the approaches profiled so far is predicted faster, the others are profiled too
    (each candidate's latency is predicted from its own approach's costs). The chosen candidate is
    probed exactly before it is proposed (and another chosen if that changes the verdict).
+   Once a pass slower than FP32 is measured, a candidate must be predicted faster than it (as
+   measured) by more than DRIFT, the drift between two measurements of one model.
 
 With ``objective="latency"`` it goes on while an untried candidate is predicted faster than the
-fastest pass and likely to pass. The proposal is a function of the study's trials (and the
+fastest pass (by DRIFT) and likely to pass. The proposal is a function of the study's trials (and the
 probe, which is deterministic), so resumed runs and several workers continue one search. The
 latency costs are measured once per run and rounded; on a noisy machine two runs may still order
 two ops of near-equal cost differently.
@@ -176,6 +180,8 @@ class _Search:
         # ONNX Runtime's symmetric (int8) activations run other kernels than asymmetric (uint8)
         self.family_latency: dict[str, float] = {}
         self.paying: set[str] = set()  # approaches whose all-INT8 candidate is known faster than FP32
+        self.offsets: dict[str, float] = {}  # per approach: measured minus predicted latency of its fallbacks
+        self._measured: list[tuple[QuantConfig, Measurement]] = []  # the trials the last proposal read
         # op -> BF16/FP32 latency, where BF16 is the faster fallback
         self.bf16_ratios = {op.name: op.bf16_ratio for op in space.ops if op.bf16_ratio is not None}
         self.model = LossModel(tolerance, [])
@@ -402,8 +408,13 @@ class _Search:
                 self.family_latency.setdefault(_family(c), _rounded(m.latency_ratio))
         passing = [(c, m.latency_ratio) for c, m in measured if m.passed]
         if passing:  # a faster pass is sought (objective latency, or a pass slower than FP32): the
-            self.profile()  # bound and the candidates need the latency model, measured once
-        bound = min((self._latency(c) for c, _ in passing), default=None)
+            self.profile()  # candidates need the latency model, measured once
+        self._measured = measured
+        self._fit_offsets()
+        # the fastest pass as measured; a candidate must be predicted faster by more than the drift
+        # between two measurements of one model (noise must not buy a trial)
+        bound = min((ratio for _, ratio in passing), default=None)
+        bound = bound * (1 - DRIFT) if bound is not None else None
         slower = bool(passing) and min(ratio for _, ratio in passing) >= 1.0
         chosen = self._choose(space, tried, bound, beat_fp32=slower)
         if chosen is not None:
@@ -432,9 +443,11 @@ class _Search:
             pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not self.profiles and (not pool or min(c.latency for c in pool) > fastest):  # a fallback may be faster
                 self._profile(self._best_knobs(space, self._first_approach(space)))
+                self._fit_offsets()
                 pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if beat_fp32 and all(c.latency >= 1.0 for c in pool) and self._unprofiled(space):
                 self.profile_all()
+                self._fit_offsets()
                 pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not pool:
                 return None
@@ -467,6 +480,21 @@ class _Search:
                     self.paying.add(config.approach)
         log.info("sensitivity: all-INT8 latency by approach: %s",
                  ", ".join(f"{a} {r:.3f}" for a, r in self.approach_latency.items()))
+
+    def _fit_offsets(self) -> None:
+        """Per approach, how much slower than predicted its measured fallback trials ran (the mean
+        difference, rounded): per-op costs, each measured from all INT8, need not add up (falling
+        two neighbours back may pay a quantize between them). All-INT8 candidates are measured, not
+        predicted, and take none."""
+        errors: dict[str, list[float]] = {}
+        for config, m in self._measured:
+            if config.fp32_ops and config.approach in self.profiles:
+                errors.setdefault(config.approach, []).append(m.latency_ratio - self._latency(config, offset=False))
+        offsets = {a: _rounded(sum(e) / len(e)) for a, e in errors.items()}
+        if offsets != self.offsets:
+            log.info("sensitivity: measured fallbacks ran %s their predicted latency: predictions corrected",
+                     ", ".join(f"{o:+.3f} ({a}, {len(errors[a])} trial(s))" for a, o in offsets.items()))
+        self.offsets = offsets
 
     def _first_approach(self, space: Space) -> str:
         """The approach profiled first: the fastest known faster than FP32; where none is, the one
@@ -542,16 +570,17 @@ class _Search:
         """The profile of the config's approach; else the main one (its error shares are all there is)."""
         return self.profiles.get(config.approach) or next(iter(self.profiles.values()), None)
 
-    def _latency(self, config: QuantConfig) -> float:
+    def _latency(self, config: QuantConfig, offset: bool = True) -> float:
         """Predicted: the all-INT8 latency of its kernel family (else of its approach's default)
         plus each FP32 op's cost (from that approach's profile; 0 where it has none); a BF16
         fallback's cost is scaled by its measured BF16/FP32 ratio (as if its INT8 time were small
-        beside FP32's)."""
+        beside FP32's); with ``offset``, a fallback's corrected by its approach's measured ones."""
         profile = self.profiles.get(config.approach)
         costs = {r.op: r.latency_cost for r in profile.ranking} if profile is not None else {}
         bf16 = self.bf16_ratios if config.fallback == "bf16" else {}
         int8 = self.family_latency.get(_family(config), self.approach_latency.get(config.approach, 0.0))
-        return int8 + sum(costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
+        correction = self.offsets.get(config.approach, 0.0) if offset and config.fp32_ops else 0.0
+        return int8 + correction + sum(costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
 
 
 def _latency_costs(savings: dict[str, float], together: float) -> dict[str, float]:

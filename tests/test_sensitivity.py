@@ -12,6 +12,7 @@ from torch import nn
 
 from autoquant import AccuracyCriterion, ConfigError, QuantConfig, Restriction, Tuner
 from autoquant.adapters.fx import FXAdapter
+from autoquant.latency import LatencyRatio
 from autoquant.probe import OutputProbe, compare
 from autoquant.strategies import STRATEGIES, get_strategy
 from autoquant.strategies.evidence import LossModel, Observation
@@ -191,6 +192,34 @@ def test_when_no_profiled_fallback_beats_fp32_the_other_approach_is_profiled_too
     assert table["approach"].unique().tolist() == ["static", "dynamic"]
     costs = table[table["approach"] == "dynamic"].set_index("op")["latency_cost"]
     assert costs["op2"] < 0 < costs["op0"]
+
+
+def test_a_fallback_measured_slower_than_predicted_corrects_the_predictions(caplog):
+    """Static INT8 runs at x1.1: op0-op2 each save 0.1, op3 and op4 each cost 0.2 (slow kernels).
+    Falling op3 or op4 back alone saves 0.2, both 0.05 only (the FP32 islands pay a requantize
+    between them): predicted x0.7, measured x1.05, a pass slower than FP32. Dynamic (op0-op2)
+    runs at x0.95, measured +-6% (not known faster than FP32: static, which quantizes more ops, is
+    profiled). Compared as predicted (x0.7), dynamic looked slower and the search stopped at x1.05;
+    the measured miss now corrects the static fallbacks' predictions and dynamic wins."""
+    def ratio(config: QuantConfig) -> float:
+        if config.approach == "dynamic":
+            return 0.95 + 0.05 * len(config.fp32_ops)
+        int8 = {f"op{i}" for i in range(6)} - config.fp32_ops
+        both = not int8 & {"op3", "op4"}
+        return 1.0 - 0.1 * len(int8 & {"op0", "op1", "op2"}) + 0.2 * len(int8 & {"op3", "op4"}) + 0.35 * both
+
+    def measure(config: QuantConfig, fp32_run, candidate_run) -> LatencyRatio:
+        candidate_run()
+        r, spread = ratio(config), 0.06 if config.approach == "dynamic" else 0.01
+        return LatencyRatio(r, (1 - spread) * r, (1 + spread) * r, 0.95, 10, 1.0, r)
+
+    caplog.set_level(logging.INFO, logger="autoquant")
+    result = tune(fake_model(n_ops=6, dynamic=("op0", "op1", "op2")), latency_fn=measure)
+    assert fp32_sequence(result)[:2] == ["", "op3 op4"]
+    assert result.history["latency_ratio"].iloc[1] == pytest.approx(1.05)
+    assert "measured fallbacks ran +0.350 (static, 1 trial(s)) their predicted latency" in caplog.text
+    assert result.met and result.config.approach == "dynamic" and result.latency_ratio == pytest.approx(0.95)
+    assert result.trials == 3
 
 
 def test_knob_settings_that_run_other_kernels_are_timed_before_one_is_chosen(caplog):
