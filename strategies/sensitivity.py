@@ -32,8 +32,9 @@ How it decides (each proposal is logged with its prediction):
    A candidate's error is predicted as the knob setting's error times the share of ops still
    INT8; its latency as the sum of its FP32 ops' costs, plus how much slower than predicted the
    approach's measured fallback trials ran (costs measured one at a time need not add up: two
-   neighbours in FP32 pay a quantize between them). Candidates are the ranked prefixes and the
-   one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
+   neighbours in FP32 pay a quantize between them). Candidates are the prefixes of two rankings
+   (by error share, and by error share per latency cost: a greedy knapsack, so cheap ops can close
+   a gap that a dear op ranks first for) and the one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
    near miss leads to the cheapest op that the model says closes the gap, and an INT8 kernel
    slower than FP32's falls back for speed. Where the fastest pass is slower than FP32 and no
    candidate of the approaches profiled so far is predicted faster, the others are profiled too
@@ -521,10 +522,13 @@ class _Search:
     def _profile_fallbacks(self, space: Space, tried: set[str], profile: _Profile) -> list[QuantConfig]:
         approach = profile.reference.approach
         ranked = [r.op for r in profile.ranking]
+        # the same ops by error share per latency cost (a greedy knapsack): where a dear op ranks
+        # high, the cheap ones after it may close the gap for less
+        thrifty = [r.op for r in sorted(profile.ranking, key=lambda r: -r.score / max(r.latency_cost, COST_RESOLUTION))]
         slower = frozenset(r.op for r in profile.ranking if r.latency_cost < 0)
         knobs = sorted((c for c in self.screen.configs if c.approach == approach),
                        key=lambda c: -self.model.predict(c.describe(), self._knob_error(c) or float("inf")).p_pass)
-        configs = [replace(k, fp32_ops=frozenset(ranked[:n])) for k in knobs[:TOP_KNOBS]
+        configs = [replace(k, fp32_ops=frozenset(order[:n])) for k in knobs[:TOP_KNOBS] for order in (ranked, thrifty)
                    for n in range(0 if slower else 1, len(ranked) + 1)]
         for key in sorted(tried):
             config = QuantConfig.from_dict(json.loads(key))

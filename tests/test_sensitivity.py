@@ -194,6 +194,19 @@ def test_when_no_profiled_fallback_beats_fp32_the_other_approach_is_profiled_too
     assert costs["op2"] < 0 < costs["op0"]
 
 
+def test_cheap_ops_that_close_the_gap_fall_back_before_a_dear_one_that_ranks_first():
+    # all INT8 loses 0.0134 (goal: 0.009); op0 carries the most error (0.004) but falling it back
+    # costs 0.5 of FP32's latency, op1-op3 (0.003 each) 0.02: op1 and op2 close the gap for 0.04,
+    # where the error ranking's prefixes all start with op0 (op0 alone just misses)
+    def ratio(config: QuantConfig) -> float:
+        return 0.3 + 0.5 * ("op0" in config.fp32_ops) + 0.02 * len(config.fp32_ops - {"op0"})
+
+    result = tune(fake_model(n_ops=6, sensitive={0: 0.004, 1: 0.003, 2: 0.003, 3: 0.003}),
+                  latency_fn=fixed_latency(ratio))
+    assert result.met and "op0" not in result.fp32_ops and result.latency_ratio < 0.4
+    assert result.trials == 2
+
+
 def test_a_fallback_measured_slower_than_predicted_corrects_the_predictions(caplog):
     """Static INT8 runs at x1.1: op0-op2 each save 0.1, op3 and op4 each cost 0.2 (slow kernels).
     Falling op3 or op4 back alone saves 0.2, both 0.05 only (the FP32 islands pay a requantize
