@@ -34,10 +34,11 @@ How it decides (each proposal is logged with its prediction):
    approach's measured fallback trials ran (costs measured one at a time need not add up: two
    neighbours in FP32 pay a quantize between them). Candidates are the prefixes of two rankings
    (by error share, and by error share per latency cost: a greedy knapsack, so cheap ops can close
-   a gap that a dear op ranks first for) and the one-op changes of every measured trial, each also with every negative-cost op in FP32, so a
-   near miss leads to the cheapest op that the model says closes the gap, and an INT8 kernel
-   slower than FP32's falls back for speed. Where the fastest pass is slower than FP32 and no
-   candidate of the approaches profiled so far is predicted faster, the others are profiled too
+   a gap that a dear op ranks first for) and the one-op changes of every measured trial, each
+   also with every negative-cost op in FP32, so a near miss leads to the cheapest op that the
+   model says closes the gap, and an INT8 kernel slower than FP32's falls back for speed. Where
+   the fastest pass is slower than FP32 and no candidate of the approaches profiled so far is
+   predicted faster, the others are profiled too
    (each candidate's latency is predicted from its own approach's costs). The chosen candidate is
    probed exactly before it is proposed (and another chosen if that changes the verdict).
    Once a pass slower than FP32 is measured, a candidate must be predicted faster than it (as
