@@ -437,10 +437,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     use_nc = not args.no_nc and any(c.torch_model for c in cases) and nc_available()
     rows: list[dict[str, Any]] = []
     for case in cases:
-        baseline, trials = oracle_trials(case, args) if args.oracle_trials > 0 else (None, None)
+        searched = oracle_trials(case, args) if args.oracle_trials > 0 else None
+        trials = searched[1] if searched is not None else None
         for relative in args.criteria:
             criterion = AccuracyCriterion(relative=relative)
-            oracle = oracle_config(baseline, trials, criterion) if trials is not None else None
+            oracle = oracle_config(*searched, criterion) if searched is not None else None
             runs = [(s, functools.partial(run_autoquant, case, s, criterion, args)) for s in args.strategies]
             if use_nc and case.torch_model:
                 runs.append(("neural-compressor", functools.partial(run_neural_compressor, case, relative, args)))
