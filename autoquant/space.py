@@ -236,9 +236,10 @@ class Space:
     def bf16_of(self, config: QuantConfig) -> frozenset[str]:
         """The FP32 ops ``config`` builds in BF16: those it lists, else under ``fallback="bf16"`` the
         ones measured faster in BF16."""
+        fp32 = self.fp32_ops(config)
         if config.bf16_ops:
-            return config.bf16_ops
-        return self.fp32_ops(config) & self.bf16_ops() if config.fallback == "bf16" else frozenset()
+            return config.bf16_ops & fp32
+        return fp32 & self.bf16_ops() if config.fallback == "bf16" else frozenset()
 
     def knob_configs(self) -> list[QuantConfig]:
         """Every knob combination with no op in FP32, in order of preference (first = default)."""

@@ -438,7 +438,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for case in cases:
         searched = oracle_trials(case, args) if args.oracle_trials > 0 else None
-        trials = searched[1] if searched is not None else None
         for relative in args.criteria:
             criterion = AccuracyCriterion(relative=relative)
             oracle = oracle_config(*searched, criterion) if searched is not None else None
@@ -448,8 +447,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             for tuner, run in runs:
                 log.info("%s, %.2f%% relative: %s ...", case.name, 100 * relative, tuner)
                 row = {"model": case.name, "held_out": case.held_out, "criterion": f"{relative:.2%} relative",
-                       "oracle_met": oracle is not None if trials is not None else None,
-                       "oracle_config": _describe(oracle) if trials is not None else "not run"}
+                       "oracle_met": oracle is not None if searched is not None else None,
+                       "oracle_config": _describe(oracle) if searched is not None else "not run"}
                 try:
                     row |= add_latencies(run(), oracle, case, args)
                 except Exception as exc:  # one broken tuner or backend must not lose the other rows
