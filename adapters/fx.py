@@ -326,7 +326,10 @@ class FXAdapter(TensorStatsAdapter):
     def build(self, config: QuantConfig) -> nn.Module:
         self._ready(config)
         converted = {}
+        bf16 = self.space.bf16_of(config)
         for unit in self._units:
+            if unit.nodes.keys() <= config.fp32_ops and not unit.nodes.keys() & bf16:
+                continue  # every op FP32: the float part, as the model's copy holds it (no convert)
             candidate = _shared_copy(self._family(unit, config))
             symmetric = config.scheme == "symmetric"
             for node in candidate.graph.nodes:
@@ -351,7 +354,7 @@ class FXAdapter(TensorStatsAdapter):
                     _strip_dynamic_qdq(converted[unit.path])
                     if full_range_is_exact():  # 8-bit activations where the kernel cannot saturate
                         use_full_range(converted[unit.path])
-                if bf16 := self.space.bf16_of(config):
+                if bf16:
                     self._to_bf16(unit, converted[unit.path], bf16)
                 if unit.path == "":
                     fx_graph.restore_output_class(converted[unit.path], self._output_class)

@@ -54,7 +54,7 @@ from onnxruntime.quantization.calibrate import CalibrationMethod as ORTCalibrati
 from onnxruntime.quantization.calibrate import TensorData, TensorsData
 from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-from onnxruntime.quantization.quant_utils import QuantizationMode
+from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata
 
 from autoquant.calibration import (
     OVERCLIP_FACTOR,
@@ -153,8 +153,10 @@ class ONNXAdapter(TensorStatsAdapter):
         _check(original)
         proto = _basic_optimized(original)
         self._proto = proto
-        # The quantizer needs every tensor's type: infer once, not per candidate.
+        # The quantizer needs every tensor's type: infer once, not per candidate. Tagged as ORT's own
+        # loader tags it, or every quantizer saves, re-infers and reloads the model (a third of a build).
         self._inferred = onnx.shape_inference.infer_shapes(proto)
+        add_infer_metadata(self._inferred)
         try:
             self._fp32 = ORTSession(proto)
         except Exception as exc:  # ORT's messages name the node or op it cannot load

@@ -118,7 +118,9 @@ def test_ops_that_only_follow_fp32_ops_stay_fp32(adapter):
     assert code.count("torch.quantize_per_tensor(") == 1  # only the head's input
     assert code.index("torch.quantize_per_tensor(") > code.index("torch.flatten(")
     everything = adapter.build(QuantConfig(fp32_ops=frozenset(adapter.space.op_names)))
-    assert "quantize" not in everything.code
+    assert not quantized_modules(everything) and type(everything) is type(adapter.fp32_model)  # no convert
+    x = batches()[0][0]
+    assert torch.equal(everything(x), adapter.fp32_model(x))
 
 
 def test_dynamic_quantizes_linear_only(adapter):
@@ -135,8 +137,10 @@ def test_dynamic_fallback_leaves_the_ops_and_their_inputs_fp32():
     adapter = FXAdapter(model, data)
     every = frozenset(op.name for op in adapter.space.ops)
     adapter.build(adapter.space.default_config())  # a static candidate first: the units are shared
-    candidate = adapter.build(QuantConfig("dynamic", None, "per_channel", None, fp32_ops=every))
+    candidate = adapter.build(QuantConfig("dynamic", None, "per_channel", None, fp32_ops=every - {"fc3"}))
+    assert {name.split(".")[0] for name in quantized_modules(candidate)} == {"fc3"}  # only fc3 is INT8
     assert torch.quantize_per_tensor_dynamic not in [n.target for n in candidate.graph.nodes]
+    candidate = adapter.build(QuantConfig("dynamic", None, "per_channel", None, fp32_ops=every))
     with torch.no_grad():
         torch.testing.assert_close(candidate(data[0]), model(data[0]), rtol=1e-5, atol=1e-5)
 
@@ -190,7 +194,8 @@ def test_untraceable_model_quantizes_the_parts_that_trace():
     x = batches()[0][0]
     assert torch.allclose(quantized(x), model(x), atol=0.1)
     fallback = adapter.build(QuantConfig(fp32_ops=frozenset({"out"})))
-    assert type(fallback.out.module) is nn.Linear  # the unit's Linear (a leaf unit wraps it as .module)
+    assert type(fallback.out) is nn.Linear  # a unit with every op FP32 is the model's own part, unconverted
+    assert quantized_modules(fallback.gate.a)  # the others are still converted
     assert quantized_modules(quantized.gate.a)  # the conv really is INT8
 
 
