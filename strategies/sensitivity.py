@@ -80,7 +80,7 @@ log = logging.getLogger("autoquant")
 MEASURES = ("int8", "fp32")
 COST_RESOLUTION = 0.005  # measured savings are rounded to this share of FP32 latency: noise must not reorder
 EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
-MIN_ERROR_GROUPS = 8  # the knob screen stops where fewer runs of ops are left for the profile: a ranking needs some
+MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 REFINE_S = 1.0  # a latency group measured again, longer, where no eval_fn time is known
 # two measurements of one model, taken apart in time, differ by up to this share (the load drifts)
@@ -258,16 +258,9 @@ class _Search:
         if self._screened:
             return
         self._screened = True
-        first = self.screen.first()
-        self.probe.expect(first)
-        for i, config in enumerate(first):
-            fits = self._candidates_left()
-            # the default always; the others while they leave room for the profile's runs of ops
-            if i and fits is not None and fits <= min(MIN_ERROR_GROUPS, len(self.space.ops)):
-                log.info("sensitivity: %d of the screen's %d first knob settings probed, the rest predicted: more "
-                         "would exceed the probe's budget", i, len(first))
-                return
-            self._error(config)
+        self.probe.expect(self.screen.first())
+        for first in self.screen.first():
+            self._error(first)
         while (config := self.screen.next(self._knob_scores())) is not None:
             fits = self._candidates_left()
             if fits is not None and fits <= len(self.space.ops):
@@ -360,12 +353,12 @@ class _Search:
 
     def _error_groups(self, names: list[str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a candidate per op (its latency measurements
-        kept back), else as many runs of consecutive ops as it affords, one at least (their error
-        split evenly)."""
+        kept back), else as many runs of consecutive ops as it affords, MIN_ERROR_GROUPS at least
+        (their error split evenly)."""
         fits = self._candidates_left()
-        if fits is None or fits >= len(names):
+        if fits is None or max(fits, MIN_ERROR_GROUPS) >= len(names):
             return [[name] for name in names]
-        size = -(-len(names) // max(fits, 1))
+        size = -(-len(names) // max(fits, MIN_ERROR_GROUPS))
         log.info("sensitivity: probe errors measured for runs of %d consecutive ops: one candidate per op "
                  "would exceed the probe's budget", size)
         return [names[i:i + size] for i in range(0, len(names), size)]
@@ -377,24 +370,16 @@ class _Search:
 
     def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a latency measurement per op, else one
-        group per op type (their measured saving split evenly), as many types as it affords, those
-        with the most ops first, the others together (all INT8 takes a measurement too)."""
+        group per op type (their measured saving split evenly)."""
         fits = self.probe.affordable(latency=True)
         if fits is None or fits >= len(names):
             return [[name] for name in names]
-        by_type: dict[str, list[str]] = {}
+        groups: dict[str, list[str]] = {}
         for name in names:
-            by_type.setdefault(types[name], []).append(name)
-        ranked = sorted(by_type, key=lambda t: -len(by_type[t]))  # stable: the first seen first on ties
-        kept = ranked if fits - 1 >= len(ranked) else ranked[:max(fits - 2, 0)]
-        rest = [name for name in names if types[name] not in kept]
-        if not kept:
-            log.info("sensitivity: latency costs: all INT8's saving split evenly over the %d ops: one measurement "
-                     "per op type would exceed the probe's budget", len(names))
-            return [names]
-        log.info("sensitivity: latency costs measured per op type (%s%s): one per op would exceed the probe's "
-                 "budget", ", ".join(kept), f", the other {len(rest)} ops together" if rest else "")
-        return [by_type[t] for t in kept] + ([rest] if rest else [])
+            groups.setdefault(types[name], []).append(name)
+        log.info("sensitivity: latency costs measured per op type (%s): one per op would exceed the probe's "
+                 "budget", ", ".join(groups))
+        return list(groups.values())
 
     def table(self) -> pd.DataFrame | None:
         """Every profile's ranking, the main one first (approach column: which one)."""
