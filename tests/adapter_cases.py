@@ -96,10 +96,12 @@ def _fx_outputs(model: nn.Module, batch: torch.Tensor) -> list[np.ndarray]:
         return [model(batch).numpy()]
 
 
-def _fx_is_int8(model: fx.GraphModule, op: str) -> bool:
+def _fx_is_int8(model: nn.Module, op: str) -> bool:
     module = dict(model.named_modules()).get(op)
     if module is not None:
         return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+    if not isinstance(model, fx.GraphModule):
+        return False  # not converted (every op FP32): the model's own float code
     return any(str(n.target) == f"quantized.{op}" for n in model.graph.nodes)  # a function op: add, mul, ...
 
 
