@@ -31,13 +31,13 @@ class KnobScreen:
     >>> configs = [QuantConfig(calibration=c, scheme=s) for s in ("asymmetric", "symmetric")
     ...            for c in ("minmax", "entropy")]
     >>> screen = KnobScreen(configs)
-    >>> [c.describe() for c in screen.first()]  # the default and every activation range
+    >>> [c.describe() for c in screen.first()]  # the default, one-knob changes, every activation range
     ['static/minmax/asymmetric/per_channel', 'static/entropy/asymmetric/per_channel', \
 'static/minmax/symmetric/per_channel', 'static/entropy/symmetric/per_channel']
     >>> from dataclasses import replace
     >>> configs += [replace(c, granularity="per_tensor") for c in configs]
     >>> screen = KnobScreen(configs)
-    >>> errors = {c.key(): e for c, e in zip(screen.first(), (1e-2, 1e-3, 1e-2, 1e-3, 1e-2), strict=True)}
+    >>> errors = {c.key(): e for c, e in zip(screen.first(), (1e-2, 1e-3, 1e-2, 1e-2, 1e-3), strict=True)}
     >>> f"{screen.predict(errors)[configs[5].key()]:.0e}"  # entropy's gain carries over to per-tensor
     '1e-03'
     """
@@ -47,14 +47,15 @@ class KnobScreen:
         self._values = [sorted({_value(c, f) for c in self.configs}) for f in FIELDS]
 
     def first(self) -> list[QuantConfig]:
-        """The default setting, each setting one knob away from it, each activation range (the
-        other knobs at the default) and each approach's first."""
+        """The default setting, each approach's first, each setting one knob away from the default,
+        then each activation range (the other knobs at the default): in the order a tight budget
+        drops them from the end."""
         default = self.configs[0]
-        first = [c for c in self.configs
-                 if sum(getattr(c, f) != getattr(default, f) for f in FIELDS) <= 1
-                 or all(getattr(c, f) == getattr(default, f) for f in FIELDS if f not in RANGE_FIELDS)]
-        approaches = {c.approach: c for c in reversed(self.configs)}  # each approach's first setting
-        return first + [c for c in approaches.values() if c not in first]
+        approaches = list({c.approach: c for c in reversed(self.configs)}.values())[::-1]  # each one's first
+        changes = [c for c in self.configs if sum(getattr(c, f) != getattr(default, f) for f in FIELDS) == 1]
+        ranges = [c for c in self.configs
+                  if all(getattr(c, f) == getattr(default, f) for f in FIELDS if f not in RANGE_FIELDS)]
+        return list(dict.fromkeys([default, *approaches, *changes, *ranges]))
 
     def predict(self, errors: Mapping[str, float | None]) -> dict[str, float | None]:
         """Every setting's error: ``errors`` where scored (None: could not be built), else the fit's."""

@@ -4,8 +4,9 @@ How it decides (each proposal is logged with its prediction):
 
 1. The probe (:mod:`autoquant.probe`, no eval_fn) scores whole-model knob settings with all ops
    INT8 by their output error against FP32 (KL divergence for logits): every one if its budget
-   allows, else the default, each one-knob change of it and, while the budget lasts, the settings
-   a fit of per-knob effects predicts best (:mod:`strategies.knob_screen`); the rest keep the
+   allows, else the default, then (while they leave room for the profile's ranking) each
+   approach's first, each one-knob change and each activation range, and, while the budget
+   lasts, the settings a fit of per-knob effects predicts best (:mod:`strategies.knob_screen`); the rest keep the
    fit's prediction until one is chosen, and is then probed exactly.
 2. A loss model (:mod:`strategies.evidence`) maps probe error to the user's loss; it is refitted
    to every measured trial (the default candidate, the tuner's first trial, is the first point),
@@ -24,8 +25,10 @@ How it decides (each proposal is logged with its prediction):
    costs may still find the types whose INT8 pays): its share of the probe error with only it INT8 (or, with
    ``measure="fp32"``, the error it removes in FP32) and its latency cost (how much slower all
    INT8 runs with it in FP32; per op type, split evenly, where one measurement per op would
-   exceed the probe's budget of two eval_fn calls; likewise the error, per run of consecutive ops
-   where one candidate per op would). A cost is negative where falling the op back ran faster,
+   exceed the probe's budget of two eval_fn calls, and as many types as it affords, those with
+   the most ops first, the others together; likewise the error, per run of consecutive ops
+   where one candidate per op would, as many runs as it affords, 8 at least). A cost is
+   negative where falling the op back ran faster,
    0 where the measurements could not tell (where no op is known to gain, those are measured
    again, longer: one eval_fn call's time among them, if the probe's budget has it left); costs
    add up to at least all INT8's saving.
@@ -80,7 +83,7 @@ log = logging.getLogger("autoquant")
 MEASURES = ("int8", "fp32")
 COST_RESOLUTION = 0.005  # measured savings are rounded to this share of FP32 latency: noise must not reorder
 EXACT_PROBES = 8  # at most this many candidates probed exactly per proposal
-MIN_ERROR_GROUPS = 8  # a profile over its budget still scores this many runs of ops: a ranking needs some
+MIN_ERROR_GROUPS = 8  # runs of ops a profile scores even over its budget (a ranking needs some); the screen leaves room
 TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 REFINE_S = 1.0  # a latency group measured again, longer, where no eval_fn time is known
 # two measurements of one model, taken apart in time, differ by up to this share (the load drifts)
@@ -258,9 +261,17 @@ class _Search:
         if self._screened:
             return
         self._screened = True
-        self.probe.expect(self.screen.first())
-        for first in self.screen.first():
-            self._error(first)
+        first = self.screen.first()
+        self.probe.expect(first)
+        for i, setting in enumerate(first):
+            # the default always; the others while they leave room for the profile's ranking (its
+            # runs of ops and all INT8's latency); per-type latency costs come after, from what is left
+            fits = self.probe.affordable(reserve=1)
+            if i and fits is not None and fits <= min(MIN_ERROR_GROUPS, len(self.space.ops)):
+                log.info("sensitivity: %d of the screen's %d first knob settings probed, the rest predicted: more "
+                         "would exceed the probe's budget", i, len(first))
+                return
+            self._error(setting)
         while (config := self.screen.next(self._knob_scores())) is not None:
             fits = self._candidates_left()
             if fits is not None and fits <= len(self.space.ops):
@@ -354,7 +365,7 @@ class _Search:
     def _error_groups(self, names: list[str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a candidate per op (its latency measurements
         kept back), else as many runs of consecutive ops as it affords, MIN_ERROR_GROUPS at least
-        (their error split evenly)."""
+        (their error split evenly): a ranking is the least a profile is for."""
         fits = self._candidates_left()
         if fits is None or max(fits, MIN_ERROR_GROUPS) >= len(names):
             return [[name] for name in names]
@@ -370,16 +381,24 @@ class _Search:
 
     def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a latency measurement per op, else one
-        group per op type (their measured saving split evenly)."""
+        group per op type (their measured saving split evenly), as many types as it affords, those
+        with the most ops first, the others together (all INT8 takes a measurement too)."""
         fits = self.probe.affordable(latency=True)
         if fits is None or fits >= len(names):
             return [[name] for name in names]
-        groups: dict[str, list[str]] = {}
+        by_type: dict[str, list[str]] = {}
         for name in names:
-            groups.setdefault(types[name], []).append(name)
-        log.info("sensitivity: latency costs measured per op type (%s): one per op would exceed the probe's "
-                 "budget", ", ".join(groups))
-        return list(groups.values())
+            by_type.setdefault(types[name], []).append(name)
+        ranked = sorted(by_type, key=lambda t: -len(by_type[t]))  # stable: the first seen first on ties
+        kept = ranked if fits - 1 >= len(ranked) else ranked[:max(fits - 2, 0)]
+        rest = [name for name in names if types[name] not in kept]
+        if not kept:
+            log.info("sensitivity: latency costs: all INT8's saving split evenly over the %d ops: one measurement "
+                     "per op type would exceed the probe's budget", len(names))
+            return [names]
+        log.info("sensitivity: latency costs measured per op type (%s%s): one per op would exceed the probe's "
+                 "budget", ", ".join(kept), f", the other {len(rest)} ops together" if rest else "")
+        return [by_type[t] for t in kept] + ([rest] if rest else [])
 
     def table(self) -> pd.DataFrame | None:
         """Every profile's ranking, the main one first (approach column: which one)."""

@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import time
 
 import numpy as np
 import optuna
@@ -321,18 +322,22 @@ def test_probe_caches_and_counts_its_cost():
     assert probe.kind == "relative" and probe.cost.batches == 1
 
 
-def test_a_probe_over_its_budget_measures_latency_per_op_type():
+def test_a_probe_whose_budget_affords_nothing_still_ranks_the_ops_and_nothing_more(caplog):
     adapter = FakeAdapter(fake_model(n_ops=6, sensitive={2: 0.02}), [None])
-    counts = {}
+    caplog.set_level(logging.INFO, logger="autoquant")
+    searches = {}
     for eval_seconds in (None, 1e-6):  # no budget; a budget that affords nothing
         strategy = SensitivityStrategy()
         strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, eval_seconds=eval_seconds, min_budget_s=0))
         strategy.profile()
-        assert strategy.sensitivity["op"].tolist()[0] == "op2"  # errors are still measured per op
-        counts[eval_seconds] = strategy._search.probe.cost.latency_measurements
-    # all INT8 (the approach's latency, measured once) + each of 6 ops, against all INT8 alone: the
-    # one op type (Linear) INT8 is the all-INT8 candidate, measured already
-    assert counts == {None: 7, 1e-6: 1}
+        searches[eval_seconds] = strategy._search
+    unbounded, spent = searches[None], searches[1e-6]
+    assert unbounded.probe.cost.latency_measurements == 7  # all INT8 + each of the 6 ops, against it
+    assert list(unbounded.table()["op"])[0] == list(spent.table()["op"])[0] == "op2"  # errors per op: 6 < 8
+    # beyond that ranking, the default candidate and its latency (the all-INT8 reference): nothing more
+    assert spent.probe.cost.latency_measurements == 1 and len(spent._knob_scores()) == 1
+    assert spent.table()["latency_cost"].nunique() == 1  # all INT8's saving split evenly, as the log says
+    assert "1 of the screen's 11 first knob settings probed" in caplog.text
 
 
 def test_latency_measured_again_longer_only_with_what_is_left_of_the_probes_budget(caplog):
@@ -355,24 +360,39 @@ def test_latency_measured_again_longer_only_with_what_is_left_of_the_probes_budg
     assert counts[10.0] > counts[1e-6]
 
 
-def test_a_probe_over_its_budget_measures_errors_per_run_of_ops():
-    adapter = FakeAdapter(fake_model(n_ops=24, sensitive={13: 0.02}), [None])
+class SlowBuilds(FakeAdapter):
+    """Each build takes BUILD_S: the probe's budget is spent on builds, as on a real backend."""
+
+    def build(self, config: QuantConfig):
+        time.sleep(BUILD_S)
+        return super().build(config)
+
+
+BUILD_S = 0.05
+
+
+def budget_for(builds: float) -> float:
+    """The eval_fn time whose probe budget (two calls) affords about this many builds."""
+    return builds * BUILD_S / 2
+
+
+def test_a_probe_over_its_budget_drops_knob_settings_first_then_scores_runs_of_ops():
+    adapter = SlowBuilds(fake_model(n_ops=24, sensitive={13: 0.02}), [None])
     strategy = SensitivityStrategy()
-    strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, eval_seconds=1e-6, min_budget_s=0))
+    # about 9 candidates, the default's build and latency and the latency reserve (2) kept aside
+    probe = OutputProbe(adapter, adapter.space, eval_seconds=budget_for(14), min_budget_s=0)
+    strategy.setup(adapter.space, probe)
     strategy.profile()
-    table = strategy.sensitivity
-    # a budget that affords nothing: 8 runs of 3 consecutive ops, each run's error split evenly
-    assert table["op"].tolist()[:3] == ["op12", "op13", "op14"]
-    assert table["sensitivity"].iloc[0] == table["sensitivity"].iloc[2] > table["sensitivity"].iloc[3]
+    search, table = strategy._search, strategy.sensitivity
+    assert len(search._knob_scores()) < len(search.screen.first()) == 11  # knob settings dropped first
+    run = table["sensitivity"].eq(table["sensitivity"].iloc[0]).sum()  # the top run of ops, error split evenly
+    assert 1 < run < 24 and "op13" in table["op"].tolist()[:run]
+    assert probe.cost.seconds <= 1.25 * probe.budget_s, probe.cost.describe()  # an action at most over it
     unbounded = SensitivityStrategy()
     unbounded.setup(adapter.space, OutputProbe(adapter, adapter.space))
     unbounded.profile()
     assert unbounded.sensitivity["op"].tolist()[0] == "op13"
-    # candidates scored: 8 runs instead of 24 ops, and the knob screen's first settings instead of all
-    screen = strategy._search.screen
-    # the default, its 6 one-knob changes and the 4 other activation ranges (calibration x scheme)
-    assert len(screen.first()) == 11 < len(screen.configs) == 20
-    assert strategy._search.probe.calls == unbounded._search.probe.calls - 24 + 8 - 20 + 11
+    assert len(unbounded._search._knob_scores()) == 20 and unbounded._search.probe.calls > 2 * probe.calls
 
 
 # --- the real backend: a model with one fragile layer -----------------------------------------
@@ -555,13 +575,14 @@ def test_the_knob_screen_finds_a_two_knob_setting_from_one_knob_changes_and_skip
 
 
 def test_a_probe_over_its_budget_scores_the_knob_screen_not_the_whole_grid(caplog):
-    adapter = FakeAdapter(fake_model(n_ops=4, sensitive={1: 0.05}, calibration_helps=("op1",)), [None])
+    adapter = SlowBuilds(fake_model(n_ops=8, sensitive={1: 0.05}, calibration_helps=("op1",)), [None])
     strategy = SensitivityStrategy()
-    strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, eval_seconds=1e-6, min_budget_s=0))
+    # about 23 candidates: the 11 first settings and 8 ops fit, the 20 settings and 8 ops do not
+    strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, eval_seconds=budget_for(28), min_budget_s=0))
     with caplog.at_level("INFO", logger="autoquant"):
         strategy.profile()
     search = strategy._search
-    assert len(search._knob_scores()) == len(search.screen.first()) < len(search.screen.configs)
+    assert len(search.screen.first()) <= len(search._knob_scores()) < len(search.screen.configs)
     assert "knob settings probed, the rest predicted" in caplog.text
     # the rescuing calibration is a one-knob change: probed, the best of them
     scores = search._knob_scores()
