@@ -256,8 +256,9 @@ class _Search:
         return dict(self._scored[1])
 
     def _screen(self) -> None:
-        """Probe the screen's first settings, then its best predicted ones while the budget leaves a
-        candidate per op for the profile (all of them without a budget). Once per search."""
+        """Probe the screen's first settings while the budget leaves room for the profile's ranking,
+        then its best predicted ones while it leaves a candidate per op (all of them without a
+        budget). Once per search."""
         if self._screened:
             return
         self._screened = True
