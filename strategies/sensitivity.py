@@ -359,6 +359,7 @@ class _Search:
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
         profile = _Profile(reference, tuple(OpSensitivity(n, types[n], shares[n], costs[n]) for n in order))
         self.profiles[reference.approach] = profile
+        self._fit_offsets()  # the approach's measured fallbacks now have predictions to correct
         log.info("sensitivity: per-op profile at %s: %s", reference.describe(),
                  ", ".join(f"{r.op} {r.score:.2f} (cost {r.latency_cost:.3f})" for r in profile.ranking[:8]))
         return profile
@@ -429,16 +430,15 @@ class _Search:
             if not c.fp32_ops:
                 self.family_latency.setdefault(_family(c), _rounded(m.latency_ratio))
         passing = [(c, m.latency_ratio) for c, m in measured if m.passed]
+        self._measured = measured
         if passing:  # a faster pass is sought (objective latency, or a pass slower than FP32): the
             self.profile()  # candidates need the latency model, measured once
-        self._measured = measured
         self._fit_offsets()
         # the fastest pass as measured; a candidate must be predicted faster by more than the drift
         # between two measurements of one model (noise must not buy a trial)
-        bound = min((ratio for _, ratio in passing), default=None)
-        bound = bound * (1 - DRIFT) if bound is not None else None
-        slower = bool(passing) and min(ratio for _, ratio in passing) >= 1.0
-        chosen = self._choose(space, tried, bound, beat_fp32=slower)
+        fastest = min((ratio for _, ratio in passing), default=None)
+        bound = fastest * (1 - DRIFT) if fastest is not None else None
+        chosen = self._choose(space, tried, bound, beat_fp32=fastest is not None and fastest >= 1.0)
         if chosen is not None:
             log.info("sensitivity: next %s, FP32 ops %s: predicted loss %.3g, chance to pass %.2f, latency +%.3f "
                      "(%s)", chosen.config.describe(), sorted(chosen.config.fp32_ops) or "none",
@@ -465,11 +465,9 @@ class _Search:
             pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not self.profiles and (not pool or min(c.latency for c in pool) > fastest):  # a fallback may be faster
                 self._profile(self._best_knobs(space, self._first_approach(space)))
-                self._fit_offsets()
                 pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if beat_fp32 and all(c.latency >= 1.0 for c in pool) and self._unprofiled(space):
                 self.profile_all()
-                self._fit_offsets()
                 pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not pool:
                 return None
