@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -89,11 +89,33 @@ def measure_ratio(
     or slower), or ``budget_s`` or ``max_pairs`` is spent, whichever comes first; check
     ``half_width`` and ``excludes`` to see which. One ratio per pair cancels the machine's slow drift (about +-20%
     between runs here), which a ratio of two medians does not."""
+    return measure_ratios(baseline, [candidate], precision=precision, confidence=confidence, budget_s=budget_s,
+                          min_pairs=min_pairs, max_pairs=max_pairs, decide=decide)[0]
+
+
+def measure_ratios(
+    baseline: Callable[[], object],
+    candidates: Sequence[Callable[[], object]],
+    *,
+    precision: float = 0.05,
+    confidence: float = 0.95,
+    budget_s: float = 10.0,
+    min_pairs: int = 8,
+    max_pairs: int = 2000,
+    decide: float | None = None,
+) -> list[LatencyRatio]:
+    """``measure_ratio`` for several candidates at once, sharing the baseline's runs: each round
+    runs the baseline and every candidate not yet known well enough, in an order that rotates from
+    round to round, and pairs each candidate's run with the baseline's of the same round (k
+    candidates cost k + 1 runs a round instead of 2k). ``budget_s`` is per candidate."""
     if not (precision > 0 and 0 < confidence < 1 and min_pairs >= 2):
         raise ConfigError(f"measure_ratio needs precision > 0, 0 < confidence < 1 and min_pairs >= 2; got "
                           f"{precision=}, {confidence=}, {min_pairs=}.")
+    if not candidates:
+        return []
     with timing_lock():
-        return _measure(baseline, candidate, precision, confidence, budget_s, min_pairs, max_pairs, decide)
+        return _measure(baseline, list(candidates), precision, confidence, budget_s * len(candidates), min_pairs,
+                        max_pairs, decide)
 
 
 @contextmanager
@@ -111,30 +133,38 @@ def timing_lock(path: str | None = None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _measure(baseline: Callable[[], object], candidate: Callable[[], object], precision: float, confidence: float,
-             budget_s: float, min_pairs: int, max_pairs: int, decide: float | None) -> LatencyRatio:
+def _measure(baseline: Callable[[], object], candidates: list[Callable[[], object]], precision: float,
+             confidence: float, budget_s: float, min_pairs: int, max_pairs: int,
+             decide: float | None) -> list[LatencyRatio]:
+    models = [baseline, *candidates]
     for _ in range(WARMUP_PAIRS):
-        baseline()
-        candidate()
+        for model in models:
+            model()
     z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     start = time.perf_counter()
-    base: list[float] = []
-    cand: list[float] = []
-    ratios: list[float] = []
-    while True:
-        first, second = (baseline, candidate) if len(ratios) % 2 == 0 else (candidate, baseline)
-        t1, t2 = _time(first), _time(second)
-        b, c = (t1, t2) if first is baseline else (t2, t1)
-        base.append(b)
-        cand.append(c)
-        ratios.append(c / max(b, 1e-12))
-        if len(ratios) < min_pairs:
-            continue
-        result = _median_interval(ratios, z, confidence, base, cand)
-        decided = decide is not None and result.excludes(decide)
-        if (result.half_width <= precision or decided or time.perf_counter() - start > budget_s
-                or len(ratios) >= max_pairs):
-            return result
+    base: list[list[float]] = [[] for _ in candidates]
+    cand: list[list[float]] = [[] for _ in candidates]
+    ratios: list[list[float]] = [[] for _ in candidates]
+    results: dict[int, LatencyRatio] = {}
+    rounds = 0
+    while len(results) < len(candidates):
+        active = [i for i in range(len(candidates)) if i not in results]
+        order = [-1, *active]  # -1: the baseline
+        shift = rounds % len(order)
+        times = {i: _time(baseline if i < 0 else candidates[i]) for i in order[shift:] + order[:shift]}
+        rounds += 1
+        over = time.perf_counter() - start > budget_s
+        for i in active:
+            base[i].append(times[-1])
+            cand[i].append(times[i])
+            ratios[i].append(times[i] / max(times[-1], 1e-12))
+            if len(ratios[i]) < min_pairs:
+                continue
+            result = _median_interval(ratios[i], z, confidence, base[i], cand[i])
+            decided = decide is not None and result.excludes(decide)
+            if result.half_width <= precision or decided or over or len(ratios[i]) >= max_pairs:
+                results[i] = result
+    return [results[i] for i in range(len(candidates))]
 
 
 def _median_interval(ratios: list[float], z: float, confidence: float, base: list[float],

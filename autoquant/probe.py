@@ -29,14 +29,14 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from autoquant.errors import BackendError, ConfigError, check_choice, first_line
-from autoquant.latency import WARMUP_PAIRS, LatencyRatio, measure_ratio, pairs_to_decide
+from autoquant.latency import WARMUP_PAIRS, LatencyRatio, measure_ratios, pairs_to_decide
 from autoquant.space import QuantConfig, Space
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ KINDS = ("auto", "logits", "embedding", "relative")
 LatencyFn = Callable[[QuantConfig, Callable[[], object], Callable[[], object]], LatencyRatio]
 DEFAULT_MAX_BATCHES = 4
 RUNS_PER_LATENCY = 2 * pairs_to_decide(0.95)  # model runs of one latency measurement: enough pairs to tell
+# candidates timed in one pass, sharing FP32's runs (each kept built meanwhile: a bound on memory)
+MEASURED_TOGETHER = 4
 
 
 @dataclass(frozen=True)
@@ -259,19 +261,48 @@ class OutputProbe:
         """Latency of the candidate over FP32's, interleaved on the adapter's latency batch, until known
         to +-5%, or known faster or slower than FP32, or ``budget_s`` is spent (or ``latency_fn``'s). Measured once per
         candidate, and again only when asked with a larger budget after it could not tell."""
-        config = self._space.canonical(config)
+        ratio = self.latencies([config], budget_s)[0]
+        if ratio is None:
+            raise BackendError(self.failures[self._space.canonical(config).key()])
+        return ratio
+
+    def latencies(self, configs: Sequence[QuantConfig], budget_s: float) -> list[LatencyRatio | None]:
+        """``latency`` of each candidate (None: the backend could not build it; the probe logged why),
+        those not measured yet measured together, MEASURED_TOGETHER at a time, sharing FP32's runs."""
+        canonical = {c.key(): c for c in map(self._space.canonical, configs)}
+        todo = [c for c in canonical.values() if self._measures_again(c, budget_s)]
+        for i in range(0, len(todo), MEASURED_TOGETHER):
+            self._measure(todo[i:i + MEASURED_TOGETHER], budget_s)
+        keys = [self._space.canonical(c).key() for c in configs]
+        return [self._latencies[k][0] if k in self._latencies else None for k in keys]
+
+    def _measures_again(self, config: QuantConfig, budget_s: float) -> bool:
         known = self._latencies.get(config.key())
-        if known is None or (not known[0].excludes(1.0) and budget_s > known[1]):
-            start = time.perf_counter()
-            model, adapter = self._build(config), self._adapter
-            fp32_run, run = adapter.runner(adapter.fp32_model), adapter.runner(model)
-            ratio = (self._latency_fn(config, fp32_run, run) if self._latency_fn is not None else
-                     measure_ratio(fp32_run, run, budget_s=budget_s, min_pairs=RUNS_PER_LATENCY // 2, decide=1.0))
+        return config.key() not in self.failures and (
+            known is None or (not known[0].excludes(1.0) and budget_s > known[1]))
+
+    def _measure(self, configs: list[QuantConfig], budget_s: float) -> None:
+        """Builds the candidates (all kept meanwhile) and times them in one pass against FP32."""
+        start, adapter = time.perf_counter(), self._adapter
+        built: list[tuple[QuantConfig, Any]] = []
+        for config in configs:
+            try:
+                built.append((config, self._build(config)))
+            except BackendError:  # logged; the others are measured
+                continue
+        fp32_run = adapter.runner(adapter.fp32_model)
+        runs = [adapter.runner(model) for _, model in built]
+        if self._latency_fn is not None:
+            ratios = [self._latency_fn(config, fp32_run, run) for (config, _), run in zip(built, runs, strict=True)]
+        else:
+            ratios = measure_ratios(fp32_run, runs, budget_s=budget_s, min_pairs=RUNS_PER_LATENCY // 2, decide=1.0)
+        for (config, _), ratio in zip(built, ratios, strict=True):
             self._latencies[config.key()] = ratio, budget_s
-            self.cost.latency_measurements += 1
-            self._latency_seconds.append(time.perf_counter() - start)
-            self.cost.seconds += self._latency_seconds[-1]
-        return self._latencies[config.key()][0]
+        elapsed = time.perf_counter() - start
+        self.cost.seconds += elapsed
+        self.cost.latency_measurements += len(built)
+        if built:  # each one's share: what one more measurement costs
+            self._latency_seconds += [elapsed / len(built)] * len(built)
 
 
 # --- errors by output kind ------------------------------------------------------------------------

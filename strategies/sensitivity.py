@@ -31,7 +31,8 @@ How it decides (each proposal is logged with its prediction):
    negative where falling the op back ran faster,
    0 where the measurements could not tell (where no op is known to gain, those are measured
    again, longer: one eval_fn call's time among them, if the probe's budget has it left); costs
-   add up to at least all INT8's saving.
+   add up to at least all INT8's saving. The latencies a step needs at once (each approach's all
+   INT8; all INT8 and the fallback groups) are timed together, sharing FP32's runs.
    A candidate's error is predicted as the knob setting's error times the share of ops still
    INT8; its latency as the sum of its FP32 ops' costs, plus how much slower than predicted the
    approach's measured fallback trials ran (costs measured one at a time need not add up: two
@@ -289,6 +290,10 @@ class _Search:
         except AutoquantError:  # the probe logged why
             return None
 
+    def _measure_together(self, configs: list[QuantConfig], budget_s: float | None = None) -> None:
+        """Measure the candidates' latencies in one pass, sharing FP32's runs (read back one by one)."""
+        self.probe.latencies(configs, budget_s or self.options.latency_budget_s)
+
     def _saving(self, config: QuantConfig, budget_s: float | None = None) -> float:
         """The share of FP32 latency the candidate saves (negative: it runs slower); 0 where its
         measurement could not tell faster from slower (noise must not make a cost), or it cannot be built."""
@@ -303,6 +308,8 @@ class _Search:
         dequantize at both edges, which all INT8 mostly does not (ONNX Runtime: a lone INT8 conv of
         the digits CNN ran slower than FP32, while all INT8 ran at x0.47)."""
         names = frozenset(n for group in groups for n in group)
+        self._measure_together([reference] + [replace(reference, fp32_ops=frozenset(g)) for g in groups
+                                              if set(g) != names], budget_s)
         int8 = self._measured_latency(reference, budget_s)
         savings: dict[str, float] = {}
         for group in groups:
@@ -492,12 +499,16 @@ class _Search:
 
     def _measure_approaches(self, space: Space) -> None:
         """Latency of each approach's default all-INT8 candidate (static and dynamic differ a lot)."""
+        firsts: dict[str, QuantConfig] = {}
         for config in space.knob_configs():
             if config.approach not in self.approach_latency:
-                self.approach_latency[config.approach] = self._int8_latency(config)
-                self.family_latency.setdefault(_family(config), self.approach_latency[config.approach])
-                if self._saving(config) > 0:
-                    self.paying.add(config.approach)
+                firsts.setdefault(config.approach, config)
+        self._measure_together(list(firsts.values()))
+        for config in firsts.values():
+            self.approach_latency[config.approach] = self._int8_latency(config)
+            self.family_latency.setdefault(_family(config), self.approach_latency[config.approach])
+            if self._saving(config) > 0:
+                self.paying.add(config.approach)
         log.info("sensitivity: all-INT8 latency by approach: %s",
                  ", ".join(f"{a} {r:.3f}" for a, r in self.approach_latency.items()))
 

@@ -9,7 +9,7 @@ import pytest
 import autoquant.latency
 import autoquant.tuner
 from autoquant.errors import ConfigError
-from autoquant.latency import measure_ratio
+from autoquant.latency import WARMUP_PAIRS, measure_ratio, measure_ratios
 
 
 def sleeper(seconds: float):
@@ -38,6 +38,25 @@ def test_decide_stops_once_faster_or_slower_is_known():
     assert 6 <= result.pairs < 20  # not before 6 pairs: fewer cannot tell at 95%
     without = measure_ratio(sleeper(0.001), sleeper(0.0015), precision=1e-6, budget_s=0.2, min_pairs=3)
     assert without.pairs > 40  # without decide: measured until the budget ran out
+
+
+def test_candidates_measured_together_share_the_baselines_runs():
+    calls = {"baseline": 0, "fast": 0, "slow": 0}
+
+    def counted(name: str, seconds: float):
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    fast, slow = measure_ratios(counted("baseline", 0.002), [counted("fast", 0.001), counted("slow", 0.004)],
+                                precision=1e-6, budget_s=20, min_pairs=3, decide=1.0)
+    assert fast.high < 1.0 and 0.35 < fast.ratio < 0.65
+    assert slow.low > 1.0 and 1.6 < slow.ratio < 2.4
+    # one baseline run a round for both candidates (two separate measurements: one per candidate and round)
+    assert calls["baseline"] == WARMUP_PAIRS + max(fast.pairs, slow.pairs)
+    assert calls["fast"] == WARMUP_PAIRS + fast.pairs and calls["slow"] == WARMUP_PAIRS + slow.pairs
+    assert measure_ratios(counted("baseline", 0.0), []) == []
 
 
 def test_too_few_pairs_tell_nothing():

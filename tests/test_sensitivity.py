@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+import autoquant.probe
 from autoquant import AccuracyCriterion, ConfigError, QuantConfig, Restriction, Tuner
 from autoquant.adapters.fx import FXAdapter
+from autoquant.errors import BackendError
 from autoquant.latency import LatencyRatio
 from autoquant.probe import OutputProbe, compare
 from autoquant.strategies import STRATEGIES, get_strategy
@@ -320,6 +322,31 @@ def test_probe_caches_and_counts_its_cost():
     probe.error(QuantConfig(fp32_ops={"op1"}))  # cached: nothing built again
     assert probe.calls == probe.cost.builds == 3 and probe.cost.runs == 4  # + the FP32 reference
     assert probe.kind == "relative" and probe.cost.batches == 1
+
+
+def test_probe_measures_latencies_together_once_and_steps_past_an_unbuildable_candidate(monkeypatch):
+    class NoKernelForOp1Alone(FakeAdapter):
+        def build(self, config: QuantConfig):
+            if config.fp32_ops == {"op0", "op2"}:
+                raise RuntimeError("no INT8 kernel for op1 alone")
+            return super().build(config)
+
+    adapter = NoKernelForOp1Alone(fake_model(n_ops=3, slow_int8=("op0",)), None)
+    probe = OutputProbe(adapter, adapter.space)
+    passes = []
+    measure = autoquant.probe.measure_ratios
+    monkeypatch.setattr(autoquant.probe, "measure_ratios", lambda base, runs, **kw: passes.append(len(runs))
+                        or measure(base, runs, **kw))
+    configs = [QuantConfig(), QuantConfig(fp32_ops={"op0"}), QuantConfig(fp32_ops={"op0", "op1", "op2"}),
+               QuantConfig(fp32_ops={"op0", "op2"})]
+    slow, fast, fp32_equal, failed = probe.latencies(configs, budget_s=5)
+    assert passes == [3] and failed is None and "op1 alone" in next(iter(probe.failures.values()))
+    assert slow.ratio > 1 > fast.ratio and fast.excludes(1.0)  # op0's INT8 is 0.6 ms slower than FP32's 1 ms
+    assert 0.35 < fp32_equal.ratio < 0.7  # a fake candidate runs in half FP32's time, whatever it keeps FP32
+    assert probe.latency(QuantConfig(fp32_ops={"op0"}), budget_s=5) is fast and passes == [3]  # known: not again
+    assert probe.cost.latency_measurements == 3
+    with pytest.raises(BackendError, match="op1 alone"):
+        probe.latency(QuantConfig(fp32_ops={"op0", "op2"}), budget_s=5)
 
 
 def test_a_probe_whose_budget_affords_nothing_still_ranks_the_ops_and_nothing_more(caplog):
