@@ -192,10 +192,7 @@ def _probe(adapter: Any, row: Row) -> None:
 def _tune(case: ZooCase, adapter: Any, exported: bytes | None, row: Row, trials: int) -> None:
     """The default tuner on the model, as a user runs it: is its result faster than FP32, and does
     it say so when it is not? The metric is output fidelity to FP32 on the latency batch (1 - relative
-    squared error), the goal a loss of at most TUNE_LOSS. The probe is told that metric
-    (``probe_output="relative"``): its default for logits, KL divergence, suits accuracy, and on
-    these random-initialised nets' near-uniform softmax it missed the error this metric counts
-    (mobilenet_v2 / fx: 7 fallbacks, 8 to 27 ops FP32, each predicted to pass and lost 8-11%)."""
+    squared error), the goal a loss of at most TUNE_LOSS."""
     reference = flatten_outputs(adapter.runner(adapter.fp32_model)())
 
     def fidelity(model: Any) -> float:
@@ -205,8 +202,7 @@ def _tune(case: ZooCase, adapter: Any, exported: bytes | None, row: Row, trials:
     model: Any = case.model if exported is None else onnx.load_from_string(exported)
     data = case.calib_batches if exported is None else case.feeds()
     try:
-        result = Tuner(AccuracyCriterion(absolute=TUNE_LOSS), strategy=SensitivityStrategy(probe_output="relative"),
-                       max_trials=trials).tune(
+        result = Tuner(AccuracyCriterion(absolute=TUNE_LOSS), max_trials=trials).tune(
             model, data, fidelity, adapter=adapter.name)
     except Exception as exc:
         row.crashes += 1

@@ -33,9 +33,11 @@ How it decides (each proposal is logged with its prediction):
    again, longer: one eval_fn call's time among them, if the probe's budget has it left); costs
    add up to at least all INT8's saving. The latencies a step needs at once (each approach's all
    INT8; all INT8 and the fallback groups) are timed together, sharing FP32's runs.
-   A candidate's error is predicted as the knob setting's error times the share of ops still
-   INT8; its latency as the sum of its FP32 ops' costs, plus how much slower than predicted the
-   approach's measured fallback trials ran (costs measured one at a time need not add up: two
+   A candidate's error is predicted as the knob setting's error times the share of the error its
+   INT8 ops carry, raised to a power g fitted to every fallback probed exactly (1 before any:
+   shares measured one op or one run of ops at a time need not add up); its latency as the sum
+   of its FP32 ops' costs, plus how much slower than predicted the approach's measured fallback
+   trials ran (costs measured one at a time need not add up: two
    neighbours in FP32 pay a quantize between them). Candidates are the prefixes of two rankings
    (by error share, and by error share per latency cost: a greedy knapsack, so cheap ops can close
    a gap that a dear op ranks first for) and the one-op changes of every measured trial, each
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -89,6 +92,7 @@ TOP_KNOBS = 3  # knob settings whose fallback candidates are considered
 REFINE_S = 1.0  # a latency group measured again, longer, where no eval_fn time is known
 # two measurements of one model, taken apart in time, differ by up to this share (the load drifts)
 DRIFT = 0.05
+SHARE_PRIOR = 1.0  # the prior exponent 1 of _share_exponent weighs as much as a fallback keeping 1/e of the error
 RISK_DECAY = 2.0  # each proposal in a row that failed, after the first, divides the accepted chance of failing
 
 
@@ -193,6 +197,8 @@ class _Search:
         self.model = LossModel(tolerance, [])
         self.required = options.confidence  # the chance to pass a proposal needs now
         self.unbuildable: set[str] = set()
+        # (log share of the error left INT8, log exact / knob error) of each fallback probed exactly
+        self.fallback_errors: list[tuple[float, float]] = []
         self.screen = KnobScreen([space.canonical(c) for c in space.knob_configs()])
         self._screened = False
         self._predicted: tuple[frozenset[tuple[str, float | None]], dict[str, float | None]] | None = None
@@ -468,7 +474,7 @@ class _Search:
             self._measure_approaches(space)
         fastest = min(self.family_latency.values(), default=0.0)
         families = {_family(c) for c in knob_only}
-        for _ in range(EXACT_PROBES):
+        for attempt in range(EXACT_PROBES + 1):
             pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not self.profiles and (not pool or min(c.latency for c in pool) > fastest):  # a fallback may be faster
                 self._profile(self._best_knobs(space, self._first_approach(space)))
@@ -478,14 +484,16 @@ class _Search:
                 pool = self._score(knob_only + self._fallbacks(space, tried), tried, bound)
             if not pool:
                 return None
-            best = min(pool, key=lambda c: (c.latency, len(c.config.fp32_ops), -c.prediction.p_pass))
-            if _family(best.config) not in self.family_latency and len(families) > 1:
+            last = attempt == EXACT_PROBES  # probed enough: a candidate probed exactly, where one is likely to pass
+            best = min([c for c in pool if c.exact] if last and any(c.exact for c in pool) else pool,
+                       key=lambda c: (c.latency, len(c.config.fp32_ops), -c.prediction.p_pass))
+            if _family(best.config) not in self.family_latency and len(families) > 1 and not last:
                 self._measure_family(best.config)  # its kernels' speed, then choose again
                 continue
-            if best.exact:
+            if best.exact or last:
                 return best
-            self._error(best.config)  # probe it exactly, then choose again
-        return best
+            self._probe_exactly(best)  # then choose again
+        return None  # unreachable: the last attempt returns
 
     def _measure_family(self, config: QuantConfig) -> None:
         """The all-INT8 latency of the config's kernel family, measured at its knob setting."""
@@ -590,7 +598,8 @@ class _Search:
         return pool
 
     def _predicted_error(self, config: QuantConfig) -> float | None:
-        """Knob setting's all-INT8 error times the share of the probe error of the ops still INT8."""
+        """Knob setting's all-INT8 error times the share of the probe error of the ops still INT8,
+        raised to the power that the fallbacks probed exactly so far show (1 before any)."""
         known = self.probe.known(config)
         if known is not None:
             return known.error
@@ -598,7 +607,27 @@ class _Search:
         profile = self._profile_of(config)
         if not config.fp32_ops or base is None or profile is None:
             return base
-        return base * sum(r.score for r in profile.ranking if r.op not in config.fp32_ops)
+        return base * _share_left(config, profile) ** self._share_exponent()
+
+    def _probe_exactly(self, candidate: _Candidate) -> None:
+        """Probe a predicted candidate; for a fallback, remember its error against the prediction's terms."""
+        config = candidate.config
+        exact, base, profile = self._error(config), self._knob_error(config), self._profile_of(config)
+        share = _share_left(config, profile) if profile is not None else 1.0
+        if config.fp32_ops and exact and base and 0 < share < 1:
+            self.fallback_errors.append((math.log(share), math.log(exact / base)))
+            log.info("sensitivity: fallbacks probed exactly keep knob error x share^%.2f of the ops left INT8 (fitted "
+                     "to %d): predictions corrected", self._share_exponent(), len(self.fallback_errors))
+
+    def _share_exponent(self) -> float:
+        """g in "a fallback's error = its knob setting's error x share^g", fitted to the fallbacks
+        probed exactly (least squares in log space through the all-INT8 point, the prior g = 1
+        weighing as one fallback keeping a share of 1/e): error shares measured one op, or one run
+        of ops, at a time need not add up (quadratic errors fall faster, a damage no fallback of
+        these ops removes slower), kept within [0, 4]."""
+        sxy = sum(x * y for x, y in self.fallback_errors)
+        sxx = sum(x * x for x, _ in self.fallback_errors)
+        return min(max((sxy + SHARE_PRIOR) / (sxx + SHARE_PRIOR), 0.0), 4.0)
 
     def _profile_of(self, config: QuantConfig) -> _Profile | None:
         """The profile of the config's approach; else the main one (its error shares are all there is)."""
@@ -615,6 +644,11 @@ class _Search:
         int8 = self.family_latency.get(_family(config), self.approach_latency.get(config.approach, 0.0))
         correction = self.offsets.get(config.approach, 0.0) if offset and config.fp32_ops else 0.0
         return int8 + correction + sum(costs.get(op, 0.0) * bf16.get(op, 1.0) for op in config.fp32_ops)
+
+
+def _share_left(config: QuantConfig, profile: _Profile) -> float:
+    """The share of the profile's probe error that the config's INT8 ops carry."""
+    return sum(r.score for r in profile.ranking if r.op not in config.fp32_ops)
 
 
 def _latency_costs(savings: dict[str, float], together: float) -> dict[str, float]:
