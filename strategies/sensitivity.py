@@ -46,7 +46,8 @@ How it decides (each proposal is logged with its prediction):
    the fastest pass is slower than FP32 and no candidate of the approaches profiled so far is
    predicted faster, the others are profiled too
    (each candidate's latency is predicted from its own approach's costs). The chosen candidate is
-   probed exactly before it is proposed (and another chosen if that changes the verdict).
+   probed exactly before it is proposed (and another chosen if that changes the verdict; after
+   8 such probes, the fastest one probed exactly that is likely to pass).
    Once a pass slower than FP32 is measured, a candidate must be predicted faster than it (as
    measured) by more than DRIFT, the drift between two measurements of one model.
 
