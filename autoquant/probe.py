@@ -269,11 +269,11 @@ class OutputProbe:
     def latencies(self, configs: Sequence[QuantConfig], budget_s: float) -> list[LatencyRatio | None]:
         """``latency`` of each candidate (None: the backend could not build it; the probe logged why),
         those not measured yet measured together, MEASURED_TOGETHER at a time, sharing FP32's runs."""
-        canonical = {c.key(): c for c in map(self._space.canonical, configs)}
-        todo = [c for c in canonical.values() if self._measures_again(c, budget_s)]
+        canonical = [self._space.canonical(c) for c in configs]
+        keys = [c.key() for c in canonical]
+        todo = [c for c in dict(zip(keys, canonical, strict=True)).values() if self._measures_again(c, budget_s)]
         for i in range(0, len(todo), MEASURED_TOGETHER):
             self._measure(todo[i:i + MEASURED_TOGETHER], budget_s)
-        keys = [self._space.canonical(c).key() for c in configs]
         return [self._latencies[k][0] if k in self._latencies else None for k in keys]
 
     def _measures_again(self, config: QuantConfig, budget_s: float) -> bool:
