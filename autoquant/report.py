@@ -95,6 +95,10 @@ def summary_table(result: TuneResult) -> Table:
         ("trials (eval_fn calls)", f"{result.trials} ({result.evaluations})"),
         ("time", f"{result.elapsed_s:.1f} s"),
     ]
+    if result.metric_step is not None:
+        allowed = result.criterion.allowed(result.baseline_accuracy)
+        rows.append(("goal vs metric step", f"the goal allows {allowed:.3g}, less than one step of the metric "
+                                            f"({result.metric_step:.3g}): single samples decide pass or fail"))
     rows += [(f"trial {number} FAILED", error) for number, error in sorted(result.failed_trials.items())]
     for name, value in rows:
         table.add_row(name, value)

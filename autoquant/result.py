@@ -51,6 +51,7 @@ class TuneResult:
     # The whole model by op kind: INT8, FP32 in the space, not quantizable (see Space.op_counts).
     op_counts: tuple[OpCount, ...] = ()
     latency_precision: float | None = None  # latency_ratio known to +- this share (95% interval)
+    metric_step: float | None = None  # the metric counts samples in steps coarser than the goal (see step_advice)
 
     @property
     def slower_than_fp32(self) -> bool:
@@ -95,6 +96,7 @@ class TuneResult:
             "failed_trials": {str(n): reason for n, reason in self.failed_trials.items()},
             "elapsed_s": self.elapsed_s,
             "probe_cost": self.probe_cost,
+            "metric_step": self.metric_step,
         }
 
     def save(self, directory: str | Path, *, onnx: bool = False) -> Path:

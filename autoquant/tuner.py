@@ -17,7 +17,7 @@ from optuna.exceptions import StorageInternalError
 
 from autoquant import progress, stats_cache
 from autoquant.adapters import Adapter, adapter_class, adapter_for
-from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion
+from autoquant.criterion import DEFAULT_CRITERION, AccuracyCriterion, metric_step, step_advice
 from autoquant.data import batch_count
 from autoquant.errors import AutoquantError, ConfigError, first_line, unknown_choice
 from autoquant.evaluation import CandidateFailed, EvalFn, evaluate, evaluate_candidate
@@ -303,6 +303,7 @@ class _Run:
         self.met_here = False
         self.signals = _StopSignals()
         self.said_slower = False
+        self.step: float | None = None
 
     def search(self) -> None:
         fail_stale_trials(self.study, grace_s=self.tuner.stale_after_s)
@@ -408,6 +409,16 @@ class _Run:
                  "PASS" if measurement.passed else "fail", measurement.accuracy, measurement.loss,
                  measurement.latency_ratio, 100 * scored.latency.half_width, n_fp32, len(self.space.ops),
                  config_text(config))
+        if self.step is None:
+            self.step = self._metric_step()
+            if self.step is not None:
+                log.warning("The goal is finer than the metric can tell: %s.",
+                            step_advice(self.criterion, self.baseline, self.step))
+
+    def _metric_step(self) -> float | None:
+        """The metric's step where it is coarser than the loss the goal allows (None elsewhere)."""
+        values = [self.baseline] + [t.measurement.accuracy for t in study_records(self.study) if t.measurement]
+        return metric_step(values, below=self.criterion.allowed(self.baseline))
 
     def _latency(self, config: QuantConfig, model: Any) -> LatencyRatio:
         """The candidate's latency over FP32's, known to the tuner's precision or its time cap."""
@@ -494,6 +505,7 @@ class _Run:
             failed_trials={t.number: t.error or "" for t in trials if t.outcome == "FAILED" and t.counts},
             op_counts=counts,
             latency_precision=m.latency_precision,
+            metric_step=self._metric_step(),
         )
 
     def _probe_cost(self) -> str:

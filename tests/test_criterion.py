@@ -66,3 +66,34 @@ def test_a_percent_typed_as_a_fraction_is_refused_with_the_hint():
     assert AccuracyCriterion(relative=1.5, allow_large_relative=True).passes(1.0, -0.4)
     assert AccuracyCriterion(relative=1.5, higher_is_better=False).passes(0.2, 0.49)
     assert AccuracyCriterion(relative=0.99).tolerance == 0.99
+
+
+# --- a goal finer than the metric's step -------------------------------------------------------------
+def test_metric_step_is_found_from_accuracies_over_a_test_set():
+    import numpy as np
+
+    from autoquant.criterion import metric_step
+
+    counts = np.float32([585, 583, 584]) / np.float32(597)  # float32, as a torch accuracy is
+    assert metric_step(counts, below=0.001) == pytest.approx(1 / 597)
+    assert metric_step(counts, below=1 / 590) is None  # the goal allows more than one step: no concern
+    assert metric_step(counts[:1], below=0.001) is None  # one value fits every grid
+
+
+def test_metric_step_refuses_values_that_fit_a_grid_by_chance():
+    import numpy as np
+
+    from autoquant.criterion import metric_step
+
+    rng = np.random.default_rng(0)
+    found = [metric_step(rng.random(k), below=below) for k in (2, 3, 5) for below in (1e-2, 1e-3, 1e-4)
+             for _ in range(200)]
+    assert sum(step is not None for step in found) <= 2  # at most 1e-3 each by design
+
+
+def test_step_advice_names_the_step_and_the_least_goal_that_means_something():
+    from autoquant.criterion import step_advice
+
+    text = step_advice(AccuracyCriterion(relative=0.001), 585 / 597, 1 / 597)
+    assert "1/597" in text and "loses no sample" in text
+    assert "relative=0.0018" in text  # one step over the baseline, 0.00171, rounded up

@@ -117,3 +117,38 @@ def test_latency_precision_must_be_positive():
 
     with pytest.raises(ConfigError, match="latency_precision"):
         Tuner(latency_precision=0)
+
+
+def test_a_goal_finer_than_the_metrics_step_is_said_in_the_log_result_and_summary(tmp_path, caplog):
+    """An accuracy over 597 samples moves in steps of 1/597; a 0.1% goal at 0.9 allows 0.0009, less
+    than one step: the job says so once, names the least goal that means something, and keeps going."""
+    from tests.fake_adapter import FakeAdapter, fake_model
+
+    caplog.set_level(logging.INFO, logger="autoquant")
+    model = fake_model(n_ops=3, sensitive={0: 2 / 597, 1: 1 / 597, 2: 0.0})
+
+    def counted(m) -> float:  # the fake accuracy as a share of 597 samples, in float32 as torch returns it
+        return float(torch.tensor(round(m.accuracy() * 597) / 597, dtype=torch.float32))
+
+    result = Tuner(AccuracyCriterion(relative=0.001), strategy="exhaustive", max_trials=8,
+                   restrict=Restriction(calibration="minmax", scheme="asymmetric", granularity="per_channel"),
+                   latency_fn=fixed_latency(lambda c: 0.5 + 0.1 * len(c.fp32_ops))).tune(
+        model, [None], counted, adapter=FakeAdapter)
+    assert result.met and result.metric_step == pytest.approx(1 / 597)
+    assert caplog.text.count("The goal is finer than the metric can tell") == 1
+    assert "1/597" in caplog.text
+    assert json.loads((result.save(tmp_path) / "result.json").read_text())["metric_step"] == pytest.approx(1 / 597)
+    console = Console(width=250, record=True)
+    console.print(summary_table(result))
+    assert "single samples decide" in console.export_text()
+
+
+def test_no_step_is_said_where_the_goal_allows_more_than_one(caplog):
+    from tests.fake_adapter import FakeAdapter, fake_model
+
+    caplog.set_level(logging.INFO, logger="autoquant")
+    model = fake_model(n_ops=3, sensitive={0: 2 / 597, 1: 1 / 597, 2: 0.0})
+    result = Tuner(AccuracyCriterion(relative=0.01), strategy="exhaustive", max_trials=3,
+                   latency_fn=fixed_latency(lambda c: 0.5)).tune(
+        model, [None], lambda m: round(m.accuracy() * 597) / 597, adapter=FakeAdapter)
+    assert result.metric_step is None and "finer than the metric" not in caplog.text
