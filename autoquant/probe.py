@@ -17,8 +17,9 @@ The cost is bounded: given the time of one ``eval_fn`` call, the probe's budget 
 ``budget_evals`` (2) such calls, and never under ``min_budget_s`` (10 s: below that the probe's
 cost does not matter, and a tiny eval_fn must not starve it). A strategy announces how many candidates it will score
 (``plan``) and the probe fits them in: each runs on fewer calibration batches (at least one),
-chosen once from the FP32 model's time per batch and the time of one build (the default
-candidate's), so every score uses the same sample.
+chosen once from the FP32 model's time on the first batch and the time of one build (the
+default candidate's), so every score uses the same sample; FP32 runs on the other batches only
+if they fit.
 ``on_score(done, total)`` is told each time a candidate is scored, ``total`` counting those a
 strategy announced with ``expect`` (the tuner's progress display).
 """
@@ -98,8 +99,10 @@ class OutputProbe:
         self._adapter, self._space = adapter, space
         self.kind, self.max_batches = kind, max_batches
         self.eval_seconds, self.budget_evals, self.min_budget_s = eval_seconds, budget_evals, min_budget_s
-        self._reference: list[list[np.ndarray]] | None = None
-        self._batch_seconds = 0.0  # the FP32 model's time per calibration batch (from the reference)
+        self._reference: list[list[np.ndarray]] | None = None  # FP32's outputs, per batch
+        self._batches = max_batches  # calibration batches a candidate runs on (the plan may cut them)
+        self._complete = False  # the reference covers them all (until then: the first batch only)
+        self._batch_seconds = 0.0  # the FP32 model's time per calibration batch (its first)
         self._score_seconds: list[float] = []  # each scored candidate's build and runs
         self._latency_seconds: list[float] = []  # each latency measurement's build and runs
         self._build_seconds = 0.0  # one build, timed by the plan
@@ -118,23 +121,35 @@ class OutputProbe:
         return len(self._scores)
 
     # --- outputs ---------------------------------------------------------------------------------
-    def _outputs(self, model: Any) -> list[list[np.ndarray]]:
-        """Per calibration batch, the model's output arrays (shapes kept)."""
-        runs = self._adapter.batch_runners(model, len(self._reference) if self._reference else self.max_batches)
+    def _outputs(self, model: Any, batches: int | None = None, skip: int = 0) -> list[list[np.ndarray]]:
+        """Per calibration batch, the model's output arrays (shapes kept): on the first ``batches``
+        (those a candidate runs on unless given), the first ``skip`` of them left out."""
+        runs = self._adapter.batch_runners(model, batches or self._batches)[skip:]
         self.cost.runs += len(runs)
         return [output_arrays(run()) for run in runs]
 
-    def reference(self) -> list[list[np.ndarray]]:
+    def _first_batch(self) -> list[list[np.ndarray]]:
+        """FP32's outputs on the first calibration batch: they time a batch and tell the output kind
+        before the plan says how many batches a candidate can afford."""
         if self._reference is None:
             start = time.perf_counter()
-            self._reference = self._outputs(self._adapter.fp32_model)
+            self._reference = self._outputs(self._adapter.fp32_model, batches=1)
             if self.kind == "auto":
                 self.kind = detect_kind(self._reference[0])
-            elapsed = time.perf_counter() - start
-            self._batch_seconds = elapsed / len(self._reference)
-            self.cost.seconds += elapsed
-            self._count_samples()
+            self._batch_seconds = time.perf_counter() - start
+            self.cost.seconds += self._batch_seconds
         return self._reference
+
+    def reference(self) -> list[list[np.ndarray]]:
+        """FP32's outputs on every batch a candidate runs on (the plan's number, else ``max_batches``)."""
+        reference = self._first_batch()
+        if not self._complete:
+            self._complete = True
+            start = time.perf_counter()
+            reference += self._outputs(self._adapter.fp32_model, skip=len(reference))
+            self.cost.seconds += time.perf_counter() - start
+            self._count_samples()
+        return reference
 
     def _count_samples(self) -> None:
         assert self._reference is not None
@@ -153,20 +168,26 @@ class OutputProbe:
         if self._planned or self._scores or self.failures:
             return
         self._planned = True
-        reference, budget = self.reference(), self.budget_s
+        self._first_batch()
+        budget = self.budget_s
         self.cost.budget_s = budget
-        if budget is None or self._batch_seconds <= 0:
-            return
+        if budget is not None and self._batch_seconds > 0:
+            self._fit_batches(budget, candidates, latency_measurements)
+        self.reference()
+
+    def _fit_batches(self, budget: float, candidates: int, latency_measurements: int) -> None:
+        """Cut the batches a candidate runs on to what the budget affords (at least one)."""
         self._time_build()
-        # A scored candidate is built and run on its batches (INT8 taken as slow as FP32: a bound).
+        # A scored candidate is built and run on its batches (INT8 taken as slow as FP32: a bound);
+        # FP32's own runs on the batches after the first count too.
         left = max(budget - self.cost.seconds, 0.0) - latency_measurements * self._latency_estimate()
-        fits = int((left / max(candidates, 1) - self._build_seconds) / self._batch_seconds)
-        if fits < len(reference):
-            self._reference = reference[:max(fits, 1)]
-            self._count_samples()
+        n = max(candidates, 1)
+        fits = int((left - n * self._build_seconds + self._batch_seconds) / ((n + 1) * self._batch_seconds))
+        available = len(self._adapter.batch_runners(self._adapter.fp32_model, self.max_batches))
+        if fits < available:
+            self._batches = max(fits, 1)
             log.info("probe: %d candidates planned, each on %d calibration batch(es) of %d, to stay within "
-                     "%.1f s (%g eval_fn calls)", candidates, len(self._reference), len(reference), budget,
-                     self.budget_evals)
+                     "%.1f s (%g eval_fn calls)", candidates, self._batches, available, budget, self.budget_evals)
 
     def _time_build(self) -> None:
         """Time one build, the default candidate's (kept: a strategy scores it first)."""
