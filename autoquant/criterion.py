@@ -84,6 +84,13 @@ class AccuracyCriterion:
         return f"lose at most {amount} ({direction})"
 
 
+# How a metric that counts samples is recognised (metric_step).
+MIN_VALUES = 3
+FLOAT32_ERROR = 2e-7  # three times float32's rounding of a value near 1
+CHANCE_FIT = 1e-3  # the chance, at most, that values on no grid fit one
+MAX_SAMPLES = 100_000  # 1/N: a step smaller than 1e-5 is one no goal is near
+
+
 def metric_step(values: Iterable[float], below: float) -> float | None:
     """The step 1/N of a metric that counts over N samples (an accuracy over a test set), looked for
     only where it is coarser than ``below``: the smallest N < 1/below of which every value is a
@@ -119,11 +126,6 @@ def step_advice(criterion: AccuracyCriterion, baseline: float, step: float) -> s
             f"fail, which no output probe predicts. Evaluate on more samples, or allow at least one step "
             f"({criterion.kind}={least:g})")
 
-
-MIN_VALUES = 3
-FLOAT32_ERROR = 2e-7  # three times float32's rounding of a value near 1
-CHANCE_FIT = 1e-3  # the chance, at most, that values on no grid fit one
-MAX_SAMPLES = 100_000  # 1/N: a step smaller than 1e-5 is one no goal is near
 
 # The goal when none is given, in the Python API and in YAML alike.
 DEFAULT_CRITERION = AccuracyCriterion(relative=0.01)
