@@ -61,6 +61,7 @@ import benchmark_models  # noqa: E402  (experiments/ is not a package)
 
 NC_INSTALL = ('pip install "setuptools<81" six pycocotools opencv-python-headless Deprecated prettytable psutil '
               'schema && pip install --no-deps neural-compressor==2.6')
+NC = "neural-compressor basic"  # its rows' tuner
 CASES = ("digits", "digits-fragile", "digits-onnx", "digits-onnx-fragile", "minilm-sts", "minilm-sts-fx", "dwcnn",
          "transformer", "mlp")
 HELD_OUT = ("dwcnn", "transformer", "mlp")
@@ -304,7 +305,7 @@ def run_neural_compressor(case: Case, relative: float, args: argparse.Namespace)
         quantized = fit(copy.deepcopy(case.model), config, calib_dataloader=loader, eval_func=counting)
     wall = time.perf_counter() - start
     met = any(criterion.passes(counting.scores[0], score) for score in counting.scores[1:])
-    row = {"tuner": "neural-compressor basic", "met": met and quantized is not None,
+    row = {"tuner": NC, "met": met and quantized is not None,
            "evaluations": len(counting.scores), "wall_s": wall, "fp32_accuracy": counting.scores[0]}
     if quantized is None:  # NC returns None when nothing met the goal
         return {**row, "final_accuracy": None, "relative_loss": None, "latency_ratio": None, "ops_fp32": "",
@@ -362,6 +363,25 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def against_nc(table: pd.DataFrame) -> pd.DataFrame:
+    """Per tuner, on the rows where Neural Compressor returned a model: its eval_fn calls minus
+    Neural Compressor's (median and worst), with the same grouping as ``summary``."""
+    if NC not in set(table["tuner"]):
+        return pd.DataFrame()
+    keys = ["model", "criterion"]
+    nc = table[(table["tuner"] == NC) & table["latency_ratio"].notna()][keys + ["evaluations"]]
+    ours = table[table["tuner"] != NC].merge(nc, on=keys, suffixes=("", "_nc"))
+    below = ours["below_step"].fillna(False).astype(bool) if "below_step" in ours else False
+    rows = []
+    for (held_out, below_step, tuner), group in ours.assign(below_step=below).groupby(
+            ["held_out", "below_step", "tuner"], sort=False):
+        extra = group["evaluations"] - group["evaluations_nc"]
+        rows.append({"cases": ("held out" if held_out else "design") + (", goal < 1 sample" if below_step else ""),
+                     "tuner": tuner, "rows": len(group), "median calls": group["evaluations"].median(),
+                     "median calls of NC": group["evaluations_nc"].median(), "calls - NC's, worst": extra.max()})
+    return pd.DataFrame(rows)
+
+
 def plot(table: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -401,8 +421,12 @@ def write(rows: list[dict[str, Any]], out: Path, name: str, command: str) -> pd.
         if column not in table:
             table[column] = float("nan")
     table.to_csv(out / f"{name}.csv", index=False)
-    text = [f"Command: `{command}`", "", "## Summary", "", summary(table).to_markdown(index=False, floatfmt=".3g"), "",
-            "## Every run", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
+    text = [f"Command: `{command}`", "", "## Summary", "", summary(table).to_markdown(index=False, floatfmt=".3g"), ""]
+    head_to_head = against_nc(table)
+    if not head_to_head.empty:
+        text += ["## Against Neural Compressor", "", "The rows where Neural Compressor returned a model.", "",
+                 head_to_head.to_markdown(index=False, floatfmt=".3g"), ""]
+    text += ["## Every run", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
     (out / f"{name}.md").write_text("\n".join(text))
     plot(table, out / f"{name}.png")
     return table
