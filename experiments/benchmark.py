@@ -243,7 +243,8 @@ def run_autoquant(case: Case, strategy: str, criterion: AccuracyCriterion, args:
 def add_latencies(row: dict[str, Any], oracle: QuantConfig | None, case: Case,
                   args: argparse.Namespace) -> dict[str, Any]:
     """The final model's latency against FP32 and against the oracle's fastest passing candidate: each a
-    ratio measured here, interleaved, on the same batch (absolute times are meaningless on a shared machine)."""
+    ratio measured here, interleaved, on the same batch (absolute times are meaningless on a shared machine),
+    once per case and pair of models."""
     adapter, config, foreign = row.pop("_adapter", None), row.pop("_config", None), row.pop("_model", None)
     if foreign is not None and oracle is not None:  # Neural Compressor's model against the oracle's, built here
         ours = _calibrated_adapter(case)
@@ -253,13 +254,28 @@ def add_latencies(row: dict[str, Any], oracle: QuantConfig | None, case: Case,
     if adapter is None:
         return row
     row["final_config"] = json.dumps(config.to_dict())
-    final = adapter.runner(adapter.build(adapter.space.resolve(config)))
-    fp32 = adapter.runner(adapter.fp32_model)
-    row["latency_ratio"] = measure_ratio(fp32, final, budget_s=args.latency_budget).ratio
+    row["latency_ratio"] = _ratio(case, adapter, None, config, args)
     if oracle is not None:
-        reference = adapter.runner(adapter.build(adapter.space.resolve(oracle)))
-        row["vs_oracle"] = measure_ratio(reference, final, budget_s=args.latency_budget).ratio
+        row["vs_oracle"] = _ratio(case, adapter, oracle, config, args)
     return row
+
+
+_RATIOS: dict[tuple[str, str, str], float] = {}
+
+
+def _ratio(case: Case, adapter: Any, reference: QuantConfig | None, config: QuantConfig,
+           args: argparse.Namespace) -> float:
+    """``config``'s latency over ``reference``'s (None: FP32), measured once per case and pair: the
+    criteria that end on the same model get the same number, and the oracle's own config is 1."""
+    space = adapter.space
+    key = (case.name, space.canonical(reference).key() if reference else "fp32", space.canonical(config).key())
+    if key[1] == key[2]:
+        return 1.0
+    if key not in _RATIOS:
+        base = adapter.runner(adapter.build(space.resolve(reference)) if reference else adapter.fp32_model)
+        final = adapter.runner(adapter.build(space.resolve(config)))
+        _RATIOS[key] = measure_ratio(base, final, budget_s=args.latency_budget).ratio
+    return _RATIOS[key]
 
 
 _ADAPTERS: dict[str, Any] = {}
