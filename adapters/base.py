@@ -54,6 +54,11 @@ class Adapter(ABC):
     def build(self, config: QuantConfig) -> Any:
         """A quantized model for ``config``, ready for eval_fn."""
 
+    def build_for_outputs(self, config: QuantConfig) -> Any:
+        """``build`` for a model whose outputs are all that is used (the output probe's scores): it
+        may share state with other candidates that changes its speed, never its outputs."""
+        return self.build(config)
+
     @abstractmethod
     def runner(self, model: Any) -> Callable[[], object]:
         """A zero-argument callable running ``model`` once on a fixed calibration batch and

@@ -6,6 +6,10 @@ candidate changes which ops run INT8 and the activation ranges, never a weight, 
 module of a weight is built once and each candidate gets a shallow copy carrying its own output
 scale and zero point. torch's lowering picks the quantized class from two tables; within
 ``reusing_packed_weights`` those tables hand out caching stand-ins for the classes.
+
+Only the output probe's models share them (``FXAdapter.build_for_outputs``): a oneDNN packed conv
+caches one primitive, for the input shape and thread count of its first run, and runs slower on
+others, so a model that is timed or returned packs its own weights.
 """
 
 from __future__ import annotations

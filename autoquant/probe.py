@@ -109,7 +109,7 @@ class OutputProbe:
         self._planned = False
         self._scores: dict[str, ProbeScore] = {}
         self._latencies: dict[str, tuple[LatencyRatio, float]] = {}  # by canonical key: (ratio, budget_s)
-        self._last: tuple[str, Any] | None = None
+        self._last: tuple[tuple[str, bool], Any] | None = None  # (key, built to be timed), model
         self.cost = ProbeCost()
         self.failures: dict[str, str] = {}  # config key -> why the backend could not build or run it
         self._on_score, self._expected = on_score, set[str]()
@@ -249,18 +249,21 @@ class OutputProbe:
         if self._on_score is not None:
             self._on_score(len(done), len(self._expected | done))
 
-    def _build(self, config: QuantConfig) -> Any:
-        """Builds a canonical candidate; the last one is kept, so its latency needs no second build."""
+    def _build(self, config: QuantConfig, *, timed: bool = False) -> Any:
+        """Builds a canonical candidate; the last one is kept, so a second use needs no second build.
+        A model only scored is built for its outputs (the adapter may share state between those
+        that changes their speed); one to be ``timed`` is built as a result is."""
         key = config.key()
         if key in self.failures:
             raise BackendError(self.failures[key])
-        if self._last is None or self._last[0] != key:
+        if self._last is None or self._last[0] != (key, timed):
             self._last = None  # free the previous model first
+            build = self._adapter.build if timed else self._adapter.build_for_outputs
             try:
-                model = self._adapter.build(self._space.resolve(config))
+                model = build(self._space.resolve(config))
             except Exception as exc:  # a candidate the backend cannot build: not the job's end
                 raise self._failed(config, exc) from exc
-            self._last = (key, model)
+            self._last = ((key, timed), model)
             self.cost.builds += 1
         return self._last[1]
 
@@ -308,7 +311,7 @@ class OutputProbe:
         built: list[tuple[QuantConfig, Any]] = []
         for config in configs:
             try:
-                built.append((config, self._build(config)))
+                built.append((config, self._build(config, timed=True)))
             except BackendError:  # logged; the others are measured
                 continue
         fp32_run = adapter.runner(adapter.fp32_model)

@@ -334,6 +334,22 @@ def test_candidates_reuse_the_prepared_graph(subclass_adapter, monkeypatch):
     assert torch.equal(first(x), second(x))
 
 
+def test_scored_candidates_share_packed_weights_and_timed_ones_pack_their_own(adapter):
+    """A oneDNN packed conv keeps one primitive, for the first input shape and threads it ran with,
+    and runs slower on others: a model that is timed or returned must not share its packed weights
+    with candidates run elsewhere; the probe's scored models may (they save the packing)."""
+    def packed(model):
+        return model.get_submodule("body")._packed_params
+
+    scored = adapter.build_for_outputs(QuantConfig())
+    other = adapter.build_for_outputs(QuantConfig(calibration="entropy"))
+    timed, again = adapter.build(QuantConfig()), adapter.build(QuantConfig())
+    assert packed(scored) is packed(other)
+    assert packed(timed) is not packed(scored) and packed(timed) is not packed(again)
+    x = batches()[0][0]
+    assert torch.equal(timed(x), scored(x))
+
+
 def test_no_fixed_qparams_warning(recwarn):
     FXAdapter(with_bn_statistics(SubclassNet()), batches()).build(QuantConfig())
     assert not [w for w in recwarn if "FixedQParams" in str(w.message)]

@@ -9,7 +9,7 @@ import pytest
 import autoquant.latency
 import autoquant.tuner
 from autoquant.errors import ConfigError
-from autoquant.latency import WARMUP_PAIRS, measure_ratio, measure_ratios
+from autoquant.latency import WARMUP_PAIRS, LatencyRatio, measure_ratio, measure_ratios
 
 
 def sleeper(seconds: float):
@@ -125,3 +125,22 @@ def test_the_tuner_measures_longer_while_faster_or_slower_than_fp32_is_undecided
                    latency_budget_s=0.01).tune(fake_model(n_ops=3), [None], lambda m: m.accuracy(), adapter=FakeAdapter)
     assert calls[:2] == [(0.01, None), (0.04, 1.0)]
     assert result.trials == 2 and result.slower_than_fp32 and result.latency_ratio == pytest.approx(1.1)
+
+
+def test_a_candidate_is_timed_before_eval_fn_runs_it():
+    """A oneDNN INT8 conv keeps one primitive, for the input shape it first ran with: timed after
+    eval_fn's batches, it would be timed on its slow path (x1.25 on a depthwise CNN)."""
+    from autoquant.evaluation import evaluate_candidate
+
+    order = []
+
+    def eval_fn(model):
+        order.append("eval_fn")
+        return 1.0
+
+    def latency(model):
+        order.append("latency")
+        return LatencyRatio(0.5, 0.49, 0.51, 0.95, 10, 1.0, 0.5)
+
+    scored = evaluate_candidate(lambda: "model", eval_fn, latency, "a candidate")
+    assert order == ["latency", "eval_fn"] and scored.accuracy == 1.0 and scored.latency.ratio == 0.5
