@@ -329,9 +329,9 @@ class FXAdapter(TensorStatsAdapter):
 
     def build_for_outputs(self, config: QuantConfig) -> nn.Module:
         """With the packed INT8 weights of earlier candidates reused (``fx_lowering``): a oneDNN
-        packed conv keeps one primitive cache, for the first input and output quantization it ran
-        with, and a candidate run with others after it may run slower (measured: 1.25x on a
-        depthwise CNN after a tuning run), so a model that is timed or returned packs its own."""
+        packed conv keeps one primitive, for the input shape, quantization and threads of its first
+        run, and a candidate run otherwise after it may run slower (measured: 1.25x on a depthwise
+        CNN after a tuning run), so a model that is timed or returned packs its own."""
         return self._build(config, self._packed)
 
     def _build(self, config: QuantConfig, packed: PackedWeights | None) -> nn.Module:
