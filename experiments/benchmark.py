@@ -369,17 +369,23 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     metric (one sample: a pass must lose none, so single samples decide): goals met of those the
     oracle can meet, median and worst eval_fn calls and latency against the oracle."""
     rows = []
-    below = table["below_step"].fillna(False).astype(bool) if "below_step" in table else False
-    for (held_out, below_step, tuner), group in table.assign(below_step=below).groupby(
-            ["held_out", "below_step", "tuner"], sort=False):
+    for (cases, tuner), group in _by_cases(table):
         meetable = group[group["oracle_met"] == True]  # noqa: E712 (None: no oracle ran for the case)
-        cases = ("held out" if held_out else "design") + (", goal < 1 sample" if below_step else "")
         rows.append({"cases": cases, "tuner": tuner,
                      "met / meetable": f"{int(meetable['met'].sum())}/{len(meetable)}",
                      "median evaluations": group["evaluations"].median(), "max evaluations": group["evaluations"].max(),
                      "median vs oracle": meetable["vs_oracle"].median(),
                      "worst vs oracle": meetable["vs_oracle"].max()})
     return pd.DataFrame(rows)
+
+
+def _by_cases(table: pd.DataFrame) -> Any:
+    """The rows grouped by ("design" or "held out", with ", goal < 1 sample" where the goal is finer than
+    one step of the metric) and tuner, in the table's order (a CSV without ``below_step``: none is)."""
+    below = table["below_step"].fillna(False).astype(bool) if "below_step" in table else False
+    cases = table["held_out"].map({True: "held out", False: "design"}) + \
+        pd.Series(below, index=table.index).map({True: ", goal < 1 sample", False: ""})
+    return table.assign(cases=cases).groupby(["cases", "tuner"], sort=False)
 
 
 def against_nc(table: pd.DataFrame) -> pd.DataFrame:
@@ -390,13 +396,10 @@ def against_nc(table: pd.DataFrame) -> pd.DataFrame:
     keys = ["model", "criterion"]
     nc = table[(table["tuner"] == NC) & table["latency_ratio"].notna()][keys + ["evaluations"]]
     ours = table[table["tuner"] != NC].merge(nc, on=keys, suffixes=("", "_nc"))
-    below = ours["below_step"].fillna(False).astype(bool) if "below_step" in ours else False
     rows = []
-    for (held_out, below_step, tuner), group in ours.assign(below_step=below).groupby(
-            ["held_out", "below_step", "tuner"], sort=False):
+    for (cases, tuner), group in _by_cases(ours):
         extra = group["evaluations"] - group["evaluations_nc"]
-        rows.append({"cases": ("held out" if held_out else "design") + (", goal < 1 sample" if below_step else ""),
-                     "tuner": tuner, "rows": len(group), "median calls": group["evaluations"].median(),
+        rows.append({"cases": cases, "tuner": tuner, "rows": len(group), "median calls": group["evaluations"].median(),
                      "median calls of NC": group["evaluations_nc"].median(), "calls - NC's, worst": extra.max()})
     return pd.DataFrame(rows)
 
