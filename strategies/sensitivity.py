@@ -95,6 +95,7 @@ REFINE_S = 1.0  # a latency group measured again, longer, where no eval_fn time 
 DRIFT = 0.05
 SHARE_PRIOR = 1.0  # the prior exponent 1 of _share_exponent weighs as much as a fallback keeping 1/e of the error
 RISK_DECAY = 2.0  # each proposal in a row that failed, after the first, divides the accepted chance of failing
+TINY = 1e-30  # a zero probe error (FP32-identical outputs), in logs
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ class _Search:
         self.unbuildable: set[str] = set()
         # (log share of the error left INT8, log exact / knob error) of each fallback probed exactly
         self.fallback_errors: list[tuple[float, float]] = []
+        self.exact_fallbacks: list[tuple[QuantConfig, float]] = []  # (fallback, its exact probe error)
         self.screen = KnobScreen([space.canonical(c) for c in space.knob_configs()])
         self._screened = False
         self._predicted: tuple[frozenset[tuple[str, float | None]], dict[str, float | None]] | None = None
@@ -608,13 +610,38 @@ class _Search:
         profile = self._profile_of(config)
         if not config.fp32_ops or base is None or profile is None:
             return base
-        return base * _share_left(config, profile) ** self._share_exponent()
+        share, g = _share_left(config, profile), self._share_exponent()
+        below, above = self._anchors(config, profile)
+        if below is not None and above is not None and below[0] > above[0] > 0:  # between two: interpolated
+            t = math.log(max(share, TINY) / below[0]) / math.log(above[0] / below[0])
+            return math.exp((1 - t) * math.log(max(below[1], TINY)) + t * math.log(max(above[1], TINY)))
+        if below is not None and below[0] > 0:  # from the nearest fallback it extends
+            return below[1] * (share / below[0]) ** g
+        return base * share**g
+
+    def _anchors(self, config: QuantConfig, profile: _Profile) -> tuple[tuple[float, float] | None, ...]:
+        """(share left INT8, exact error) of the fallbacks probed exactly at the config's knob
+        setting that it extends (the one with the most FP32 ops) and that extend it (the fewest)."""
+        knobs = replace(config, fp32_ops=frozenset())
+        below: tuple[float, float] | None = None
+        above: tuple[float, float] | None = None
+        for other, error in self.exact_fallbacks:
+            if replace(other, fp32_ops=frozenset()) != knobs:
+                continue
+            point = (_share_left(other, profile), error)
+            if other.fp32_ops < config.fp32_ops and (below is None or point[0] < below[0]):
+                below = point
+            elif other.fp32_ops > config.fp32_ops and (above is None or point[0] > above[0]):
+                above = point
+        return below, above
 
     def _probe_exactly(self, candidate: _Candidate) -> None:
         """Probe a predicted candidate; for a fallback, remember its error against the prediction's terms."""
         config = candidate.config
         exact, base, profile = self._error(config), self._knob_error(config), self._profile_of(config)
         share = _share_left(config, profile) if profile is not None else 1.0
+        if config.fp32_ops and exact is not None:
+            self.exact_fallbacks.append((config, exact))
         if config.fp32_ops and exact and base and 0 < share < 1:
             self.fallback_errors.append((math.log(share), math.log(exact / base)))
             log.info("sensitivity: fallbacks probed exactly keep knob error x share^%.2f of the ops left INT8 (fitted "
