@@ -35,7 +35,11 @@ How it decides (each proposal is logged with its prediction):
    INT8; all INT8 and the fallback groups) are timed together, sharing FP32's runs.
    A candidate's error is predicted as the knob setting's error times the share of the error its
    INT8 ops carry, raised to a power g fitted to every fallback probed exactly (1 before any:
-   shares measured one op or one run of ops at a time need not add up); its latency as the sum
+   shares measured one op or one run of ops at a time need not add up); where fallbacks at the
+   same knob setting were probed exactly, from those nested with it instead: between the nearest
+   one it extends and the nearest that extends it, interpolated (log error over log share), past
+   the one it extends, from it by share^g (a ranking whose first ops carry little of the error
+   then takes one step, not one op at a time); its latency as the sum
    of its FP32 ops' costs, plus how much slower than predicted the approach's measured fallback
    trials ran (costs measured one at a time need not add up: two
    neighbours in FP32 pay a quantize between them). Candidates are the prefixes of two rankings

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -224,6 +225,38 @@ def test_fallbacks_probed_exactly_refit_how_their_error_falls_with_the_share_lef
     assert 1.1 < search._share_exponent() < 2.0  # towards 2 from the prior 1, as evidence comes in
     assert "fallbacks probed exactly keep knob error x share^" in caplog.text
     assert result.met and len(result.fp32_ops) == 4 and result.trials <= 3
+
+
+def test_a_fallback_is_predicted_from_the_exact_fallbacks_it_extends_and_that_extend_it():
+    # A ranking whose first ops carry little of the error walks one op at a time where every
+    # prediction starts from all INT8 (zoo mobilenet_v2 / onnx ended on 50 of 53 ops in FP32):
+    # the fallbacks probed exactly at a knob setting anchor the predictions of those nested with them.
+    strategy = SensitivityStrategy()
+    tune(fake_model(n_ops=8, sensitive={i: 0.002 for i in range(8)}), strategy=strategy)
+    search = strategy._search
+    assert search is not None and search.profiles
+    profile = next(iter(search.profiles.values()))
+    ranked = [r.op for r in profile.ranking]
+    knobs = next(c for c in search.screen.configs if all(
+        search.probe.known(replace(c, fp32_ops=frozenset(ranked[:n]))) is None for n in range(1, 9)))
+
+    def at(n: int) -> QuantConfig:
+        return search.space.canonical(replace(knobs, fp32_ops=frozenset(ranked[:n])))
+
+    def share(n: int) -> float:
+        return sum(r.score for r in profile.ranking[n:])
+
+    search.exact_fallbacks = [(at(1), 4e-4), (at(5), 1e-4)]
+    g = search._share_exponent()
+    t = math.log(share(3) / share(1)) / math.log(share(5) / share(1))
+    assert search._predicted_error(at(3)) == pytest.approx(math.exp((1 - t) * math.log(4e-4) + t * math.log(1e-4)))
+    assert 1e-4 < search._predicted_error(at(3)) < 4e-4
+    assert search._predicted_error(at(7)) == pytest.approx(1e-4 * (share(7) / share(5)) ** g)
+    elsewhere = search.space.canonical(replace(knobs, fp32_ops=frozenset([ranked[7]])))  # nested with neither
+    assert search._predicted_error(elsewhere) == pytest.approx(
+        search._knob_error(knobs) * (share(0) - profile.ranking[7].score) ** g)
+    search.exact_fallbacks = []  # no anchor: from the knob setting's all-INT8 error
+    assert search._predicted_error(at(3)) == pytest.approx(search._knob_error(knobs) * share(3) ** g)
 
 
 def test_a_fallback_measured_slower_than_predicted_corrects_the_predictions(caplog):
