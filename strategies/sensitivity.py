@@ -83,7 +83,7 @@ from autoquant.trials import Measurement, measured_by_key, records
 from .base import SearchExhausted, Strategy, tried_keys
 from .evidence import LossModel, Observation, Prediction
 from .exhaustive import grid
-from .knob_screen import KnobScreen
+from .knob_screen import TINY, KnobScreen
 
 log = logging.getLogger("autoquant")
 
@@ -99,7 +99,6 @@ REFINE_S = 1.0  # a latency group measured again, longer, where no eval_fn time 
 DRIFT = 0.05
 SHARE_PRIOR = 1.0  # the prior exponent 1 of _share_exponent weighs as much as a fallback keeping 1/e of the error
 RISK_DECAY = 2.0  # each proposal in a row that failed, after the first, divides the accepted chance of failing
-TINY = 1e-30  # a zero probe error (FP32-identical outputs), in logs
 
 
 @dataclass(frozen=True)
@@ -119,6 +118,9 @@ class _Profile:
 
     reference: QuantConfig
     ranking: tuple[OpSensitivity, ...]
+
+
+_Point = tuple[float, float]  # (share of the error left INT8, probe error) of a fallback probed exactly
 
 
 @dataclass(frozen=True)
@@ -623,12 +625,12 @@ class _Search:
             return below[1] * (share / below[0]) ** g
         return base * share**g
 
-    def _anchors(self, config: QuantConfig, profile: _Profile) -> tuple[tuple[float, float] | None, ...]:
+    def _anchors(self, config: QuantConfig, profile: _Profile) -> tuple[_Point | None, _Point | None]:
         """(share left INT8, exact error) of the fallbacks probed exactly at the config's knob
         setting that it extends (the one with the most FP32 ops) and that extend it (the fewest)."""
         knobs = replace(config, fp32_ops=frozenset())
-        below: tuple[float, float] | None = None
-        above: tuple[float, float] | None = None
+        below: _Point | None = None
+        above: _Point | None = None
         for other, error in self.exact_fallbacks:
             if replace(other, fp32_ops=frozenset()) != knobs:
                 continue
