@@ -39,7 +39,7 @@ CRITERIA = (0.01, 0.005, 0.001)
 
 
 def settings(case: benchmark.Case, seed: int) -> pd.DataFrame:
-    """Probe error and measured accuracy of every all-INT8 knob setting of the case (baseline in attrs)."""
+    """Probe error, top-1 agreement and measured accuracy of every static all-INT8 knob setting, with the baseline."""
     backend = adapter_for(case.model)(case.model, case.calibration)
     backend.calibrate()
     space = backend.space.restrict(case.restrict) if case.restrict else backend.space
@@ -63,10 +63,10 @@ def verdicts(frame: pd.DataFrame) -> pd.DataFrame:
     steps = {model: _step(group) for model, group in frame.groupby("model")}  # a case's test split: one size
     for (model, held_out, seed), group in frame.groupby(["model", "held_out", "seed"], sort=False):
         baseline, step = float(group["baseline"].iloc[0]), steps[model]
+        errors = group["probe_error"].to_numpy()
         for relative in CRITERIA:
             allowed = AccuracyCriterion(relative=relative).allowed(baseline)
             passed = (baseline - group["accuracy"]) <= allowed + 1e-12
-            errors = group["probe_error"].to_numpy()
             ok, bad = errors[passed.to_numpy()], errors[~passed.to_numpy()]
             auc = (np.mean([(a < b) + 0.5 * (a == b) for a, b in itertools.product(ok, bad)])
                    if len(ok) and len(bad) else None)
