@@ -302,12 +302,23 @@ class OutputProbe:
             self._measure(todo[i:i + MEASURED_TOGETHER], budget_s)
         return [self._latencies[k][0] if k in self._latencies else None for k in keys]
 
+    def latencies_in_one_pass(self, configs: Sequence[QuantConfig], budget_s: float) -> list[LatencyRatio | None]:
+        """Each candidate measured (again), all in one pass, each to +-5% or over its budget rather
+        than only until known faster or slower than FP32: for differences between them. Their
+        ratios to FP32 shift from one pass to another (up to 6% measured), more than one op's cost;
+        within one pass they share FP32's runs and the load. At most MEASURED_TOGETHER at once."""
+        if len(configs) > MEASURED_TOGETHER:
+            raise ValueError(f"at most {MEASURED_TOGETHER} candidates are measured in one pass, got {len(configs)}")
+        canonical = [self._space.canonical(c) for c in configs]
+        self._measure([c for c in canonical if c.key() not in self.failures], budget_s, decide=None)
+        return [self._latencies[c.key()][0] if c.key() in self._latencies else None for c in canonical]
+
     def _measures_again(self, config: QuantConfig, budget_s: float) -> bool:
         known = self._latencies.get(config.key())
         return config.key() not in self.failures and (
             known is None or (not known[0].excludes(1.0) and budget_s > known[1]))
 
-    def _measure(self, configs: list[QuantConfig], budget_s: float) -> None:
+    def _measure(self, configs: list[QuantConfig], budget_s: float, decide: float | None = 1.0) -> None:
         """Builds the candidates (all kept meanwhile) and times them in one pass against FP32."""
         start, adapter = time.perf_counter(), self._adapter
         built: list[tuple[QuantConfig, Any]] = []
@@ -321,7 +332,7 @@ class OutputProbe:
         if self._latency_fn is not None:
             ratios = [self._latency_fn(config, fp32_run, run) for (config, _), run in zip(built, runs, strict=True)]
         else:
-            ratios = measure_ratios(fp32_run, runs, budget_s=budget_s, min_pairs=RUNS_PER_LATENCY // 2, decide=1.0)
+            ratios = measure_ratios(fp32_run, runs, budget_s=budget_s, min_pairs=RUNS_PER_LATENCY // 2, decide=decide)
         for (config, _), ratio in zip(built, ratios, strict=True):
             self._latencies[config.key()] = ratio, budget_s
         elapsed = time.perf_counter() - start

@@ -76,7 +76,7 @@ import pandas as pd
 from autoquant.criterion import AccuracyCriterion
 from autoquant.errors import AutoquantError, ConfigError, check_choice
 from autoquant.latency import LatencyRatio
-from autoquant.probe import KINDS, OutputProbe
+from autoquant.probe import KINDS, MEASURED_TOGETHER, OutputProbe
 from autoquant.space import QuantConfig, Space
 from autoquant.trials import Measurement, measured_by_key, records
 
@@ -321,18 +321,22 @@ class _Search:
         the group's INT8 kernels run slower than FP32; 0 where the two measurements cannot tell).
         Measured from all INT8, not with the group INT8 alone: alone, an op pays quantize and
         dequantize at both edges, which all INT8 mostly does not (ONNX Runtime: a lone INT8 conv of
-        the digits CNN ran slower than FP32, while all INT8 ran at x0.47)."""
+        the digits CNN ran slower than FP32, while all INT8 ran at x0.47). All INT8 is measured
+        again in each pass, with the groups it is compared with: two passes differ by more than
+        one op's cost."""
         names = frozenset(n for group in groups for n in group)
-        self._measure_together([reference] + [replace(reference, fp32_ops=frozenset(g)) for g in groups
-                                              if set(g) != names], budget_s)
-        int8 = self._measured_latency(reference, budget_s)
+        costs: dict[int, float] = {}
+        fallen = [i for i, group in enumerate(groups) if set(group) != names]
+        step = MEASURED_TOGETHER - 1
+        for start in range(0, len(fallen), step):
+            chunk = fallen[start:start + step]
+            int8, *measured = self.probe.latencies_in_one_pass(
+                [reference] + [replace(reference, fp32_ops=frozenset(groups[i])) for i in chunk], budget_s)
+            costs.update((i, _difference(m, int8)) for i, m in zip(chunk, measured, strict=True))
         savings: dict[str, float] = {}
-        for group in groups:
-            if set(group) == names:  # all of them FP32: FP32's latency, by definition
-                cost = self._saving(reference, budget_s)
-            else:
-                fallen = self._measured_latency(replace(reference, fp32_ops=frozenset(group)), budget_s)
-                cost = _difference(fallen, int8)
+        for i, group in enumerate(groups):
+            # all of them FP32: FP32's latency, by definition
+            cost = costs[i] if i in costs else self._saving(reference, budget_s)
             # rounded per group, not per op: a type's cost split over 54 ops is not rounded away
             savings.update((name, _rounded(cost) / len(group)) for name in group)
         return savings
@@ -406,15 +410,16 @@ class _Search:
     def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a latency measurement per op, else one
         group per op type (their measured saving split evenly), as many types as it affords, those
-        with the most ops first, the others together (all INT8 takes a measurement too)."""
+        with the most ops first, the others together (all INT8 takes a measurement too, in each pass)."""
         fits = self.probe.affordable(latency=True)
-        if fits is None or fits >= len(names):
+        groups = None if fits is None else fits - -(-fits // MEASURED_TOGETHER)  # each pass: all INT8 and the rest
+        if groups is None or groups >= len(names):
             return [[name] for name in names]
         by_type: dict[str, list[str]] = {}
         for name in names:
             by_type.setdefault(types[name], []).append(name)
         ranked = sorted(by_type, key=lambda t: -len(by_type[t]))  # stable: the first seen first on ties
-        kept = ranked if fits - 1 >= len(ranked) else ranked[:max(fits - 2, 0)]
+        kept = ranked if groups >= len(ranked) else ranked[:max(groups - 1, 0)]
         rest = [name for name in names if types[name] not in kept]
         if not kept:
             log.info("sensitivity: latency costs: all INT8's saving split evenly over the %d ops: one measurement "
