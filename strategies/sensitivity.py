@@ -32,7 +32,8 @@ How it decides (each proposal is logged with its prediction):
    0 where the measurements could not tell (where no op is known to gain, those are measured
    again, longer: one eval_fn call's time among them, if the probe's budget has it left); costs
    add up to at least all INT8's saving. The latencies a step needs at once (each approach's all
-   INT8; all INT8 and the fallback groups) are timed together, sharing FP32's runs.
+   INT8; all INT8 and the fallback groups) are timed together, sharing FP32's runs; a group's
+   cost is taken against all INT8 timed again in its own pass.
    A candidate's error is predicted as the knob setting's error times the share of the error its
    INT8 ops carry, raised to a power g fitted to every fallback probed exactly (1 before any:
    shares measured one op or one run of ops at a time need not add up); where fallbacks at the
