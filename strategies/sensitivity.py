@@ -320,9 +320,9 @@ class _Search:
 
     def _savings(self, reference: QuantConfig, groups: list[list[str]], budget_s: float) -> dict[str, float]:
         """Per op, what falling its group back from ``reference`` (all INT8) costs, shared out by
-        work (``_work_shares``): the group-in-FP32 candidate's latency minus all INT8's, in FP32
-        latency units (negative where the group's INT8 kernels run slower than FP32; 0 where the
-        two measurements cannot tell).
+        work (``_work_shares``): the
+        group-in-FP32 candidate's latency minus all INT8's, in FP32 latency units (negative where
+        the group's INT8 kernels run slower than FP32; 0 where the two measurements cannot tell).
         Measured from all INT8, not with the group INT8 alone: alone, an op pays quantize and
         dequantize at both edges, which all INT8 mostly does not (ONNX Runtime: a lone INT8 conv of
         the digits CNN ran slower than FP32, while all INT8 ran at x0.47). All INT8 is measured
@@ -414,9 +414,8 @@ class _Search:
 
     def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a latency measurement per op, else one
-        group per op type (their measured saving shared out by work), as many types as it affords,
-        those with the most ops first, the others together (all INT8 takes a measurement too, in
-        each pass)."""
+        group per op type (their measured saving shared out by work), as many types as it affords, those
+        with the most ops first, the others together (all INT8 takes a measurement too, in each pass)."""
         fits = self.probe.affordable(latency=True)
         groups = None if fits is None else fits - -(-fits // MEASURED_TOGETHER)  # each pass: all INT8 and the rest
         if groups is None or groups >= len(names):
