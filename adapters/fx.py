@@ -178,7 +178,7 @@ class FXAdapter(TensorStatsAdapter):
                 + "; ".join(f"{u.name} ({u.op_type}): {u.reason}" for u in unsupported[:10])
             )
         dynamic = any("dynamic" in op.approaches for op in ops)
-        ops = _with_work(self._with_bf16(ops, examples), model, examples)
+        ops = self._with_bf16(ops, examples)
         # SmoothQuant (static): the Linears of each unit grouped by the tensor they read
         self._smooth_groups = {u.path: smoothing_groups(u.recording, lambda m: isinstance(m, _RecordingObserver))
                                for u in self._units}
@@ -575,29 +575,6 @@ def _none_arguments(module: nn.Module, example: tuple[tuple, dict]) -> dict[str,
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     bound.apply_defaults()
     return {name: None for name, value in bound.arguments.items() if value is None}
-
-
-def _with_work(ops: list[OpInfo], model: nn.Module, examples: dict[str, tuple[tuple, dict]]) -> list[OpInfo]:
-    """``ops`` with each weighted module's multiply-adds per sample (functional ops: not known)."""
-    modules = dict(model.named_modules())
-    return [replace(op, work=_module_work(modules.get(op.name), examples.get(op.name))) for op in ops]
-
-
-def _module_work(module: nn.Module | None, example: tuple[tuple, dict] | None) -> float | None:
-    """The weight's size times the output positions each output channel or feature is computed
-    at, run once on its calibration input (conv subclasses pad in their forward)."""
-    weight = getattr(module, "weight", None)
-    if module is None or example is None or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-        return None
-    try:
-        with torch.inference_mode():
-            out = module(*example[0], **example[1])
-    except (RuntimeError, TypeError):  # a module not callable alone: not known (the op gets an even share)
-        return None
-    if not isinstance(out, torch.Tensor) or out.dim() < 2:
-        return None
-    channels = getattr(module, "out_channels", None) or getattr(module, "out_features", None) or weight.shape[0]
-    return float(weight.numel() * out.numel() / (out.shape[0] * channels))
 
 
 def _input_shapes(example: tuple[tuple, dict]) -> list[tuple[int, ...]]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -527,20 +526,6 @@ def _int8_followers(followers: list[_Follower], fp32_ops: frozenset[str]) -> lis
     return names
 
 
-def _work(node: onnx.NodeProto, weights: list[str], shapes: dict[str, list[int | None]]) -> float | None:
-    """A Conv's, Gemm's or weight MatMul's multiply-adds per sample: its weight's size times the
-    output positions each output channel (Conv: axis 1) or feature (last axis) is computed at;
-    None where a shape beyond the batch axis is not known (a dynamic axis)."""
-    out, weight = shapes.get(node.output[0]), shapes.get(weights[0]) if weights else None
-    if weight is None or out is None or len(out) < 2:
-        return None
-    sizes = [d for d in [*weight, *out[1:]] if d]  # 0 or None: not known
-    channels = out[1] if node.op_type == "Conv" else out[-1]
-    if len(sizes) != len(weight) + len(out) - 1 or not channels:
-        return None
-    return math.prod(sizes) / channels
-
-
 def _discover(
     model: onnx.ModelProto,
 ) -> tuple[list[OpInfo], list[UnsupportedOp], dict[str, list[str]], list[_Follower]]:
@@ -552,9 +537,6 @@ def _discover(
     float_types = {vi.name for vi in [*graph.value_info, *graph.input, *graph.output]
                    if vi.type.tensor_type.elem_type == TensorProto.FLOAT}
     used = {n.name for n in graph.node if n.name}
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-              for vi in [*graph.value_info, *graph.output] if vi.type.tensor_type.HasField("shape")}
-    shapes.update((i.name, list(i.dims)) for i in graph.initializer)
     ops, unsupported, followers = [], [], []
     tensors: dict[str, list[str]] = {}
     int8 = set()  # tensors an INT8 kernel produces: Conv/Gemm outputs, then followers' (nodes are in topological order)
@@ -598,7 +580,7 @@ def _discover(
             unsupported.append(UnsupportedOp(node.name, node.op_type,
                                              f"tensor '{missing[0]}' is not known to be float32; runs FP32"))
             continue
-        ops.append(OpInfo(node.name, op_type, approaches, work=_work(node, weights, shapes)))
+        ops.append(OpInfo(node.name, op_type, approaches))
         for t in acts:
             tensors.setdefault(t, []).append(node.name)  # the ops reading t: whose calibration override applies
         for t in outputs:

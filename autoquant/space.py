@@ -36,15 +36,12 @@ OP_PARAM_PREFIX = "op:"
 @dataclass(frozen=True)
 class OpInfo:
     """A quantizable op: ``name`` is stable across candidates; ``approaches`` where it can run INT8;
-    ``bf16_ratio`` its measured BF16/FP32 latency where BF16 is faster (None: it falls back to FP32 only);
-    ``work`` its multiply-adds per sample, where the adapter knows them (a latency measured for
-    several ops together is shared out in proportion)."""
+    ``bf16_ratio`` its measured BF16/FP32 latency where BF16 is faster (None: it falls back to FP32 only)."""
 
     name: str
     op_type: str
     approaches: tuple[str, ...] = ("static",)
     bf16_ratio: float | None = None
-    work: float | None = None
 
 
 @dataclass(frozen=True)

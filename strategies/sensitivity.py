@@ -24,8 +24,7 @@ How it decides (each proposal is logged with its prediction):
    faster than FP32 (where none is, of the approach that quantizes the most ops, whose per-type
    costs may still find the types whose INT8 pays): its share of the probe error with only it INT8 (or, with
    ``measure="fp32"``, the error it removes in FP32) and its latency cost (how much slower all
-   INT8 runs with it in FP32; per op type, shared out by the ops' multiply-adds where the adapter
-   reports them all (else evenly), where one measurement per op would
+   INT8 runs with it in FP32; per op type, split evenly, where one measurement per op would
    exceed the probe's budget of two eval_fn calls, and as many types as it affords, those with
    the most ops first, the others together; likewise the error, per run of consecutive ops
    where one candidate per op would, as many runs as it affords, 8 at least). A cost is
@@ -194,7 +193,6 @@ class _Search:
 
     def __init__(self, options: SensitivityStrategy, space: Space, probe: OutputProbe, tolerance: float) -> None:
         self.options, self.space, self.probe, self.tolerance = options, space, probe, tolerance
-        self.work = {op.name: op.work for op in space.ops}  # multiply-adds per op (None: not reported)
         self.profiles: dict[str, _Profile] = {}  # by approach; the first measured is the search's main one
         self.approach_latency: dict[str, float] = {}  # all-INT8 latency ratio per approach (its default's)
         # all-INT8 latency ratio per kernel family (approach, scheme, weight granularity), where measured:
@@ -319,8 +317,7 @@ class _Search:
         return 1.0 - latency.ratio if latency is not None and latency.excludes(1.0) else 0.0
 
     def _savings(self, reference: QuantConfig, groups: list[list[str]], budget_s: float) -> dict[str, float]:
-        """Per op, what falling its group back from ``reference`` (all INT8) costs, shared out by
-        work (``_work_shares``): the
+        """Per op, what falling its group back from ``reference`` (all INT8) costs, split evenly: the
         group-in-FP32 candidate's latency minus all INT8's, in FP32 latency units (negative where
         the group's INT8 kernels run slower than FP32; 0 where the two measurements cannot tell).
         Measured from all INT8, not with the group INT8 alone: alone, an op pays quantize and
@@ -342,8 +339,7 @@ class _Search:
             # all of them FP32: FP32's latency, by definition
             cost = costs[i] if i in costs else self._saving(reference, budget_s)
             # rounded per group, not per op: a type's cost split over 54 ops is not rounded away
-            shares = _work_shares(group, self.work)
-            savings.update((name, _rounded(cost) * shares[name]) for name in group)
+            savings.update((name, _rounded(cost) / len(group)) for name in group)
         return savings
 
     def _refine_budget(self, groups: list[list[str]]) -> float | None:
@@ -384,7 +380,7 @@ class _Search:
                 log.info("sensitivity: no op type's INT8 is known faster than FP32: measuring again, longer, those "
                          "whose measurement could not tell")
                 savings, together = self._savings(reference, groups, budget), self._saving(reference, budget)
-        costs = _latency_costs(savings, _rounded(together), self.work)
+        costs = _latency_costs(savings, _rounded(together))
         total = sum(scores.values())
         shares = {n: scores[n] / total if total > 0 else 1 / len(names) for n in names}
         order = sorted(names, key=lambda n: (-shares[n], names.index(n)))
@@ -414,7 +410,7 @@ class _Search:
 
     def _latency_groups(self, names: list[str], types: dict[str, str]) -> list[list[str]]:
         """Each op alone if the probe's budget affords a latency measurement per op, else one
-        group per op type (their measured saving shared out by work), as many types as it affords, those
+        group per op type (their measured saving split evenly), as many types as it affords, those
         with the most ops first, the others together (all INT8 takes a measurement too, in each pass)."""
         fits = self.probe.affordable(latency=True)
         groups = None if fits is None else fits - -(-fits // MEASURED_TOGETHER)  # each pass: all INT8 and the rest
@@ -427,7 +423,7 @@ class _Search:
         kept = ranked if groups >= len(ranked) else ranked[:max(groups - 1, 0)]
         rest = [name for name in names if types[name] not in kept]
         if not kept:
-            log.info("sensitivity: latency costs: all INT8's saving shared out over the %d ops: one measurement "
+            log.info("sensitivity: latency costs: all INT8's saving split evenly over the %d ops: one measurement "
                      "per op type would exceed the probe's budget", len(names))
             return [names]
         log.info("sensitivity: latency costs measured per op type (%s%s): one per op would exceed the probe's "
@@ -695,15 +691,14 @@ def _share_left(config: QuantConfig, profile: _Profile) -> float:
     return sum(r.score for r in profile.ranking if r.op not in config.fp32_ops)
 
 
-def _latency_costs(savings: dict[str, float], together: float,
-                   work: dict[str, float | None] | None = None) -> dict[str, float]:
+def _latency_costs(savings: dict[str, float], together: float) -> dict[str, float]:
     """Each op's share of FP32 latency that its INT8 saves (negative: falling it back is faster).
     The costs are marginal, each measured from all INT8, so they need not add up to what all INT8
     saves. Where they add up to more, they are kept: each fallback pays a quantize and a dequantize
     at its edges, and the candidates that matter fall back few ops. Where less (gains too small to
     measure one op at a time), the gains are scaled up to it, so the all-FP32 candidate is
     predicted at FP32's latency; where all INT8 saves but no fallback was measured to cost, the
-    saving is shared out by work over the ops whose measurement could not tell. Where all INT8 loses,
+    saving is split evenly over the ops whose measurement could not tell. Where all INT8 loses,
     the losses are scaled to add up, with the gains, to what it loses."""
     losses = sum(min(s, 0.0) for s in savings.values())
     gains = sum(max(s, 0.0) for s in savings.values())
@@ -712,23 +707,11 @@ def _latency_costs(savings: dict[str, float], together: float,
         scale = max((together - losses) / gains, 1.0)
         return {n: s * scale if s > 0 else s for n, s in savings.items()}
     if together >= 0 and undecided:
-        shares = _work_shares(undecided, work or {})
-        return {n: (together - losses) * shares[n] if s == 0 else s for n, s in savings.items()}
+        return {n: (together - losses) / len(undecided) if s == 0 else s for n, s in savings.items()}
     if together < 0 and losses < 0:
         scale = (together - gains) / losses
         return {n: s * scale if s < 0 else s for n, s in savings.items()}
     return dict(savings)  # each op gains alone, all together lose: the measurements disagree
-
-
-def _work_shares(names: list[str], work: dict[str, float | None]) -> dict[str, float]:
-    """Each op's share of the group's multiply-adds where the adapter reported every one's, else
-    an even share (one latency measured for a group of ops that are not equally costly: a CNN's
-    early convs run at many more positions than its late ones)."""
-    known = [work.get(n) for n in names]
-    if all(known):
-        total = sum(w for w in known if w)
-        return {n: (w or 0.0) / total for n, w in zip(names, known, strict=True)}
-    return {n: 1 / len(names) for n in names}
 
 
 def _difference(measured: LatencyRatio | None, reference: LatencyRatio | None) -> float:

@@ -258,21 +258,3 @@ def test_sessions_do_not_spin_after_a_run(adapter):
     session = adapter.build(adapter.space.resolve(adapter.space.default_config()))
     for s in (session, adapter.fp32_model):
         assert s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-
-
-def test_both_adapters_report_each_ops_multiply_adds_alike() -> None:
-    # what the sensitivity strategy shares a latency measured for several ops out by
-    import torch
-
-    from autoquant.adapters.fx import FXAdapter
-    from autoquant.examples.digits import DigitsNet
-    from autoquant.examples.digits_onnx import export
-
-    model = DigitsNet().eval()
-    images = torch.randn(8, 1, 32, 32)
-    fx_ops = FXAdapter(model, [images]).space.ops
-    onnx_ops = ONNXAdapter(export(model), [{"images": images.numpy()}]).space.ops
-    assert onnx_ops[0].work == 32 * 1 * 3 * 3 * 32 * 32  # channels x taps x positions (32x32, padded)
-    assert onnx_ops[-1].work == 128 * 10  # the last Gemm: its weight, once per sample
-    assert [op.work for op in fx_ops if op.op_type != "add"] == [op.work for op in onnx_ops]
-    assert {op.work for op in fx_ops if op.op_type == "add"} == {None}  # no weight: not known

@@ -418,21 +418,6 @@ def test_a_probe_whose_budget_affords_nothing_still_ranks_the_ops_and_nothing_mo
     assert "1 of the screen's 11 first knob settings probed" in caplog.text
 
 
-def test_a_latency_measured_for_several_ops_is_shared_out_by_their_multiply_adds():
-    # a budget that affords one measurement: all INT8's saving (0.5) is all the profile has; the
-    # adapter reports each op's multiply-adds (a CNN's early convs run at more positions), so the
-    # saving is shared out in proportion, not evenly
-    adapter = FakeAdapter(fake_model(n_ops=4), [None])
-    work = {"op0": 8.0, "op1": 4.0, "op2": 2.0, "op3": 2.0}
-    adapter.space = replace(adapter.space, ops=tuple(replace(op, work=work[op.name]) for op in adapter.space.ops))
-    strategy = SensitivityStrategy()
-    strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, eval_seconds=1e-6, min_budget_s=0,
-                                              latency_fn=fixed_latency(lambda c: 1.0 if c.fp32_ops else 0.5)))
-    strategy.profile()
-    costs = dict(zip(strategy.sensitivity["op"], strategy.sensitivity["latency_cost"], strict=True))
-    assert costs == pytest.approx({"op0": 0.25, "op1": 0.125, "op2": 0.0625, "op3": 0.0625})
-
-
 def test_latency_measured_again_longer_only_with_what_is_left_of_the_probes_budget(caplog):
     # no op type's INT8 is known faster than FP32 (every measurement: x1.0 +-1%), so the latency
     # groups would be measured again, longer: one eval_fn call's time among them, out of the budget
@@ -469,7 +454,8 @@ def test_an_ops_latency_cost_is_measured_in_one_pass_with_all_int8():
     strategy = SensitivityStrategy()
     strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, latency_fn=drifting))
     strategy.profile()
-    costs = dict(zip(strategy.sensitivity["op"], strategy.sensitivity["latency_cost"], strict=True))
+    table = strategy._search.table()
+    costs = dict(zip(table["op"], table["latency_cost"], strict=True))
     assert len(passes) >= 3  # all INT8 alone, then the six fallbacks in two passes
     assert costs["op1"] < 0 and costs["op4"] < 0
     assert [costs[op] for op in ("op0", "op2", "op3", "op5")] == [0, 0, 0, 0]
