@@ -336,7 +336,7 @@ class _Search:
             costs.update((i, _difference(m, int8)) for i, m in zip(chunk, measured, strict=True))
         savings: dict[str, float] = {}
         for i, group in enumerate(groups):
-            # all of them FP32: FP32's latency, by definition
+            # not timed in a pass: the group is every op, so all INT8's saving, by definition
             cost = costs[i] if i in costs else self._saving(reference, budget_s)
             # rounded per group, not per op: a type's cost split over 54 ops is not rounded away
             savings.update((name, _rounded(cost) / len(group)) for name in group)
