@@ -454,8 +454,7 @@ def test_an_ops_latency_cost_is_measured_in_one_pass_with_all_int8():
     strategy = SensitivityStrategy()
     strategy.setup(adapter.space, OutputProbe(adapter, adapter.space, latency_fn=drifting))
     strategy.profile()
-    table = strategy._search.table()
-    costs = dict(zip(table["op"], table["latency_cost"], strict=True))
+    costs = dict(zip(strategy.sensitivity["op"], strategy.sensitivity["latency_cost"], strict=True))
     assert len(passes) >= 3  # all INT8 alone, then the six fallbacks in two passes
     assert costs["op1"] < 0 and costs["op4"] < 0
     assert [costs[op] for op in ("op0", "op2", "op3", "op5")] == [0, 0, 0, 0]
